@@ -1,0 +1,76 @@
+# CIFAR-10 on TorchServe: train -> archive -> serve -> call. `make` lists the targets.
+PYTHON      ?= python3
+VENV        ?= .venv
+DATA_DIR    ?= ../shared/data/cifar10/train
+EPOCHS      ?= 16
+WEIGHTS     ?= weights/cifar10.pt
+MODEL_STORE ?= model_store
+MAR         ?= $(MODEL_STORE)/cifar10.mar
+TS_CONFIG   ?= config.properties
+RUN_DIR     ?= .run
+IMG         ?= tests/fixtures/cat.jpg
+WORKERS     ?= 2
+TESTS       ?= tests
+
+BIN := $(VENV)/bin
+PY  := $(BIN)/python
+HANDLER_FILES := handler/cifar10_handler.py handler/cifar10_net.py \
+                 handler/index_to_name.json handler/model-config.yaml
+
+.DEFAULT_GOAL := help
+.PHONY: help install train archive serve stop status predict scale test evaluate clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/torchserve: requirements.txt
+	@java -version 2>&1 | awk -F'"' '/version/ {split($$2, v, "."); if (v[1] < 17) {print "Java " $$2 " found; TorchServe 0.12 needs Java 17+ (e.g. apt-get install openjdk-17-jre-headless)"; exit 1}}' \
+	  || exit 1
+	@command -v java >/dev/null || { echo "Java not found; TorchServe 0.12 needs Java 17+ (e.g. apt-get install openjdk-17-jre-headless)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+install: $(BIN)/torchserve ## create .venv with the pinned dependencies (checks for Java 17+)
+
+train: $(BIN)/torchserve ## train the network on DATA_DIR and write WEIGHTS (~2 h on 2 CPU cores)
+	$(PY) train.py --data-dir $(DATA_DIR) --epochs $(EPOCHS) --out $(WEIGHTS)
+
+$(MAR): $(WEIGHTS) $(HANDLER_FILES) | $(BIN)/torchserve
+	@mkdir -p $(MODEL_STORE)
+	$(BIN)/torch-model-archiver --force --model-name cifar10 --version 1.0 \
+	  --model-file handler/cifar10_net.py --serialized-file $(WEIGHTS) \
+	  --handler handler/cifar10_handler.py --extra-files handler/index_to_name.json \
+	  --config-file handler/model-config.yaml --export-path $(MODEL_STORE)
+
+archive: $(MAR) ## package weights, model, handler and configs into model_store/cifar10.mar
+
+serve: $(MAR) ## start TorchServe in the background; returns once a prediction succeeds
+	@mkdir -p $(RUN_DIR)
+	@if $(PY) client.py ping --quiet 2>/dev/null; then echo "TorchServe is already running"; \
+	else TMPDIR=$(abspath $(RUN_DIR)) $(BIN)/torchserve --start --ncs --ts-config $(TS_CONFIG) \
+	  --model-store $(MODEL_STORE) --models cifar10=cifar10.mar >$(RUN_DIR)/torchserve.out 2>&1 \
+	  && $(PY) client.py wait --timeout 120 || { cat $(RUN_DIR)/torchserve.out; \
+	  tail -n 30 logs/model_log.log 2>/dev/null; $(MAKE) --no-print-directory stop; exit 1; }; fi
+
+stop: ## stop the TorchServe that `make serve` started
+	@TMPDIR=$(abspath $(RUN_DIR)) $(BIN)/torchserve --stop --foreground
+
+status: ## show the model's workers (management API)
+	$(PY) client.py describe
+
+predict: ## classify IMG (default: a test fixture) on the running server
+	$(PY) client.py predict $(IMG)
+
+scale: ## set the number of workers to WORKERS (management API)
+	$(PY) client.py scale $(WORKERS)
+
+evaluate: $(BIN)/torchserve ## score WEIGHTS on the ImageFolder EVAL_DIR; with URL=http://127.0.0.1:8080, the server
+	@test -n "$(EVAL_DIR)" || { echo "usage: make evaluate EVAL_DIR=path/to/imagefolder [URL=http://127.0.0.1:8080]"; exit 2; }
+	$(PY) evaluate.py $(EVAL_DIR) $(if $(URL),--url $(URL),--weights $(WEIGHTS))
+
+test: $(BIN)/torchserve ## run the test suite (handler, training, archive, a real TorchServe)
+	$(PY) -m pytest $(TESTS)
+
+clean: ## remove build outputs (the archive, logs, run files)
+	rm -rf $(MAR) logs $(RUN_DIR) .pytest_cache

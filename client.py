@@ -1,0 +1,157 @@
+"""Client for the served CIFAR-10 model: predictions, workers, metrics, readiness.
+
+Addresses come from TorchServe's config.properties and the tokens from key_file.json that TorchServe
+writes where it starts (both in the repo root for `make serve`).
+
+    python client.py predict cat.png dog.jpg photos/    # one request per file, a bar over folders
+    python client.py predict --together a.png b.png     # several images in one multipart request
+    python client.py describe | scale 3 | metrics | ping | wait --timeout 120
+"""
+import argparse
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import requests
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class TorchServeClient:
+    """The inference, management and metrics APIs of one TorchServe, with token auth."""
+
+    def __init__(self, config="config.properties", key_file="key_file.json", model="cifar10"):
+        props = read_properties(config)
+        self.inference = props.get("inference_address", "http://127.0.0.1:8080")
+        self.management = props.get("management_address", "http://127.0.0.1:8081")
+        self.metrics_url = props.get("metrics_address", "http://127.0.0.1:8082")
+        self.key_file, self.model = Path(key_file), model
+        self.session = requests.Session()
+
+    def _token(self, api):
+        keys = json.loads(self.key_file.read_text())
+        return {"Authorization": f"Bearer {keys[api]['key']}"}
+
+    def ping(self):
+        return self.session.get(f"{self.inference}/ping", headers=self._token("inference"),
+                                timeout=5)
+
+    def predict(self, *images):
+        """POST one image as the body, or several as multipart fields; returns the response."""
+        url = f"{self.inference}/predictions/{self.model}"
+        headers = self._token("inference")
+        if len(images) == 1:
+            return self.session.post(url, data=_read(images[0]), headers=headers, timeout=60)
+        files = [(f"image{i}", (Path(str(p)).name, _read(p))) for i, p in enumerate(images)]
+        return self.session.post(url, files=files, headers=headers, timeout=60)
+
+    def describe(self):
+        return self.session.get(f"{self.management}/models/{self.model}",
+                                headers=self._token("management"), timeout=10)
+
+    def scale(self, workers):
+        return self.session.put(f"{self.management}/models/{self.model}",
+                                params=dict(min_worker=workers, synchronous="true"),
+                                headers=self._token("management"), timeout=120)
+
+    def metrics(self):
+        return self.session.get(f"{self.metrics_url}/metrics", timeout=10)
+
+    def wait_ready(self, timeout=120.0):
+        """Block until every worker is READY and a prediction answers 200; raise on timeout."""
+        deadline, last = time.monotonic() + timeout, "no answer yet"
+        probe = io.BytesIO()
+        Image.new("RGB", (32, 32), (120, 80, 40)).save(probe, format="PNG")
+        while time.monotonic() < deadline:
+            try:
+                workers = self.describe().json()[0]["workers"]
+                if workers and all(w["status"] == "READY" for w in workers):
+                    response = self.predict(probe.getvalue())
+                    if response.ok:
+                        return workers
+                    last = f"prediction answered {response.status_code}: {response.text}"
+                else:
+                    last = f"workers {[w['status'] for w in workers]}"
+            except (requests.RequestException, OSError, ValueError, KeyError, IndexError) as err:
+                last = repr(err)
+            time.sleep(0.25)
+        raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s: {last}")
+
+
+def read_properties(path):
+    """key=value lines of a Java properties file (comments and blanks skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
+             if "=" in line and not line.lstrip().startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _read(image):
+    return image if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
+
+
+def expand(paths):
+    """Files as given; folders replaced by the image files below them, sorted."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            yield path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="config.properties", help="TorchServe config.properties")
+    p.add_argument("--key-file", default="key_file.json", help="TorchServe's token file")
+    sub = p.add_subparsers(dest="command", required=True)
+    pred = sub.add_parser("predict", help="classify image files or folders")
+    pred.add_argument("paths", nargs="+")
+    pred.add_argument("--together", action="store_true", help="all files in one request")
+    sub.add_parser("describe", help="the model's workers")
+    sub.add_parser("metrics", help="Prometheus metrics")
+    scale = sub.add_parser("scale", help="set the number of workers")
+    scale.add_argument("workers", type=int)
+    ping = sub.add_parser("ping", help="health check")
+    ping.add_argument("--quiet", action="store_true")
+    wait = sub.add_parser("wait", help="block until a prediction succeeds")
+    wait.add_argument("--timeout", type=float, default=120.0)
+    args = p.parse_args(argv)
+
+    client = TorchServeClient(args.config, args.key_file)
+    if args.command == "predict":
+        return _predict(client, list(expand(args.paths)), args.together)
+    if args.command == "wait":
+        workers = client.wait_ready(args.timeout)
+        print(f"cifar10 ready: {len(workers)} workers READY")
+        return 0
+    response = {"describe": client.describe, "metrics": client.metrics, "ping": client.ping,
+                "scale": lambda: client.scale(args.workers)}[args.command]()
+    if not getattr(args, "quiet", False):
+        print(response.text)
+    return 0 if response.ok else 1
+
+
+def _predict(client, paths, together):
+    if together:
+        response = client.predict(*paths)
+        print(json.dumps(response.json(), indent=2))
+        return 0 if response.ok else 1
+    failed = 0
+    for path in tqdm(paths, disable=len(paths) < 2, desc="predict"):
+        response = client.predict(path)
+        failed += not response.ok
+        tqdm.write(f"{path}: {json.dumps(response.json())}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Score the CIFAR-10 model on an ImageFolder: overall and per-class top-1 accuracy.
+
+Either a weights file in-process (the training eval path), or a running TorchServe over REST (the
+served path, preprocessing included), one request per image:
+
+    python evaluate.py path/to/test --weights weights/cifar10.pt [--tta 0]
+    python evaluate.py path/to/test --url http://127.0.0.1:8080     # token from key_file.json
+
+Folder names must be class names (airplane, automobile, ...), as in torchvision's ImageFolder.
+"""
+import argparse
+import json
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torchvision
+from tqdm import tqdm
+
+import train
+from client import TorchServeClient
+from cifar10_net import Cifar10Net
+
+log = logging.getLogger(__name__)
+
+
+def load_net(weights, device="cpu"):
+    """A checkpoint written by train.py -> (eval-mode net on device, its class names)."""
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    net = Cifar10Net(**checkpoint["model_args"])
+    net.load_state_dict(checkpoint["state_dict"])
+    return net.to(device, memory_format=torch.channels_last).eval(), checkpoint["classes"]
+
+
+def predict_offline(root, weights, tta=0, device="cpu"):
+    """(predicted class names, true class names) for every image under root, in-process."""
+    images, labels, folder_classes, _ = train.load_image_folder(root)
+    net, classes = load_net(weights, device)
+    preds, _ = train.evaluate(net, images, labels, torch.device(device), tta=tta)
+    return [classes[i] for i in preds.tolist()], [folder_classes[i] for i in labels.tolist()]
+
+
+def predict_served(root, client, concurrency=8):
+    """(predicted class names, true class names) from the server, one request per image."""
+    folder = torchvision.datasets.ImageFolder(str(root), loader=lambda path: path)
+
+    def top1(path):
+        response = client.predict(Path(path))
+        response.raise_for_status()
+        return next(iter(response.json()))
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        preds = list(tqdm(pool.map(top1, [p for p, _ in folder.samples]),
+                          total=len(folder.samples), desc="REST", leave=False))
+    return preds, [folder.classes[label] for _, label in folder.samples]
+
+
+def report(preds, truth):
+    """Overall and per-class accuracy as a dict, and printed as a table."""
+    classes = sorted(set(truth))
+    per_class = {c: sum(p == t for p, t in zip(preds, truth) if t == c) /
+                 sum(t == c for t in truth) for c in classes}
+    overall = sum(p == t for p, t in zip(preds, truth)) / len(truth)
+    print(f"{'class':<12} {'accuracy':>9}")
+    for c in classes:
+        print(f"{c:<12} {100 * per_class[c]:8.2f}%")
+    print(f"{'overall':<12} {100 * overall:8.2f}%  ({len(truth)} images)")
+    return dict(overall=overall, per_class=per_class, images=len(truth))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data_dir", type=Path, help="ImageFolder to score")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", type=Path, help="checkpoint written by train.py")
+    src.add_argument("--url", help="TorchServe inference address, e.g. http://127.0.0.1:8080")
+    p.add_argument("--tta", type=int, default=0, choices=[0, 1, 2],
+                   help="test-time augmentation for --weights (match model-config.yaml)")
+    p.add_argument("--key-file", default="key_file.json", help="TorchServe's token file")
+    p.add_argument("--concurrency", type=int, default=8, help="parallel requests for --url")
+    p.add_argument("--json", type=Path, help="also write the result as JSON here")
+    args = p.parse_args(argv)
+    if args.weights:
+        preds, truth = predict_offline(args.data_dir, args.weights, args.tta)
+    else:
+        client = TorchServeClient(key_file=args.key_file)
+        client.inference = args.url.rstrip("/")
+        preds, truth = predict_served(args.data_dir, client, args.concurrency)
+    result = report(preds, truth)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())

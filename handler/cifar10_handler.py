@@ -1,0 +1,181 @@
+"""TorchServe handler for the CIFAR-10 classifier (packaged by `make archive`, served by `make serve`).
+
+A request carries one or more images, as
+  - the raw body:                 curl -T cat.png .../predictions/cifar10
+  - multipart form fields:        curl -F a=@cat.png -F b=@dog.jpg .../predictions/cifar10
+  - JSON with base64:             {"data": "<base64>"} or {"data": ["<base64>", ...]}
+and gets back, per image, its top-5 classes sorted by probability, {"cat": 0.91, "dog": 0.05, ...}:
+one object for a single image, a list in request order for several. A request the handler cannot
+use gets a 400 with {"code": 400, "type": "BadRequest", "message": "..."} that names what was wrong
+and what is accepted; the other requests of its dynamic batch are answered as usual.
+"""
+import base64
+import binascii
+import json
+import logging
+from pathlib import Path
+
+import torch
+from ts.handler_utils.timer import timed
+from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
+
+from cifar10_net import Cifar10Net, decode_image, eval_transform, image_tensor, predict_logits
+
+logger = logging.getLogger(__name__)
+
+ACCEPTED = ("send an image (PNG, JPEG, GIF, BMP, WebP, TIFF, ...) as the raw body, as multipart "
+            "form fields, or as JSON {\"data\": \"<base64>\"} or {\"data\": [\"<base64>\", ...]}")
+
+
+def select_device(gpu_id):
+    """cuda:<gpu_id> when TorchServe assigned a GPU and CUDA is there, else the CPU."""
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{gpu_id}")
+    return torch.device("cpu")
+
+
+def bad_request(message):
+    """The client's mistake: answered with a 400 for that request alone."""
+    return PredictionException(f"{message}; {ACCEPTED}", 400)
+
+
+def request_images(row):
+    """(encoded images of one request row in order, whether the client expects a list)."""
+    if not row:
+        raise bad_request("the request is empty")
+    images, as_list = [], False
+    for name, value in row.items():
+        if isinstance(value, (bytes, bytearray)) and value.lstrip()[:1] in (b"{", b"["):
+            value = _parse_json(value)  # a JSON body whose Content-Type was not application/json
+        if isinstance(value, (dict, list)):
+            images += _json_images(value)
+            as_list = as_list or isinstance(value.get("data"), list)
+        elif isinstance(value, (bytes, bytearray)):
+            if not value:
+                raise bad_request(f"the body or field '{name}' is empty")
+            images.append(bytes(value))
+        else:
+            raise bad_request(f"the body or field '{name}' is text, not an image")
+    return images, as_list or len(images) > 1
+
+
+def _parse_json(raw):
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise bad_request(f"the body is not valid JSON ({err})") from err
+
+
+def _json_images(value):
+    if not isinstance(value, dict) or set(value) != {"data"}:
+        fields = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise bad_request(f"JSON must be an object with the one field \"data\", got {fields}")
+    data = value["data"]
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise bad_request("\"data\" is an empty list")
+    return [_decode_base64(item, i) for i, item in enumerate(items)]
+
+
+def _decode_base64(item, index):
+    if not isinstance(item, str):
+        raise bad_request(f"\"data\" item {index} is {type(item).__name__}, not a base64 string")
+    if item.startswith("data:") and "," in item:  # a data URL, as browsers produce
+        item = item.split(",", 1)[1]
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise bad_request(f"\"data\" item {index} is not valid base64 ({err})") from err
+
+
+class Cifar10Handler(BaseHandler):
+    """Decodes images to 32x32 RGB, batches every image of every request, returns top-5 each."""
+
+    def initialize(self, context):
+        self.context = context
+        properties = context.system_properties
+        config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        self.topk = int(config.get("topk", 5))
+        self.tta = int(config.get("tta", 0))
+        if config.get("threads"):
+            torch.set_num_threads(int(config["threads"]))
+        self.device = select_device(properties.get("gpu_id"))
+        model_dir = Path(properties.get("model_dir"))
+        weights = model_dir / context.manifest["model"]["serializedFile"]
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+        self.classes = self._class_names(model_dir, checkpoint["classes"])
+        self.model = Cifar10Net(**checkpoint["model_args"])
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.to(self.device, memory_format=torch.channels_last).eval()
+        self.transform = eval_transform()
+        self.initialized = True
+        logger.info("cifar10 model loaded on %s (tta=%d, top-%d, %d threads)", self.device,
+                    self.tta, self.topk, torch.get_num_threads())
+
+    @staticmethod
+    def _class_names(model_dir, trained_classes):
+        """index_to_name.json's labels; they must name the classes the weights were trained on."""
+        path = model_dir / "index_to_name.json"
+        if not path.exists():
+            return list(trained_classes)
+        mapping = json.loads(path.read_text())
+        names = [mapping[str(i)] for i in range(len(mapping))]
+        if len(names) != len(trained_classes):
+            raise ValueError(f"index_to_name.json has {len(names)} classes, the weights "
+                             f"{len(trained_classes)}")
+        return names
+
+    @timed
+    def preprocess(self, data):
+        """Request rows -> (normalised batch of every image, per request: its answer's shape or error)."""
+        tensors, shapes = [], []
+        for row in data:
+            try:
+                encoded, as_list = request_images(row)
+                decoded = [self._decode(blob, i if len(encoded) > 1 else None)
+                           for i, blob in enumerate(encoded)]
+            except PredictionException as err:
+                shapes.append(err)
+                continue
+            tensors += decoded
+            shapes.append(len(decoded) if as_list else None)
+        batch = torch.stack(tensors) if tensors else torch.empty(0, 3, 32, 32, dtype=torch.uint8)
+        return self.transform(batch).to(self.device, memory_format=torch.channels_last), shapes
+
+    @staticmethod
+    def _decode(blob, index):
+        try:
+            return image_tensor(decode_image(blob))
+        except ValueError as err:
+            raise bad_request(f"image {index}: {err}" if index is not None else str(err)) from err
+
+    @timed
+    def inference(self, data, *args, **kwargs):
+        batch, shapes = data
+        if not len(batch):
+            return torch.empty(0, len(self.classes)), shapes
+        with torch.inference_mode():
+            probs = predict_logits(self.model, batch, self.tta).softmax(dim=1)
+        return probs.float().cpu(), shapes
+
+    @timed
+    def postprocess(self, data):
+        """Per request: its top-k dict, a list of them, or a 400 set through the context."""
+        probs, shapes = data
+        values, indices = probs.topk(min(self.topk, probs.shape[1]), dim=1)
+        answers = [{self.classes[i]: p for i, p in zip(idx, val)}
+                   for idx, val in zip(indices.tolist(), values.tolist())]
+        out, start = [], 0
+        for request, shape in enumerate(shapes):
+            if isinstance(shape, PredictionException):
+                self.context.set_response_status(shape.error_code, shape.message, request)
+                out.append({"code": shape.error_code, "type": "BadRequest",
+                            "message": shape.message})
+            elif shape is None:
+                out.append(answers[start])
+                start += 1
+            else:
+                out.append(answers[start:start + shape])
+                start += shape
+        return out

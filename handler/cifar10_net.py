@@ -1,0 +1,141 @@
+"""The CIFAR-10 network and the one preprocessing path it is trained and served with.
+
+train.py imports this module and torch-model-archiver ships it in the .mar (``--model-file``), so
+training, offline evaluation and the TorchServe handler share one net definition and one transform.
+The net follows the shape of airbench94 (Keller Jordan, cifar10-airbench): a frozen 2x2 whitening
+conv, three conv groups with BatchNorm, max-pooling, and a bias-free linear head whose logits are
+scaled down by ``scaling``.
+
+Run it to print the default net's parameter count and FLOPs per image:
+    python handler/cifar10_net.py
+"""
+import io
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+from torch.nn import functional as F
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGE_SIZE = 32
+# Refuse images whose header claims more pixels than this, before any pixel is decoded
+# (decompression bombs). 25 M px is a 5000x5000 photo; CIFAR-style inputs are far smaller.
+MAX_IMAGE_PIXELS = 25_000_000
+
+
+class Cifar10Net(nn.Module):
+    """airbench94-shaped CIFAR-10 classifier; input is a normalised float batch (N, 3, 32, 32)."""
+
+    def __init__(self, widths=(64, 256, 256), num_classes=10, batchnorm_momentum=0.6,
+                 scaling=1 / 9):
+        super().__init__()
+        whiten_width = 2 * 3 * 2 * 2  # +/- each eigenvector of the 3x2x2 patch covariance
+        self.scaling = scaling
+        self.whiten = nn.Conv2d(3, whiten_width, kernel_size=2, padding=0)
+        self.whiten.weight.requires_grad_(False)  # set from the data by init_whitening()
+        groups, cin = [], whiten_width
+        for width in widths:
+            groups.append(_conv_group(cin, width, batchnorm_momentum))
+            cin = width
+        self.features = nn.Sequential(nn.GELU(), *groups, nn.MaxPool2d(3), nn.Flatten())
+        self.head = nn.Linear(cin, num_classes, bias=False)
+
+    def forward(self, x):
+        return self.head(self.features(self.whiten(x))) * self.scaling
+
+
+def _conv_group(cin, cout, batchnorm_momentum):
+    layers = []
+    for i, c in enumerate((cin, cout)):
+        conv = nn.Conv2d(c, cout, kernel_size=3, padding="same", bias=False)
+        # Identity-initialise the first in-channels: each group starts close to a pass-through.
+        nn.init.dirac_(conv.weight.data[:c])
+        # BatchNorm as in airbench: tiny eps, a fast running average, and a frozen unit scale
+        # (only the bias is trained, at its own learning rate).
+        norm = nn.BatchNorm2d(cout, eps=1e-12, momentum=1 - batchnorm_momentum)
+        norm.weight.requires_grad_(False)
+        layers += [conv] + ([nn.MaxPool2d(2)] if i == 0 else []) + [norm, nn.GELU()]
+    return nn.Sequential(*layers)
+
+
+def init_whitening(net, images, eps=5e-4):
+    """Set the whitening conv from the 2x2 patch covariance of normalised ``images`` (N, 3, H, W)."""
+    c, h, w = net.whiten.weight.shape[1:]
+    patches = images.unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
+    patches = patches.double()
+    covariance = (patches.T @ patches) / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.T.flip(0)
+    scaled = (eigenvectors / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, c, h, w)
+    net.whiten.weight.data[:] = torch.cat((scaled, -scaled)).to(net.whiten.weight.dtype)
+
+
+def predict_logits(net, x, tta=0):
+    """Logits for a normalised batch; ``tta`` 0: plain, 1: + mirror, 2: + mirror and 1-px shifts."""
+    if tta == 0:
+        return net(x)
+    mirrored = 0.5 * (net(x) + net(x.flip(-1)))
+    if tta == 1:
+        return mirrored
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]
+    return 0.5 * mirrored + 0.25 * sum(predict_logits(net, s, tta=1) for s in shifted)
+
+
+def decode_image(data):
+    """Bytes of any PIL-readable image -> 32x32 RGB PIL image, as training and serving see it.
+
+    Honours EXIF orientation, takes the first frame of animations, scales 16-bit greyscale to
+    8 bits and squashes any aspect ratio to 32x32. Raises ValueError with a message fit for the
+    client when the bytes are not a usable image.
+    """
+    too_large = f"at most {MAX_IMAGE_PIXELS:,} pixels are accepted"
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"the image is {width}x{height} pixels; {too_large}")
+        image.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # JPEG: decode straight at a reduced scale
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+            array = np.asarray(image, dtype=np.float64)
+            image = Image.fromarray((array * 255 / max(array.max(), 1)).astype(np.uint8))
+        image = image.convert("RGB")
+        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    except Image.DecompressionBombError as err:  # PIL's own guard, for the largest headers
+        raise ValueError(f"the image is too large ({err}); {too_large}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot decode the image: {err}") from err
+    return image
+
+
+def image_tensor(image):
+    """A decoded 32x32 RGB PIL image -> uint8 tensor (3, 32, 32)."""
+    return TF.pil_to_tensor(image)
+
+
+def eval_transform():
+    """The one eval transform: uint8 (N, 3, 32, 32) -> normalised float32, for training and serving."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+
+
+def count_flops(net):
+    """FLOPs (2 x multiply-adds) of one forward pass on one image."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        net.eval()(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+    return counter.get_total_flops()
+
+
+if __name__ == "__main__":
+    net = Cifar10Net()
+    params = sum(p.numel() for p in net.parameters())
+    print(f"Cifar10Net: {params:,} parameters, {count_flops(net) / 1e6:.1f} MFLOPs per image")

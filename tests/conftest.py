@@ -1,0 +1,103 @@
+"""Shared fixtures: a tiny model trained by train.py, handlers on a real ts Context, test images."""
+import io
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from ts.context import Context, RequestProcessor
+from ts.metrics.metrics_store import MetricsStore
+
+import train
+from cifar10_handler import Cifar10Handler
+from cifar10_net import CIFAR10_CLASSES
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TINY_ARGS = ["--epochs", "1", "--batch-size", "16", "--widths", "8", "16", "16",
+             "--val-size", "20", "--tta", "0", "--seed", "0"]
+
+
+def image_bytes(mode="RGB", size=(32, 32), fmt="PNG", seed=0, **save_args):
+    """A deterministic random image of the given mode and size, encoded."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    rgb.convert(mode).save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def make_image_folder(root, per_class=4, classes=CIFAR10_CLASSES):
+    """An ImageFolder of tiny random PNGs, per_class images per class."""
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            (root / name / f"{i}.png").write_bytes(image_bytes(seed=100 * label + i))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A checkpoint written by train.py itself: tiny widths, one epoch on 40 random images."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    data = make_image_folder(tmp / "data")
+    out = tmp / "tiny.pt"
+    train.train(train.parse_args(["--data-dir", str(data), "--out", str(out)] + TINY_ARGS))
+    return out
+
+
+@pytest.fixture(scope="session")
+def constant_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """A fixed-weight net whose logits are k * 16 * GELU(1) / 9 for class k, whatever the image.
+
+    Every weight is zero except the last BatchNorm's bias (1.0) and the head (row k filled
+    with k): each of the 16 features is GELU(1), so the answer is exact and known.
+    """
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    state = {k: torch.zeros_like(v) if v.is_floating_point() else v
+             for k, v in checkpoint["state_dict"].items()}
+    for key in state:
+        if key.endswith("running_var") or (key.endswith("weight") and state[key].dim() == 1):
+            state[key] = torch.ones_like(state[key])  # BatchNorm: unit scale and variance
+    last_norm_bias = [k for k in state if k.endswith(".bias") and state[k].dim() == 1][-1]
+    state[last_norm_bias] = torch.ones_like(state[last_norm_bias])
+    state["head.weight"] = torch.arange(10.0)[:, None].expand_as(state["head.weight"]).clone()
+    out = tmp_path_factory.mktemp("constant") / "constant.pt"
+    torch.save({**checkpoint, "state_dict": state}, out)
+    return out
+
+
+def make_context(model_dir, gpu_id=None, config=None):
+    return Context("cifar10", str(model_dir), {"model": {"serializedFile": "weights.pt"}},
+                   batch_size=16, gpu=gpu_id, mms_version="0.12.0",
+                   metrics=MetricsStore(uuid.uuid4(), "cifar10"),
+                   model_yaml_config={"handler": config or {}})
+
+
+@pytest.fixture
+def make_handler(tmp_path):
+    """make_handler(checkpoint, gpu_id=None, **handler_config) -> an initialised handler."""
+    def make(checkpoint, gpu_id=None, **config):
+        model_dir = tmp_path / f"model-{uuid.uuid4().hex[:8]}"
+        model_dir.mkdir()
+        shutil.copy(checkpoint, model_dir / "weights.pt")
+        shutil.copy(ROOT / "handler" / "index_to_name.json", model_dir)
+        handler = Cifar10Handler()
+        handler.initialize(make_context(model_dir, gpu_id, config))
+        return handler
+    return make
+
+
+def handle(handler, rows):
+    """Run a batch of request rows as TorchServe would: (outputs, [(status, message)] per row)."""
+    context = handler.context if handler.context is not None else make_context("unused")
+    context.request_processor = [RequestProcessor({}) for _ in rows]
+    outputs = handler.handle(rows, context)
+    json.dumps(outputs)  # TorchServe serialises every answer as JSON
+    statuses = [(p.get_response_status_code(), p.get_response_status_phrase())
+                for p in context.request_processor]
+    return outputs, statuses

@@ -1,0 +1,207 @@
+"""The handler called directly, as a TorchServe worker would call it, on a real ts Context."""
+import base64
+import io
+import json
+import math
+import struct
+import zlib
+
+import pytest
+import torch
+from conftest import FIXTURES, handle, image_bytes
+
+from PIL import Image
+
+import cifar10_handler
+from cifar10_net import CIFAR10_CLASSES, decode_image, image_tensor
+
+
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
+def expected_constant_answer(top=5):
+    """The constant net's answer: softmax of k * 16 * GELU(1) / 9, classes k = 9, 8, ... first."""
+    gelu1 = 0.5 * (1 + math.erf(1 / math.sqrt(2)))
+    logits = [k * 16 * gelu1 / 9 for k in range(10)]
+    total = sum(math.exp(v) for v in logits)
+    return {CIFAR10_CLASSES[k]: math.exp(logits[k]) / total for k in range(9, 9 - top, -1)}
+
+
+def assert_top5(answer):
+    assert isinstance(answer, dict) and len(answer) == 5
+    assert set(answer) <= set(CIFAR10_CLASSES)
+    probs = list(answer.values())
+    assert probs == sorted(probs, reverse=True)
+    assert all(0 <= p <= 1 for p in probs) and sum(probs) <= 1 + 1e-6
+
+
+def test_exact_answer_from_fixed_weights(make_handler, constant_checkpoint):
+    handler = make_handler(constant_checkpoint)
+    (answer,), [(status, _)] = handle(handler, [{"body": image_bytes()}])
+    assert status == 200
+    expected = expected_constant_answer()
+    assert list(answer) == list(expected)  # truck, ship, horse, frog, dog: sorted by probability
+    assert answer == pytest.approx(expected, rel=1e-5)
+
+
+def test_bytes_multipart_and_base64_give_the_same_answer(make_handler, tiny_checkpoint):
+    handler = make_handler(tiny_checkpoint)
+    cat = (FIXTURES / "cat.jpg").read_bytes()
+    rows = [{"body": cat},                                   # curl -T cat.jpg
+            {"data": bytearray(cat)},                          # the frontend's bytearray
+            {"image": cat},                                    # one multipart form field
+            {"body": {"data": b64(cat)}},                      # JSON, parsed by the worker
+            {"body": json.dumps({"data": b64(cat)}).encode()},  # JSON sent as another type
+            {"body": {"data": "data:image/jpeg;base64," + b64(cat)}}]  # a browser data URL
+    outputs, statuses = handle(handler, rows)
+    assert [s for s, _ in statuses] == [200] * len(rows)
+    assert_top5(outputs[0])
+    assert all(out == outputs[0] for out in outputs)
+
+
+def test_a_batch_answers_each_request_in_order(make_handler, tiny_checkpoint):
+    handler = make_handler(tiny_checkpoint)
+    images = [(FIXTURES / f"{name}.jpg").read_bytes() for name in CIFAR10_CLASSES]
+    batched, _ = handle(handler, [{"body": image} for image in images])
+    one_by_one = [handle(handler, [{"body": image}])[0][0] for image in images]
+    assert len(batched) == len(images)
+    for together, alone in zip(batched, one_by_one):
+        assert list(together) == list(alone)
+        assert together == pytest.approx(alone, abs=1e-5)
+
+
+def test_several_images_in_one_request_answer_a_list_in_order(make_handler, tiny_checkpoint):
+    handler = make_handler(tiny_checkpoint)
+    images = [(FIXTURES / f"{name}.jpg").read_bytes() for name in ("cat", "ship", "frog")]
+    singles = [handle(handler, [{"body": image}])[0][0] for image in images]
+    multipart = {f"file{i}": image for i, image in enumerate(images)}
+    as_json = {"body": {"data": [b64(image) for image in images]}}
+    one_in_list = {"body": {"data": [b64(images[0])]}}
+    (from_form, from_json, single_list), statuses = handle(handler, [multipart, as_json,
+                                                                     one_in_list])
+    assert [s for s, _ in statuses] == [200, 200, 200]
+    for answers in (from_form, from_json):
+        assert len(answers) == 3
+        for got, want in zip(answers, singles):
+            assert got == pytest.approx(want, abs=1e-5)
+    assert isinstance(single_list, list) and single_list[0] == pytest.approx(singles[0], abs=1e-5)
+
+
+@pytest.mark.parametrize("mode,size,fmt", [
+    ("L", (32, 32), "PNG"), ("RGBA", (32, 32), "PNG"), ("P", (32, 32), "PNG"),
+    ("1", (32, 32), "PNG"), ("I;16", (40, 30), "PNG"), ("CMYK", (32, 32), "JPEG"),
+    ("RGB", (2000, 1500), "JPEG"), ("RGB", (1, 1), "PNG"), ("RGB", (640, 20), "BMP"),
+    ("RGB", (64, 64), "GIF"), ("RGB", (48, 48), "WEBP"), ("RGB", (32, 32), "TIFF"),
+])
+def test_unusual_but_valid_images_are_answered(make_handler, tiny_checkpoint, mode, size, fmt):
+    handler = make_handler(tiny_checkpoint)
+    (answer,), [(status, _)] = handle(handler, [{"body": image_bytes(mode, size, fmt)}])
+    assert status == 200
+    assert_top5(answer)
+
+
+@pytest.mark.parametrize("row,fragment", [
+    ({"body": b""}, "empty"),
+    ({}, "empty"),
+    ({"body": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40}, "cannot decode"),
+    ({"body": b"<html><body>hello</body></html>"}, "cannot decode"),
+    ({"body": "plain text"}, "text"),
+    ({"body": b'{"data": '}, "not valid JSON"),
+    ({"body": {"image": "abc"}}, "\"data\""),
+    ({"body": {"data": "not base64!"}}, "base64"),
+    ({"body": {"data": b64(b"hello")}}, "cannot decode"),
+    ({"body": {"data": []}}, "empty list"),
+    ({"body": {"data": [1]}}, "base64 string"),
+    ({"body": b"[" * 100000 + b"]" * 100000}, "not valid JSON"),
+])
+def test_bad_requests_get_a_400_that_says_what_is_accepted(make_handler, tiny_checkpoint, row,
+                                                           fragment):
+    handler = make_handler(tiny_checkpoint)
+    (answer,), [(status, phrase)] = handle(handler, [row])
+    assert status == 400
+    assert answer["code"] == 400 and answer["message"] == phrase
+    assert fragment in phrase and "multipart" in phrase  # what was wrong, and what is accepted
+
+
+def test_a_bad_request_fails_only_itself_in_a_batch(make_handler, tiny_checkpoint):
+    handler = make_handler(tiny_checkpoint)
+    cat = (FIXTURES / "cat.jpg").read_bytes()
+    outputs, statuses = handle(handler, [{"body": cat}, {"body": b"junk"}, {"body": cat},
+                                         {"f0": cat, "f1": b"junk"}])
+    assert [s for s, _ in statuses] == [200, 400, 200, 400]
+    assert outputs[0] == outputs[2]
+    assert "image 1" in statuses[3][1]  # names which image of the request was bad
+
+
+def png_claiming(width, height):
+    """A valid 8x8 PNG whose header is rewritten to claim width x height pixels."""
+    png = bytearray(image_bytes("L", (8, 8)))
+    png[16:24] = struct.pack(">II", width, height)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+@pytest.mark.parametrize("width,height,fragment", [
+    (6000, 6000, "6000x6000 pixels"),     # over our limit, under PIL's own
+    (40000, 40000, "too large"),          # PIL's decompression-bomb guard
+])
+def test_header_claiming_huge_dimensions_is_refused_before_decoding(
+        make_handler, tiny_checkpoint, width, height, fragment):
+    handler = make_handler(tiny_checkpoint)
+    (answer,), [(status, phrase)] = handle(handler, [{"body": png_claiming(width, height)}])
+    assert status == 400
+    assert fragment in phrase and "at most 25,000,000 pixels are accepted" in phrase
+
+
+def test_exif_orientation_is_honoured():
+    upright = Image.open(FIXTURES / "cat.jpg").resize((64, 32))
+    sideways = upright.rotate(90, expand=True)  # stored turned left...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ...and EXIF orientation 6 says: turn it right to display
+    encoded = []
+    for image, extra in ((upright, {}), (sideways, {"exif": exif}), (sideways, {})):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", **extra)
+        encoded.append(image_tensor(decode_image(buffer.getvalue())))
+    assert torch.equal(encoded[0], encoded[1])
+    assert not torch.equal(encoded[0], encoded[2])
+
+
+def test_device_is_the_assigned_gpu_when_cuda_is_there(monkeypatch):
+    assert cifar10_handler.select_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cifar10_handler.select_device(1) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cifar10_handler.select_device(1) == torch.device("cuda:1")
+    assert cifar10_handler.select_device(None) == torch.device("cpu")
+
+
+def test_cpu_worker_without_gpu_id_loads_on_cpu(make_handler, tiny_checkpoint):
+    handler = make_handler(tiny_checkpoint, gpu_id=None)
+    assert handler.device == torch.device("cpu")
+    assert next(handler.model.parameters()).device == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_worker_runs_on_its_gpu(make_handler, tiny_checkpoint):
+    handler = make_handler(tiny_checkpoint, gpu_id=0)
+    assert next(handler.model.parameters()).device == torch.device("cuda:0")
+    (answer,), _ = handle(handler, [{"body": (FIXTURES / "cat.jpg").read_bytes()}])
+    assert_top5(answer)
+
+
+def test_handler_config_sets_topk_and_tta(make_handler, constant_checkpoint):
+    handler = make_handler(constant_checkpoint, topk=3, tta=2)
+    (answer,), _ = handle(handler, [{"body": image_bytes()}])
+    assert answer == pytest.approx(expected_constant_answer(top=3), rel=1e-5)
+
+
+def test_index_to_name_must_match_the_weights(make_handler, tiny_checkpoint, tmp_path):
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    assert json.loads((FIXTURES.parent.parent / "handler" / "index_to_name.json").read_text()) \
+        == {str(i): name for i, name in enumerate(checkpoint["classes"])}
+    checkpoint["classes"] = checkpoint["classes"][:9]
+    torch.save(checkpoint, tmp_path / "nine.pt")
+    with pytest.raises(ValueError, match="index_to_name.json has 10 classes"):
+        make_handler(tmp_path / "nine.pt")

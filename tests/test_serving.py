@@ -1,0 +1,151 @@
+"""The real served path: `make archive` builds a .mar of a tiny model, the repo's config.properties
+(on free ports) serves it with TorchServe, and requests go over HTTP with the tokens it wrote.
+The server is started once for this module and always stopped, by its pid, also on failure."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from conftest import FIXTURES, ROOT
+
+from client import TorchServeClient, read_properties
+
+BIN = ROOT / ".venv" / "bin"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_archive(weights, store):
+    """`make archive` with this weights file and model store, as a user would run it."""
+    subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "archive",
+                    f"WEIGHTS={weights}", f"MODEL_STORE={store}"], check=True)
+    return store / "cifar10.mar"
+
+
+def test_archive_holds_what_the_handler_needs(tiny_checkpoint, tmp_path):
+    mar = build_archive(tiny_checkpoint, tmp_path / "store")
+    names = set(zipfile.ZipFile(mar).namelist())
+    assert {"cifar10_handler.py", "cifar10_net.py", "tiny.pt", "index_to_name.json",
+            "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    """A TorchServe on free loopback ports serving the tiny model; yields a TorchServeClient."""
+    run = tmp_path_factory.mktemp("torchserve")
+    store = run / "store"
+    build_archive(tiny_checkpoint, store)
+    ports = {name: free_port() for name in ("inference", "management", "metrics")}
+    config = (ROOT / "config.properties").read_text()
+    for name, port in ports.items():
+        config = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{port}",
+                        config, flags=re.M)
+    config = re.sub(r"^model_store=.*$", f"model_store={store}", config, flags=re.M)
+    (run / "config.properties").write_text(config)
+    env = dict(os.environ, TMPDIR=str(run), LOG_LOCATION=str(run / "logs"),
+               METRICS_LOCATION=str(run / "logs"))
+    subprocess.run([BIN / "torchserve", "--start", "--ncs", "--ts-config", "config.properties",
+                    "--model-store", str(store), "--models", "cifar10=cifar10.mar"],
+                   cwd=run, env=env, check=True)
+    java = psutil.Process(int((run / ".model_server.pid").read_text()))
+    client = TorchServeClient(run / "config.properties", run / "key_file.json")
+    try:
+        client.wait_ready(timeout=180)
+        client.run_dir = run
+        yield client
+    finally:
+        stop(java)
+
+
+def stop(java):
+    """Stop the TorchServe this module started and the workers it spawned, by pid."""
+    workers = java.children(recursive=True)
+    java.send_signal(signal.SIGTERM)
+    gone, alive = psutil.wait_procs([java] + workers, timeout=30)
+    for process in alive:
+        process.kill()
+
+
+def test_ping_with_the_token(server):
+    response = server.ping()
+    assert response.status_code == 200 and response.json()["status"] == "Healthy"
+
+
+@pytest.mark.parametrize("api", ["inference", "management"])
+def test_requests_without_or_with_a_wrong_token_are_refused(server, api):
+    url = (f"{server.inference}/predictions/cifar10" if api == "inference"
+           else f"{server.management}/models/cifar10")
+    method = requests.post if api == "inference" else requests.get
+    body = (FIXTURES / "cat.jpg").read_bytes() if api == "inference" else None
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}):
+        response = method(url, data=body, headers=headers, timeout=10)
+        assert response.status_code == 400
+        assert "Token Authorization failed" in response.text
+
+
+def test_listeners_are_on_loopback_only(server):
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert read_properties(ROOT / "config.properties")[key].startswith("http://127.0.0.1:")
+    assert read_properties(ROOT / "config.properties")["enable_model_api"] == "false"
+    register = requests.post(f"{server.management}/models",
+                             params={"url": "https://example.com/evil.mar"},
+                             headers=server._token("management"), timeout=10)
+    assert register.status_code >= 400  # the register API is off
+
+
+def test_predict_returns_top5(server):
+    response = server.predict(FIXTURES / "cat.jpg")
+    assert response.status_code == 200
+    answer = response.json()
+    assert len(answer) == 5 and list(answer.values()) == sorted(answer.values(), reverse=True)
+
+
+def test_several_images_in_one_multipart_request(server):
+    names = ["cat", "ship", "frog"]
+    together = server.predict(*[FIXTURES / f"{n}.jpg" for n in names])
+    assert together.status_code == 200
+    singles = [server.predict(FIXTURES / f"{n}.jpg").json() for n in names]
+    assert [list(a) for a in together.json()] == [list(a) for a in singles]
+
+
+def test_bad_body_is_a_400_with_a_message_and_the_worker_lives(server):
+    response = server.predict(b"this is not an image")
+    assert response.status_code == 400
+    assert "cannot decode the image" in response.json()["message"]
+    assert server.predict(FIXTURES / "cat.jpg").status_code == 200
+
+
+def test_mixed_concurrent_traffic_loses_no_good_request(server):
+    good, bad = (FIXTURES / "dog.jpg").read_bytes(), b"garbage" * 10
+    bodies = [good if i % 3 else bad for i in range(60)]
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda body: server.predict(body).status_code, bodies))
+    assert codes == [200 if i % 3 else 400 for i in range(60)]
+
+
+def test_scale_workers_through_the_management_api(server):
+    assert server.scale(1).status_code == 200
+    assert len(server.describe().json()[0]["workers"]) == 1
+    assert server.scale(2).status_code == 200
+    workers = server.describe().json()[0]["workers"]
+    assert [w["status"] for w in workers] == ["READY", "READY"]
+
+
+def test_prometheus_metrics_count_inference_requests(server):
+    assert server.predict(FIXTURES / "cat.jpg").status_code == 200
+    text = server.metrics().text
+    counts = re.findall(r'^ts_inference_requests_total\{.*model_name="cifar10".*\} (\S+)$',
+                        text, flags=re.M)
+    assert counts and float(counts[0]) >= 1

@@ -1,0 +1,60 @@
+"""train.py's output, and that training-eval, offline evaluation and the handler agree."""
+import shutil
+
+import torch
+from conftest import FIXTURES, handle
+
+import evaluate
+import train
+from cifar10_net import CIFAR10_CLASSES, Cifar10Net, eval_transform
+
+
+def fixture_folder(root):
+    """The shipped real CIFAR-10 fixtures as an ImageFolder (one image per class)."""
+    for name in CIFAR10_CLASSES:
+        (root / name).mkdir(parents=True)
+        shutil.copy(FIXTURES / f"{name}.jpg", root / name / "0.jpg")
+    return root
+
+
+def test_train_writes_a_loadable_checkpoint_with_its_metadata(tiny_checkpoint):
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)  # plain data, no pickled code
+    assert checkpoint["model_args"] == {"widths": [8, 16, 16], "num_classes": 10}
+    assert checkpoint["classes"] == list(CIFAR10_CLASSES)
+    assert checkpoint["normalization"]["mean"] == [0.4914, 0.4822, 0.4465]
+    assert set(checkpoint["per_class_val_accuracy"]) == set(CIFAR10_CLASSES)
+    assert 0 <= checkpoint["val_accuracy"] <= 1 and checkpoint["val_size"] == 20
+    assert len(checkpoint["history"]) == 1 and "train.py" in checkpoint["command"]
+    assert {"torch", "torchvision", "python"} <= set(checkpoint["versions"])
+    net = Cifar10Net(**checkpoint["model_args"])
+    net.load_state_dict(checkpoint["state_dict"])  # strict: every key matches
+    for plot in (".curve.png", ".confusion.png"):
+        assert tiny_checkpoint.with_suffix(plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_training_is_deterministic_under_a_seed(tiny_checkpoint, tmp_path):
+    data = tiny_checkpoint.parent / "data"
+    out = tmp_path / "again.pt"
+    from conftest import TINY_ARGS
+    train.train(train.parse_args(["--data-dir", str(data), "--out", str(out)] + TINY_ARGS))
+    first = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
+    second = torch.load(out, weights_only=True)["state_dict"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_handler_tensor_equals_the_training_eval_tensor(make_handler, tiny_checkpoint, tmp_path):
+    images, _, _, paths = train.load_image_folder(fixture_folder(tmp_path / "folder"))
+    training_view = eval_transform()(images)
+    handler = make_handler(tiny_checkpoint)
+    served_view, _ = handler.preprocess([{"body": open(p, "rb").read()} for p in paths])
+    assert torch.equal(served_view, training_view)
+
+
+def test_handler_predictions_equal_offline_evaluation(make_handler, tiny_checkpoint, tmp_path):
+    folder = fixture_folder(tmp_path / "folder")
+    offline, truth = evaluate.predict_offline(folder, tiny_checkpoint)
+    _, _, _, paths = train.load_image_folder(folder)
+    handler = make_handler(tiny_checkpoint)
+    answers, _ = handle(handler, [{"body": open(p, "rb").read()} for p in paths])
+    assert [next(iter(a)) for a in answers] == offline
+    assert truth == list(CIFAR10_CLASSES)
