@@ -11,30 +11,33 @@ RUN_DIR     ?= .run
 IMG         ?= tests/fixtures/cat.jpg
 WORKERS     ?= 2
 TESTS       ?= tests
+BENCH_ARGS  ?=
 
 BIN := $(VENV)/bin
+JAVA_MSG := TorchServe 0.12 needs Java 17+ (Debian/Ubuntu: apt-get install openjdk-17-jre-headless)
 PY  := $(BIN)/python
 HANDLER_FILES := handler/cifar10_handler.py handler/cifar10_net.py \
                  handler/index_to_name.json handler/model-config.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install train archive serve stop status predict scale test evaluate clean
+.PHONY: help install train archive serve stop status predict scale test evaluate bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(BIN)/torchserve: requirements.txt
-	@java -version 2>&1 | awk -F'"' '/version/ {split($$2, v, "."); if (v[1] < 17) {print "Java " $$2 " found; TorchServe 0.12 needs Java 17+ (e.g. apt-get install openjdk-17-jre-headless)"; exit 1}}' \
-	  || exit 1
-	@command -v java >/dev/null || { echo "Java not found; TorchServe 0.12 needs Java 17+ (e.g. apt-get install openjdk-17-jre-headless)"; exit 1; }
+	@command -v java >/dev/null || { echo "$(JAVA_MSG); no java found"; exit 1; }
+	@java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])' \
+	  || { echo "$(JAVA_MSG); found: $$(java -version 2>&1 | head -n 1)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
 install: $(BIN)/torchserve ## create .venv with the pinned dependencies (checks for Java 17+)
 
-train: $(BIN)/torchserve ## train the network on DATA_DIR and write WEIGHTS (~2 h on 2 CPU cores)
-	$(PY) train.py --data-dir $(DATA_DIR) --epochs $(EPOCHS) --out $(WEIGHTS)
+train: $(BIN)/torchserve ## train on the ImageFolder DATA_DIR (DATA_DIR= downloads CIFAR10), write WEIGHTS
+	$(PY) train.py $(if $(DATA_DIR),--data-dir $(DATA_DIR),--download-root data) \
+	  --epochs $(EPOCHS) --out $(WEIGHTS)
 
 $(MAR): $(WEIGHTS) $(HANDLER_FILES) | $(BIN)/torchserve
 	@mkdir -p $(MODEL_STORE)
@@ -48,7 +51,7 @@ archive: $(MAR) ## package weights, model, handler and configs into model_store/
 serve: $(MAR) ## start TorchServe in the background; returns once a prediction succeeds
 	@mkdir -p $(RUN_DIR)
 	@if $(PY) client.py ping --quiet 2>/dev/null; then echo "TorchServe is already running"; \
-	else TMPDIR=$(abspath $(RUN_DIR)) $(BIN)/torchserve --start --ncs --ts-config $(TS_CONFIG) \
+	else TMPDIR=$(abspath $(RUN_DIR)) TEMP=$(abspath $(RUN_DIR)) $(BIN)/torchserve --start --ncs --ts-config $(TS_CONFIG) \
 	  --model-store $(MODEL_STORE) --models cifar10=cifar10.mar >$(RUN_DIR)/torchserve.out 2>&1 \
 	  && $(PY) client.py wait --timeout 120 || { cat $(RUN_DIR)/torchserve.out; \
 	  tail -n 30 logs/model_log.log 2>/dev/null; $(MAKE) --no-print-directory stop; exit 1; }; fi
@@ -68,6 +71,10 @@ scale: ## set the number of workers to WORKERS (management API)
 evaluate: $(BIN)/torchserve ## score WEIGHTS on the ImageFolder EVAL_DIR; with URL=http://127.0.0.1:8080, the server
 	@test -n "$(EVAL_DIR)" || { echo "usage: make evaluate EVAL_DIR=path/to/imagefolder [URL=http://127.0.0.1:8080]"; exit 2; }
 	$(PY) evaluate.py $(EVAL_DIR) $(if $(URL),--url $(URL),--weights $(WEIGHTS))
+
+bench: $(MAR) ## load-test a TorchServe started here with wrk, beside the handler in-process; writes bench/results/
+	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian/Ubuntu: apt-get install wrk)"; exit 1; }
+	$(PY) bench/bench.py --start --config $(TS_CONFIG) --mar $(MAR) $(BENCH_ARGS)
 
 test: $(BIN)/torchserve ## run the test suite (handler, training, archive, a real TorchServe)
 	$(PY) -m pytest $(TESTS)

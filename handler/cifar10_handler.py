@@ -103,7 +103,13 @@ class Cifar10Handler(BaseHandler):
         self.device = select_device(properties.get("gpu_id"))
         model_dir = Path(properties.get("model_dir"))
         weights = model_dir / context.manifest["model"]["serializedFile"]
-        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # say which file; torch's own advice (weights_only=False) is unsafe
+            raise RuntimeError(f"cannot load the weights {weights}: not a checkpoint written by "
+                               f"train.py ({type(err).__name__}: {str(err)[:200]})") from err
         self.classes = self._class_names(model_dir, checkpoint["classes"])
         self.model = Cifar10Net(**checkpoint["model_args"])
         self.model.load_state_dict(checkpoint["state_dict"])

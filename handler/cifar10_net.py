@@ -10,6 +10,7 @@ Run it to print the default net's parameter count and FLOPs per image:
     python handler/cifar10_net.py
 """
 import io
+import struct
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ IMAGE_SIZE = 32
 # Refuse images whose header claims more pixels than this, before any pixel is decoded
 # (decompression bombs). 25 M px is a 5000x5000 photo; CIFAR-style inputs are far smaller.
 MAX_IMAGE_PIXELS = 25_000_000
+# What PIL raises on truncated or corrupt data (a bad header field, a tile outside the image...).
+CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, IndexError, struct.error,
+                        ZeroDivisionError)
 
 
 class Cifar10Net(nn.Module):
@@ -98,9 +102,17 @@ def decode_image(data):
     too_large = f"at most {MAX_IMAGE_PIXELS:,} pixels are accepted"
     try:
         image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise ValueError(f"the image is {width}x{height} pixels; {too_large}")
+    except Image.DecompressionBombError as err:  # PIL's own guard, for the largest headers
+        raise ValueError(f"the image is too large ({err}); {too_large}") from err
+    except UnidentifiedImageError as err:
+        raise ValueError("cannot decode the image: the bytes are in no image format PIL "
+                         "reads") from err
+    except CORRUPT_IMAGE_ERRORS as err:
+        raise ValueError(f"cannot decode the image: {err}") from err
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:  # checked on the header, before any pixel is decoded
+        raise ValueError(f"the image is {width}x{height} pixels; {too_large}")
+    try:
         image.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # JPEG: decode straight at a reduced scale
         image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I;16") or image.mode in ("I", "F"):
@@ -109,9 +121,7 @@ def decode_image(data):
         image = image.convert("RGB")
         if image.size != (IMAGE_SIZE, IMAGE_SIZE):
             image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-    except Image.DecompressionBombError as err:  # PIL's own guard, for the largest headers
-        raise ValueError(f"the image is too large ({err}); {too_large}") from err
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except CORRUPT_IMAGE_ERRORS as err:
         raise ValueError(f"cannot decode the image: {err}") from err
     return image
 

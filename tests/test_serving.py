@@ -54,7 +54,8 @@ def server(tiny_checkpoint, tmp_path_factory):
                         config, flags=re.M)
     config = re.sub(r"^model_store=.*$", f"model_store={store}", config, flags=re.M)
     (run / "config.properties").write_text(config)
-    env = dict(os.environ, TMPDIR=str(run), LOG_LOCATION=str(run / "logs"),
+    # TMPDIR: the launcher's pid file; TEMP: Java's tmpdir, where the worker sockets live.
+    env = dict(os.environ, TMPDIR=str(run), TEMP=str(run), LOG_LOCATION=str(run / "logs"),
                METRICS_LOCATION=str(run / "logs"))
     subprocess.run([BIN / "torchserve", "--start", "--ncs", "--ts-config", "config.properties",
                     "--model-store", str(store), "--models", "cifar10=cifar10.mar"],
@@ -71,8 +72,11 @@ def server(tiny_checkpoint, tmp_path_factory):
 
 def stop(java):
     """Stop the TorchServe this module started and the workers it spawned, by pid."""
-    workers = java.children(recursive=True)
-    java.send_signal(signal.SIGTERM)
+    try:
+        workers = java.children(recursive=True)
+        java.send_signal(signal.SIGTERM)
+    except psutil.NoSuchProcess:  # it already stopped (a failed start): nothing left to stop
+        return
     gone, alive = psutil.wait_procs([java] + workers, timeout=30)
     for process in alive:
         process.kill()

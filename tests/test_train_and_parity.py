@@ -2,7 +2,7 @@
 import shutil
 
 import torch
-from conftest import FIXTURES, handle
+from conftest import FIXTURES, ROOT, handle
 
 import evaluate
 import train
@@ -58,3 +58,15 @@ def test_handler_predictions_equal_offline_evaluation(make_handler, tiny_checkpo
     answers, _ = handle(handler, [{"body": open(p, "rb").read()} for p in paths])
     assert [next(iter(a)) for a in answers] == offline
     assert truth == list(CIFAR10_CLASSES)
+
+
+def test_shipped_weights_serve_as_evaluated_offline(make_handler, tmp_path):
+    """The default weights in weights/ load in the handler and agree with offline evaluation."""
+    shipped = ROOT / "weights" / "cifar10.pt"
+    checkpoint = torch.load(shipped, weights_only=True)
+    assert checkpoint["classes"] == list(CIFAR10_CLASSES)
+    folder = fixture_folder(tmp_path / "folder")
+    offline, truth = evaluate.predict_offline(folder, shipped)
+    _, _, _, paths = train.load_image_folder(folder)
+    answers, _ = handle(make_handler(shipped), [{"body": open(p, "rb").read()} for p in paths])
+    assert [next(iter(a)) for a in answers] == offline

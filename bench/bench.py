@@ -1,0 +1,524 @@
+"""Throughput and latency of the served CIFAR-10 model, next to its handler and net run in-process.
+
+Drives TorchServe with wrk (bench/post.lua) over real CIFAR-10 JPEGs from tests/fixtures: one-image
+POSTs at several concurrencies, then multi-image requests (multipart and JSON base64). Then runs the
+handler class on the same weights in this process (batches of raw-JPEG requests) and the bare net's
+forward pass, and relates served to in-process images/s. Writes results.md, results.json and
+results.png to --out and prints the table. Every load run is time-bounded; only loopback addresses
+are accepted.
+
+    make bench                                  # --start: `make serve` (cold start) ... `make stop`
+    .venv/bin/python bench/bench.py --duration 3 # against the server `make serve` started
+
+With --start, variables given to `make bench` (WEIGHTS=..., MODEL_STORE=...) reach the `make serve`
+it runs through MAKEFLAGS; --make-var passes them when bench.py is called directly. Needs wrk
+(apt-get install wrk) unless --in-process-only.
+"""
+import argparse
+import base64
+import contextlib
+import datetime
+import ipaddress
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "handler")]  # client.py; the modules TorchServe imports
+
+from client import TorchServeClient  # noqa: E402
+
+log = logging.getLogger(__name__)
+LUA = Path(__file__).resolve().parent / "post.lua"
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--start", action="store_true",
+      help="start TorchServe with `make serve` (timed: cold start) and `make stop` it at the end "
+           "(default: use the running server)")
+    a("--make-var", action="append", default=[], metavar="NAME=VALUE",
+      help="a variable for the `make archive/serve/stop` that --start runs, e.g. WEIGHTS=x.pt "
+           "(default: none)")
+    a("--config", type=Path, default=ROOT / "config.properties",
+      help="TorchServe config.properties with the addresses (default: config.properties)")
+    a("--key-file", type=Path, default=ROOT / "key_file.json",
+      help="the token file TorchServe writes (default: key_file.json)")
+    a("--mar", type=Path, default=ROOT / "model_store" / "cifar10.mar",
+      help="archive whose weights and model-config.yaml the in-process runs use "
+           "(default: model_store/cifar10.mar)")
+    a("--weights", type=Path, default=None,
+      help="checkpoint for the in-process runs instead of the archive's (default: the archive's)")
+    a("--image", type=Path, default=FIXTURES / "cat.jpg",
+      help="the body of the one-image requests (default: tests/fixtures/cat.jpg)")
+    a("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64], metavar="N",
+      help="wrk connections, one run each (default: 1 4 16 32 64)")
+    a("--duration", type=int, default=10, help="seconds per wrk run (default: 10)")
+    a("--warmup", type=int, default=2, help="seconds of unrecorded load first (default: 2)")
+    a("--wrk-threads", type=int, default=2,
+      help="wrk threads, at most one per connection (default: 2)")
+    a("--timeout", type=int, default=30,
+      help="seconds before wrk counts a request as timed out (default: 30, TorchServe's "
+           "responseTimeout)")
+    a("--multi-images", type=int, default=16, help="images per multi-image request (default: 16)")
+    a("--multi-connections", type=int, default=4,
+      help="wrk connections for the multi-image requests (default: 4)")
+    a("--ratio-connections", type=int, default=32,
+      help="connections whose served img/s is compared to the in-process handler (default: 32)")
+    a("--batch", type=int, default=32, help="requests per in-process handler batch (default: 32)")
+    a("--seconds", type=float, default=5.0,
+      help="seconds per in-process measurement (default: 5.0)")
+    a("--threads", type=int, default=None,
+      help="torch threads in-process (default: every usable core)")
+    a("--device", choices=("auto", "cpu", "cuda"), default="auto",
+      help="in-process device; auto: cuda:0 when there is one, as a TorchServe worker "
+           "(default: auto)")
+    a("--in-process-only", action="store_true",
+      help="skip the server and wrk, run only the in-process part (default: off)")
+    a("--out", type=Path, default=ROOT / "bench" / "results",
+      help="folder for results.md, results.json, results.png (default: bench/results)")
+    args = p.parse_args(argv)
+    if min(args.concurrency + [args.duration, args.wrk_threads, args.multi_images, args.batch]) < 1:
+        p.error("--concurrency, --duration, --wrk-threads, --multi-images, --batch must be >= 1")
+    if not args.in_process_only and shutil.which("wrk") is None:
+        p.error("wrk not found: apt-get install -y wrk (or pass --in-process-only)")
+    return args
+
+
+# ---- the machine -------------------------------------------------------------------------------
+
+def machine_info():
+    import torch
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+              if line.startswith("model name")]
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
+    meminfo = Path("/proc/meminfo").read_text().split() if Path("/proc/meminfo").exists() else []
+    return {
+        "cpu": models[0] if models else platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gib": round(int(meminfo[1]) / 2**20, 1) if meminfo[:1] == ["MemTotal:"] else None,
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "gpus": gpus,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchserve": _torchserve_version(),
+        "wrk": _wrk_version(),
+    }
+
+
+def _torchserve_version():
+    try:
+        from ts.version import __version__
+        return __version__
+    except ImportError:
+        return None
+
+
+def _wrk_version():
+    if shutil.which("wrk") is None:
+        return None
+    out = subprocess.run(["wrk", "--version"], capture_output=True, text=True, timeout=10)
+    return (out.stdout or out.stderr).split("[")[0].replace("wrk", "", 1).strip() or None
+
+
+# ---- the server --------------------------------------------------------------------------------
+
+def make(target, make_vars):
+    return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), target, *make_vars])
+
+
+@contextlib.contextmanager
+def server(args):
+    """Yields (client, cold-start seconds or None); with --start, `make serve` ... `make stop`."""
+    client = TorchServeClient(args.config, args.key_file)
+    for address in (client.inference, client.management):
+        host = urlparse(address).hostname or ""
+        if host != "localhost" and not _is_loopback(host):
+            sys.exit(f"{address} in {args.config} is not a loopback address; bench.py only "
+                     "loads servers on this machine")
+    if not args.start:
+        yield client, None
+        return
+    if _answers(client):
+        sys.exit("a TorchServe already answers at these addresses; `make stop` it first, or drop "
+                 "--start to benchmark it as it is")
+    if make("archive", args.make_var).returncode:  # untimed, so `make serve` only starts
+        sys.exit("`make archive` failed")
+    started = False
+    try:
+        log.info("cold start: timing `make serve` (archive up to date)")
+        t0 = time.perf_counter()
+        started = True
+        if make("serve", args.make_var).returncode:
+            sys.exit("`make serve` failed (its output above)")
+        yield client, time.perf_counter() - t0
+    finally:
+        if started:
+            log.info("stopping the TorchServe bench.py started: `make stop`")
+            make("stop", args.make_var)
+
+
+def _is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _answers(client):
+    try:
+        return client.ping().ok
+    except Exception:  # noqa: BLE001 - nothing listening, no key file yet, ...: not running
+        return False
+
+
+def describe(client):
+    model = client.describe().json()[0]
+    workers = model.get("workers", [])
+    return {"workers": len(workers), "gpu_workers": sum(bool(w.get("gpu")) for w in workers),
+            "batch_size": model.get("batchSize"), "max_batch_delay_ms": model.get("maxBatchDelay")}
+
+
+# ---- request bodies and wrk --------------------------------------------------------------------
+
+def request_bodies(folder, image, n):
+    """{kind: (body file, Content-Type, images per request)} for the one- and n-image requests."""
+    fixtures = sorted(FIXTURES.glob("*.jpg"))
+    images = [fixtures[i % len(fixtures)] for i in range(n)]
+    boundary = uuid.uuid4().hex
+    multipart = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image{i}"; filename="{p.name}"'
+        f"\r\nContent-Type: image/jpeg\r\n\r\n".encode() + p.read_bytes() + b"\r\n"
+        for i, p in enumerate(images)) + f"--{boundary}--\r\n".encode()
+    as_json = json.dumps({"data": [base64.b64encode(p.read_bytes()).decode() for p in images]})
+    bodies = {"1 image, raw body": (image.read_bytes(), "image/jpeg", 1),
+              f"{n} images, multipart": (multipart, f"multipart/form-data; boundary={boundary}", n),
+              f"{n} images, JSON base64": (as_json.encode(), "application/json", n)}
+    out = {}
+    for i, (kind, (body, content_type, count)) in enumerate(bodies.items()):
+        path = folder / f"body{i}"
+        path.write_bytes(body)
+        out[kind] = (path, content_type, count)
+    return out
+
+
+def check_body(client, authorization, path, content_type, count):
+    """One request with this body must answer 200 with `count` predictions, before any load."""
+    response = client.session.post(
+        f"{client.inference}/predictions/{client.model}", data=path.read_bytes(), timeout=60,
+        headers={"Authorization": authorization, "Content-Type": content_type})
+    answer = response.json() if response.ok else None
+    got = len(answer) if isinstance(answer, list) else 1 if isinstance(answer, dict) else 0
+    if got != count or (count > 1) != isinstance(answer, list):
+        sys.exit(f"a check request answered {response.status_code} with {response.text[:300]!r};"
+                 f" expected {count} prediction(s)")
+
+
+def run_wrk(url, authorization, body, content_type, connections, args, seconds=None):
+    """One bounded wrk run; returns post.lua's numbers plus req/s."""
+    seconds = seconds or args.duration
+    cmd = ["wrk", f"-t{min(args.wrk_threads, connections)}", f"-c{connections}", f"-d{seconds}s",
+           "--timeout", f"{args.timeout}s", "-s", str(LUA), url, "--", str(body), content_type]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + args.timeout + 60,
+                         env=dict(os.environ, BENCH_AUTHORIZATION=authorization))
+    lines = [line for line in out.stdout.splitlines() if line.startswith("BENCH_JSON ")]
+    if out.returncode or not lines:
+        sys.exit(f"wrk failed ({out.returncode}): {out.stderr or out.stdout}")
+    result = json.loads(lines[-1].split(" ", 1)[1])
+    result["req_s"] = result["requests"] / (result["duration_us"] / 1e6)
+    result["non_2xx"] = sum(n for status, n in result["statuses"].items()
+                            if not 200 <= int(status) < 300)
+    result["socket_errors"] = sum(v for k, v in result["errors"].items() if k != "status")
+    return result
+
+
+def served(client, args, folder):
+    authorization = client._token("inference")["Authorization"]
+    url = f"{client.inference}/predictions/{client.model}"
+    bodies = request_bodies(folder, args.image, args.multi_images)
+    for path, content_type, count in bodies.values():
+        check_body(client, authorization, path, content_type, count)
+    single, *multi = bodies.items()
+    if args.warmup:
+        run_wrk(url, authorization, single[1][0], single[1][1], 4, args, seconds=args.warmup)
+    rows = []
+    for kind, (path, content_type, count), connections in (
+            [(*single, c) for c in args.concurrency]
+            + [(*m, args.multi_connections) for m in multi]):
+        result = run_wrk(url, authorization, path, content_type, connections, args)
+        rows.append(dict(result, kind=kind, connections=connections, images=count,
+                         img_s=result["req_s"] * count))
+        log.info("%-24s %3d connections: %8.1f req/s  p50 %7.1f ms  p99 %7.1f ms  non-2xx %d",
+                 kind, connections, result["req_s"], result["latency_us"]["p50"] / 1e3,
+                 result["latency_us"]["p99"] / 1e3, result["non_2xx"])
+    return rows
+
+
+# ---- in-process --------------------------------------------------------------------------------
+
+def load_handler(args, folder):
+    """The served handler class, initialised on a ts Context as a TorchServe worker would."""
+    import torch
+    import yaml
+    from ts.context import Context
+    from ts.metrics.metrics_store import MetricsStore
+    from cifar10_handler import Cifar10Handler
+
+    model_dir = folder / "model"
+    if args.weights:
+        model_dir.mkdir()
+        shutil.copy(args.weights, model_dir / args.weights.name)
+        manifest = {"model": {"serializedFile": args.weights.name}}
+        config_file = ROOT / "handler" / "model-config.yaml"
+    else:
+        with zipfile.ZipFile(args.mar) as mar:
+            mar.extractall(model_dir)
+        manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+        config_file = model_dir / manifest["model"].get("configFile", "model-config.yaml")
+    if not (model_dir / "index_to_name.json").exists():
+        shutil.copy(ROOT / "handler" / "index_to_name.json", model_dir)
+    model_config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
+    model_config.setdefault("handler", {})
+    # In-process gets the whole machine (every usable core), as a fair yardstick for the server.
+    model_config["handler"]["threads"] = args.threads or len(os.sched_getaffinity(0))
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    context = Context("cifar10", str(model_dir), manifest, batch_size=args.batch,
+                      gpu=0 if cuda else None, mms_version=_torchserve_version(),
+                      metrics=MetricsStore(uuid.uuid4(), "cifar10"),
+                      model_yaml_config=model_config)
+    handler = Cifar10Handler()
+    handler.initialize(context)
+    return handler, context
+
+
+def rate(step, seconds, sync, warmup=3, min_steps=3):
+    """(steps, elapsed seconds) of `step` run for about `seconds`, after `warmup` untimed steps."""
+    for _ in range(warmup):
+        step()
+    sync()
+    steps, start = 0, time.perf_counter()
+    while steps < min_steps or time.perf_counter() - start < seconds:
+        step()
+        sync()
+        steps += 1
+    return steps, time.perf_counter() - start
+
+
+def in_process(args, folder):
+    import torch
+    from ts.context import RequestProcessor
+    from cifar10_net import predict_logits
+
+    handler, context = load_handler(args, folder)
+    images = sorted(FIXTURES.glob("*.jpg"))
+    rows = [{"body": bytearray(images[i % len(images)].read_bytes())} for i in range(args.batch)]
+    sync = torch.cuda.synchronize if handler.device.type == "cuda" else (lambda: None)
+
+    def handle():
+        context.request_processor = [RequestProcessor({}) for _ in rows]
+        answers = handler.handle(rows, context)
+        if len(answers) != len(rows) or any(p.get_response_status_code() != 200
+                                            for p in context.request_processor):
+            sys.exit(f"the handler did not answer 200 to every request: {answers[:2]}")
+
+    batch, _ = handler.preprocess(rows)
+    results = []
+    for what, n, step in [
+            ("handler.handle, raw-JPEG requests", args.batch, handle),
+            ("model forward", args.batch, lambda: _forward(handler, batch, predict_logits)),
+            ("model forward", 1, lambda: _forward(handler, batch[:1], predict_logits))]:
+        steps, elapsed = rate(step, args.seconds, sync)
+        results.append({"what": what, "batch": n, "img_s": steps * n / elapsed,
+                        "ms_per_batch": elapsed / steps * 1e3})
+        log.info("%-34s batch %3d: %9.1f img/s  %8.3f ms", what, n, results[-1]["img_s"],
+                 results[-1]["ms_per_batch"])
+    weights = args.weights or f"{args.mar} ({context.manifest['model']['serializedFile']})"
+    meta = {"device": str(handler.device), "threads": torch.get_num_threads(), "tta": handler.tta,
+            "parameters": sum(p.numel() for p in handler.model.parameters()),
+            "weights": str(weights)}
+    return results, meta
+
+
+def _forward(handler, batch, predict_logits):
+    import torch
+    with torch.inference_mode():
+        predict_logits(handler.model, batch, handler.tta)
+
+
+# ---- results -----------------------------------------------------------------------------------
+
+def markdown(report):
+    m, lines = report["machine"], []
+    gpus = ", ".join(m["gpus"]) or "none"
+    lines += ["# CIFAR-10 on TorchServe: benchmark", "",
+              f"- date: {report['date']}",
+              f"- command: {report['command']}",
+              f"- machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), "
+              f"{m['memory_gib']} GiB RAM, GPU: {gpus}; load average {m['load_average']:.2f} "
+              "at start",
+              f"- software: Python {m['python']}, torch {m['torch']}, torchserve {m['torchserve']},"
+              f" wrk {m['wrk']}"]
+    p = report.get("in_process_meta")
+    if p:
+        lines.append(f"- model: {p['weights']}, {p['parameters']:,} parameters, tta {p['tta']}")
+    s = report.get("server")
+    if s:
+        lines.append(f"- server: {s['workers']} workers ({s['gpu_workers']} on a GPU), batchSize "
+                     f"{s['batch_size']}, maxBatchDelay {s['max_batch_delay_ms']} ms")
+    if "cold_start_s" in report:
+        cold = report["cold_start_s"]
+        lines.append("- cold start: not measured (no --start: the server was already running)"
+                     if cold is None else
+                     f"- cold start: {cold:.1f} s, the wall time of `make serve` with the archive "
+                     "already built: TorchServe launch to its first prediction answered 200 "
+                     "(includes two client.py start-ups)")
+    if report.get("served"):
+        lines += ["", f"## Served (wrk, {report['duration_s']} s per row, latency per request)", "",
+                  "| request | connections | req/s | img/s | p50 ms | p90 ms | p99 ms | non-2xx "
+                  "| socket errors |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for r in report["served"]:
+            lat = {k: v / 1e3 for k, v in r["latency_us"].items()}
+            lines.append(f"| {r['kind']} | {r['connections']} | {r['req_s']:.1f} | "
+                         f"{r['img_s']:.1f} | {lat['p50']:.1f} | {lat['p90']:.1f} | "
+                         f"{lat['p99']:.1f} | {r['non_2xx']} | {r['socket_errors']} |")
+        bad = {k: v for r in report["served"] for k, v in r["statuses"].items()
+               if not 200 <= int(k) < 300}
+        if bad:
+            lines += ["", f"Non-2xx answers by status: {bad}"]
+    if report.get("in_process"):
+        lines += ["", f"## In-process ({p['device']}, torch threads: {p['threads']}, "
+                  f"{report['seconds']} s per row)", "",
+                  "| what | batch | img/s | ms per batch |", "|---|--:|--:|--:|"]
+        lines += [f"| {r['what']} | {r['batch']} | {r['img_s']:.1f} | {r['ms_per_batch']:.3f} |"
+                  for r in report["in_process"]]
+    ratio = report.get("ratio")
+    if report.get("served") and not ratio:
+        lines += ["", "Served / in-process: n/a (no 1-image run at --ratio-connections)"]
+    if ratio:
+        lines += ["", f"**Served / in-process: {ratio['value']:.2f}** = {ratio['served_img_s']:.1f}"
+                  f" img/s served at {ratio['connections']} connections / "
+                  f"{ratio['handler_img_s']:.1f} img/s of the handler in-process at batch "
+                  f"{ratio['batch']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report):
+    """PNG bytes: served images/s and p50/p99 latency against wrk connections."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    rows = [r for r in report["served"] if r["images"] == 1]
+    x = [r["connections"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(x, [r["img_s"] for r in rows], "o-", label="served, 1-image requests")
+    for r in report["served"]:
+        if r["images"] > 1:
+            left.plot([r["connections"]], [r["img_s"]], "s", label=f"served, {r['kind']}")
+    handler = report["in_process"][0] if report.get("in_process") else None
+    if handler:
+        left.axhline(handler["img_s"], ls="--", c="grey",
+                     label=f"handler in-process, batch {handler['batch']}")
+    left.set(xscale="log", xlabel="wrk connections", ylabel="images/s", title="Throughput")
+    right.plot(x, [r["latency_us"]["p50"] / 1e3 for r in rows], "o-", label="p50")
+    right.plot(x, [r["latency_us"]["p99"] / 1e3 for r in rows], "o-", label="p99")
+    right.set(xscale="log", yscale="log", xlabel="wrk connections", ylabel="ms",
+              title="Latency, 1-image requests")
+    right.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    right.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    right.yaxis.set_minor_formatter(NullFormatter())
+    ticks = sorted({r["connections"] for r in report["served"]})
+    for ax in (left, right):
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(ticks, [str(c) for c in ticks])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    m = report["machine"]
+    fig.suptitle(f"{m['cpu']}, {m['cores']} cores, GPU: {', '.join(m['gpus']) or 'none'} - "
+                 f"{report['date']}", fontsize=9)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    return png.getvalue()
+
+
+def write(path, data):
+    """Write through a .tmp file, so an interrupted run leaves the previous results whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+    os.replace(tmp, path)
+
+
+def command_line():
+    """This process's command line, and the variables given to make when make ran it."""
+    python = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        python = python.relative_to(Path.cwd())
+    cmd = f"`{shlex.join([str(python), *sys.argv])}`"
+    flags = os.environ.get("MAKEFLAGS", "").split("-- ", 1) if "MAKELEVEL" in os.environ else []
+    if len(flags) < 2:
+        return cmd
+    # make escapes the spaces inside a value with a backslash
+    assigned = [v.replace("\\ ", " ") for v in re.split(r"(?<!\\) ", flags[1].strip()) if v]
+    return f"{cmd}, run by make with `{shlex.join(assigned)}`"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `make stop` in finally
+    report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": command_line(), "machine": machine_info(),
+              "duration_s": args.duration, "seconds": args.seconds}
+    with tempfile.TemporaryDirectory(prefix="cifar10-bench-") as tmp:
+        folder = Path(tmp)
+        if not args.in_process_only:
+            with server(args) as (client, cold):
+                report["cold_start_s"] = cold
+                report["server"] = describe(client)
+                report["served"] = served(client, args, folder)
+        report["in_process"], report["in_process_meta"] = in_process(args, folder)
+    served_at = [r for r in report.get("served", [])
+                 if r["images"] == 1 and r["connections"] == args.ratio_connections]
+    if served_at:
+        handler = report["in_process"][0]
+        report["ratio"] = {"value": served_at[0]["img_s"] / handler["img_s"],
+                           "served_img_s": served_at[0]["img_s"], "handler_img_s": handler["img_s"],
+                           "connections": args.ratio_connections, "batch": handler["batch"]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(report)
+    write(args.out / "results.md", table)
+    write(args.out / "results.json", json.dumps(report, indent=2) + "\n")
+    if report.get("served"):
+        write(args.out / "results.png", plot(report))
+    print(table)
+    log.info("wrote %s", ", ".join(str(p) for p in sorted(args.out.glob("results.*"))))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("ts").setLevel(logging.WARNING)  # a [METRICS] line per handler call
+    sys.exit(main())
