@@ -68,9 +68,10 @@ predict: ## classify IMG (default: a test fixture) on the running server
 scale: ## set the number of workers to WORKERS (management API)
 	$(PY) client.py scale $(WORKERS)
 
-evaluate: $(BIN)/torchserve ## score WEIGHTS on the ImageFolder EVAL_DIR; with URL=http://127.0.0.1:8080, the server
+evaluate: $(BIN)/torchserve ## score WEIGHTS (or URL=http://127.0.0.1:8080, the server) on the ImageFolder EVAL_DIR
 	@test -n "$(EVAL_DIR)" || { echo "usage: make evaluate EVAL_DIR=path/to/imagefolder [URL=http://127.0.0.1:8080]"; exit 2; }
-	$(PY) evaluate.py $(EVAL_DIR) $(if $(URL),--url $(URL),--weights $(WEIGHTS))
+	$(PY) evaluate.py $(EVAL_DIR) $(if $(URL),--url $(URL),--weights $(WEIGHTS)) \
+	  $(if $(HOLDOUT),--holdout $(HOLDOUT))
 
 bench: $(MAR) ## load-test a TorchServe started here with wrk, beside the handler in-process; writes bench/results/
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian/Ubuntu: apt-get install wrk)"; exit 1; }

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+import yaml
 from tqdm import tqdm
 
 import train
@@ -24,6 +25,12 @@ from client import TorchServeClient
 from cifar10_net import Cifar10Net
 
 log = logging.getLogger(__name__)
+
+
+def served_tta():
+    """The test-time augmentation the handler is configured with in model-config.yaml."""
+    config = yaml.safe_load((Path(__file__).parent / "handler" / "model-config.yaml").read_text())
+    return int(config.get("handler", {}).get("tta", 0))
 
 
 def load_net(weights, device="cpu"):
@@ -34,17 +41,22 @@ def load_net(weights, device="cpu"):
     return net.to(device, memory_format=torch.channels_last).eval(), checkpoint["classes"]
 
 
-def predict_offline(root, weights, tta=0, device="cpu"):
+def predict_offline(root, weights, tta=0, device="cpu", holdout=0):
     """(predicted class names, true class names) for every image under root, in-process."""
     images, labels, folder_classes, _ = train.load_image_folder(root)
+    if holdout:
+        _, _, images, labels = train.split(images, labels, holdout)
     net, classes = load_net(weights, device)
     preds, _ = train.evaluate(net, images, labels, torch.device(device), tta=tta)
     return [classes[i] for i in preds.tolist()], [folder_classes[i] for i in labels.tolist()]
 
 
-def predict_served(root, client, concurrency=8):
+def predict_served(root, client, concurrency=8, holdout=0):
     """(predicted class names, true class names) from the server, one request per image."""
     folder = torchvision.datasets.ImageFolder(str(root), loader=lambda path: path)
+    if holdout:
+        folder.samples = [folder.samples[i] for i in
+                          train.split_indices(len(folder.samples), holdout)[1].tolist()]
 
     def top1(path):
         response = client.predict(Path(path))
@@ -77,18 +89,22 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", type=Path, help="checkpoint written by train.py")
     src.add_argument("--url", help="TorchServe inference address, e.g. http://127.0.0.1:8080")
-    p.add_argument("--tta", type=int, default=0, choices=[0, 1, 2],
-                   help="test-time augmentation for --weights (match model-config.yaml)")
+    p.add_argument("--tta", type=int, default=served_tta(), choices=[0, 1, 2],
+                   help="test-time augmentation for --weights; by default model-config.yaml's, "
+                        "as served")
     p.add_argument("--key-file", default="key_file.json", help="TorchServe's token file")
     p.add_argument("--concurrency", type=int, default=8, help="parallel requests for --url")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="score only the validation split of this size that train.py holds out "
+                        "of data_dir (its --val-size), 0 for every image")
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = p.parse_args(argv)
     if args.weights:
-        preds, truth = predict_offline(args.data_dir, args.weights, args.tta)
+        preds, truth = predict_offline(args.data_dir, args.weights, args.tta, holdout=args.holdout)
     else:
         client = TorchServeClient(key_file=args.key_file)
         client.inference = args.url.rstrip("/")
-        preds, truth = predict_served(args.data_dir, client, args.concurrency)
+        preds, truth = predict_served(args.data_dir, client, args.concurrency, args.holdout)
     result = report(preds, truth)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -102,10 +102,14 @@ def load_images(args):
     return images, labels, list(data.classes), "torchvision.datasets.CIFAR10 (train split)"
 
 
+def split_indices(n, val_size):
+    """A fixed train/validation split of n images: the same ones are held out whatever --seed is."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(12345))
+    return order[val_size:], order[:val_size]
+
+
 def split(images, labels, val_size):
-    """A fixed train/validation split: the same images are held out whatever --seed is."""
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(12345))
-    val, train = order[:val_size], order[val_size:]
+    train, val = split_indices(len(images), val_size)
     return images[train], labels[train], images[val], labels[val]
 
 
