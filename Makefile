@@ -15,6 +15,8 @@ BENCH_ARGS  ?=
 
 BIN := $(VENV)/bin
 JAVA_MSG := TorchServe 0.12 needs Java 17+ (Debian/Ubuntu: apt-get install openjdk-17-jre-headless)
+CHECK_JAVA = java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])' \
+  || { echo "$(JAVA_MSG); found: $$(java -version 2>&1 | head -n 1 || echo no java)"; exit 1; }
 PY  := $(BIN)/python
 HANDLER_FILES := handler/cifar10_handler.py handler/cifar10_net.py \
                  handler/index_to_name.json handler/model-config.yaml
@@ -26,9 +28,7 @@ help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(BIN)/torchserve: requirements.txt
-	@command -v java >/dev/null || { echo "$(JAVA_MSG); no java found"; exit 1; }
-	@java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])' \
-	  || { echo "$(JAVA_MSG); found: $$(java -version 2>&1 | head -n 1)"; exit 1; }
+	@$(CHECK_JAVA)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
@@ -46,14 +46,18 @@ $(MAR): $(WEIGHTS) $(HANDLER_FILES) | $(BIN)/torchserve
 	  --handler handler/cifar10_handler.py --extra-files handler/index_to_name.json \
 	  --config-file handler/model-config.yaml --export-path $(MODEL_STORE)
 
+$(WEIGHTS):
+	@echo "$(WEIGHTS) is missing: \`make train\` writes it (or pass WEIGHTS=path/to/checkpoint.pt)"; exit 1
+
 archive: $(MAR) ## package weights, model, handler and configs into model_store/cifar10.mar
 
 serve: $(MAR) ## start TorchServe in the background; returns once a prediction succeeds
+	@$(CHECK_JAVA)
 	@mkdir -p $(RUN_DIR)
 	@if $(PY) client.py ping --quiet 2>/dev/null; then echo "TorchServe is already running"; \
 	else TMPDIR=$(abspath $(RUN_DIR)) TEMP=$(abspath $(RUN_DIR)) $(BIN)/torchserve --start --ncs --ts-config $(TS_CONFIG) \
 	  --model-store $(MODEL_STORE) --models cifar10=cifar10.mar >$(RUN_DIR)/torchserve.out 2>&1 \
-	  && $(PY) client.py wait --timeout 120 || { cat $(RUN_DIR)/torchserve.out; \
+	  && $(PY) client.py wait --timeout 60 || { cat $(RUN_DIR)/torchserve.out; \
 	  tail -n 30 logs/model_log.log 2>/dev/null; $(MAKE) --no-print-directory stop; exit 1; }; fi
 
 stop: ## stop the TorchServe that `make serve` started

@@ -134,7 +134,7 @@ class Cifar10Handler(BaseHandler):
 
     @timed
     def preprocess(self, data):
-        """Request rows -> (normalised batch of every image, per request: its answer's shape or error)."""
+        """Request rows -> (normalised batch of all their images, per request: answer shape or error)."""
         tensors, shapes = [], []
         for row in data:
             try:
@@ -147,7 +147,8 @@ class Cifar10Handler(BaseHandler):
             tensors += decoded
             shapes.append(len(decoded) if as_list else None)
         batch = torch.stack(tensors) if tensors else torch.empty(0, 3, 32, 32, dtype=torch.uint8)
-        return self.transform(batch).to(self.device, memory_format=torch.channels_last), shapes
+        batch = self.transform(batch.to(self.device))  # uint8 crosses to a GPU: 4x fewer bytes
+        return batch.contiguous(memory_format=torch.channels_last), shapes
 
     @staticmethod
     def _decode(blob, index):
