@@ -12,6 +12,11 @@ IMG         ?= tests/fixtures/cat.jpg
 WORKERS     ?= 2
 TESTS       ?= tests
 BENCH_ARGS  ?=
+IMAGE       ?= cifar10-torchserve
+IMAGE_TAG   ?= cpu
+TS_BASE     ?= pytorch/torchserve:0.12.0-$(IMAGE_TAG)
+DOCKER_RUN_ARGS ?=
+KSERVE_DIR  ?= dist/kserve
 
 BIN := $(VENV)/bin
 JAVA_MSG := TorchServe 0.12 needs Java 17+ (Debian/Ubuntu: apt-get install openjdk-17-jre-headless)
@@ -22,10 +27,11 @@ HANDLER_FILES := handler/cifar10_handler.py handler/cifar10_net.py \
                  handler/index_to_name.json handler/model-config.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install train archive serve stop status predict scale test evaluate bench clean
+.PHONY: help install train archive serve stop status predict scale test evaluate bench clean \
+        docker docker-run kserve-bundle
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 $(BIN)/torchserve: requirements.txt
 	@$(CHECK_JAVA)
@@ -81,8 +87,21 @@ bench: $(MAR) ## load-test a TorchServe started here with wrk, beside the handle
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian/Ubuntu: apt-get install wrk)"; exit 1; }
 	$(PY) bench/bench.py --start --config $(TS_CONFIG) --mar $(MAR) $(BENCH_ARGS)
 
+docker: $(MAR) ## build IMAGE:IMAGE_TAG on pytorch/torchserve (IMAGE_TAG=gpu: the GPU base)
+	docker build --build-arg BASE=$(TS_BASE) -t $(IMAGE):$(IMAGE_TAG) .
+
+docker-run: ## run IMAGE:IMAGE_TAG, ports on 127.0.0.1 only (DOCKER_RUN_ARGS="--gpus all" on GPUs)
+	docker run --rm --init --name cifar10-torchserve -p 127.0.0.1:8080:8080 \
+	  -p 127.0.0.1:8081:8081 -p 127.0.0.1:8082:8082 $(DOCKER_RUN_ARGS) $(IMAGE):$(IMAGE_TAG)
+
+kserve-bundle: $(MAR) ## lay out KSERVE_DIR (config/ + model-store/) for KServe's storageUri
+	rm -rf $(KSERVE_DIR)
+	mkdir -p $(KSERVE_DIR)/config $(KSERVE_DIR)/model-store
+	cp deploy/kserve/config/config.properties $(KSERVE_DIR)/config/
+	cp $(MAR) $(KSERVE_DIR)/model-store/cifar10.mar
+
 test: $(BIN)/torchserve ## run the test suite (handler, training, archive, a real TorchServe)
 	$(PY) -m pytest $(TESTS)
 
 clean: ## remove build outputs (the archive, logs, run files)
-	rm -rf $(MAR) logs $(RUN_DIR) .pytest_cache
+	rm -rf $(MAR) logs $(RUN_DIR) .pytest_cache dist

@@ -55,8 +55,8 @@ def request_images(row):
             if not value:
                 raise bad_request(f"the body or field '{name}' is empty")
             images.append(bytes(value))
-        else:
-            raise bad_request(f"the body or field '{name}' is text, not an image")
+        else:  # text: base64, as KServe's v1 envelope passes {"instances": [{"data": "..."}]}
+            images.append(_decode_base64(value, f"the body or field '{name}' (text)"))
     return images, as_list or len(images) > 1
 
 
@@ -75,18 +75,18 @@ def _json_images(value):
     items = data if isinstance(data, list) else [data]
     if not items:
         raise bad_request("\"data\" is an empty list")
-    return [_decode_base64(item, i) for i, item in enumerate(items)]
+    return [_decode_base64(item, f"\"data\" item {i}") for i, item in enumerate(items)]
 
 
-def _decode_base64(item, index):
+def _decode_base64(item, where):
     if not isinstance(item, str):
-        raise bad_request(f"\"data\" item {index} is {type(item).__name__}, not a base64 string")
+        raise bad_request(f"{where} is {type(item).__name__}, not a base64 string")
     if item.startswith("data:") and "," in item:  # a data URL, as browsers produce
         item = item.split(",", 1)[1]
     try:
-        return base64.b64decode(item, validate=True)
+        return base64.b64decode(item.strip(), validate=True)
     except (binascii.Error, ValueError) as err:
-        raise bad_request(f"\"data\" item {index} is not valid base64 ({err})") from err
+        raise bad_request(f"{where} is not valid base64 ({err})") from err
 
 
 class Cifar10Handler(BaseHandler):

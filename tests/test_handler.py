@@ -53,7 +53,8 @@ def test_bytes_multipart_and_base64_give_the_same_answer(make_handler, tiny_chec
             {"image": cat},                                    # one multipart form field
             {"body": {"data": b64(cat)}},                      # JSON, parsed by the worker
             {"body": json.dumps({"data": b64(cat)}).encode()},  # JSON sent as another type
-            {"body": {"data": "data:image/jpeg;base64," + b64(cat)}}]  # a browser data URL
+            {"body": {"data": "data:image/jpeg;base64," + b64(cat)}},  # a browser data URL
+            {"data": b64(cat)}]  # base64 text: KServe v1's {"instances": [{"data": "..."}]}
     outputs, statuses = handle(handler, rows)
     assert [s for s, _ in statuses] == [200] * len(rows)
     assert_top5(outputs[0])
@@ -106,7 +107,7 @@ def test_unusual_but_valid_images_are_answered(make_handler, tiny_checkpoint, mo
     ({}, "empty"),
     ({"body": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40}, "cannot decode"),
     ({"body": b"<html><body>hello</body></html>"}, "cannot decode"),
-    ({"body": "plain text"}, "text"),
+    ({"body": "plain text"}, "'body' (text) is not valid base64"),
     ({"body": b'{"data": '}, "not valid JSON"),
     ({"body": {"image": "abc"}}, "\"data\""),
     ({"body": {"data": "not base64!"}}, "base64"),
