@@ -15,12 +15,14 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from cifar10_net import Cifar10Net, decode_image, eval_transform, image_tensor, predict_logits
+from cifar10_net import (IMAGE_SIZE, Cifar10Net, decode_image, eval_transform, image_tensor,
+                         predict_logits)
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +43,18 @@ def bad_request(message):
 
 
 def request_images(row):
-    """(encoded images of one request row in order, whether the client expects a list)."""
+    """(images of one request row in order, how to answer: "one", "list" or ("v2", request id)).
+
+    Images are encoded bytes, or uint8 (3, 32, 32) tensors from a v2 UINT8 input.
+    """
     if not row:
         raise bad_request("the request is empty")
     images, as_list = [], False
     for name, value in row.items():
         if isinstance(value, (bytes, bytearray)) and value.lstrip()[:1] in (b"{", b"["):
             value = _parse_json(value)  # a JSON body whose Content-Type was not application/json
+        if isinstance(value, dict) and "inputs" in value and len(row) == 1:
+            return _v2_images(value), ("v2", value.get("id"))
         if isinstance(value, (dict, list)):
             images += _json_images(value)
             as_list = as_list or isinstance(value.get("data"), list)
@@ -57,7 +64,39 @@ def request_images(row):
             images.append(bytes(value))
         else:  # text: base64, as KServe's v1 envelope passes {"instances": [{"data": "..."}]}
             images.append(_decode_base64(value, f"the body or field '{name}' (text)"))
-    return images, as_list or len(images) > 1
+    return images, "list" if as_list or len(images) > 1 else "one"
+
+
+def _v2_images(request):
+    """The images of an Open Inference Protocol v2 request: one BYTES input of base64 images,
+    shape [N], or one UINT8 input of pixels, shape [N, 32, 32, 3]."""
+    inputs = request.get("inputs")
+    if not (isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0], dict)):
+        raise bad_request("a v2 request needs \"inputs\": [one tensor]")
+    tensor = inputs[0]
+    datatype, shape, data = tensor.get("datatype"), tensor.get("shape"), tensor.get("data")
+    if not isinstance(data, list) or not data:
+        raise bad_request("v2 inputs[0].data must be a non-empty list")
+    if datatype == "BYTES":
+        if shape != [len(data)]:
+            raise bad_request(f"v2 BYTES input: shape {shape} does not match {len(data)} items")
+        return [_decode_base64(item, f"v2 inputs[0].data[{i}]") for i, item in enumerate(data)]
+    if datatype == "UINT8":
+        try:
+            pixels = np.asarray(data).reshape(-1)
+        except ValueError as err:
+            raise bad_request(f"v2 UINT8 input: data is not a regular array ({err})") from err
+        n = len(pixels) // (IMAGE_SIZE * IMAGE_SIZE * 3)
+        if (shape != [n, IMAGE_SIZE, IMAGE_SIZE, 3] or n == 0 or pixels.dtype.kind not in "iu"
+                or len(pixels) != n * IMAGE_SIZE * IMAGE_SIZE * 3
+                or pixels.min() < 0 or pixels.max() > 255):
+            raise bad_request(f"v2 UINT8 input must be integers 0-255 of shape "
+                              f"[N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], got shape {shape} with "
+                              f"{len(pixels)} values")
+        batch = torch.from_numpy(pixels.astype(np.uint8).reshape(n, IMAGE_SIZE, IMAGE_SIZE, 3))
+        return list(batch.permute(0, 3, 1, 2))
+    raise bad_request(f"v2 inputs[0].datatype must be BYTES (base64 images) or UINT8 (pixels), "
+                      f"got {datatype!r}")
 
 
 def _parse_json(raw):
@@ -138,22 +177,24 @@ class Cifar10Handler(BaseHandler):
         tensors, shapes = [], []
         for row in data:
             try:
-                encoded, as_list = request_images(row)
-                decoded = [self._decode(blob, i if len(encoded) > 1 else None)
-                           for i, blob in enumerate(encoded)]
+                images, reply = request_images(row)
+                decoded = [self._decode(image, i if len(images) > 1 else None)
+                           for i, image in enumerate(images)]
             except PredictionException as err:
                 shapes.append(err)
                 continue
             tensors += decoded
-            shapes.append(len(decoded) if as_list else None)
+            shapes.append((reply, len(decoded)))
         batch = torch.stack(tensors) if tensors else torch.empty(0, 3, 32, 32, dtype=torch.uint8)
         batch = self.transform(batch.to(self.device))  # uint8 crosses to a GPU: 4x fewer bytes
         return batch.contiguous(memory_format=torch.channels_last), shapes
 
     @staticmethod
-    def _decode(blob, index):
+    def _decode(image, index):
+        if isinstance(image, torch.Tensor):  # v2 UINT8 pixels: already (3, 32, 32)
+            return image
         try:
-            return image_tensor(decode_image(blob))
+            return image_tensor(decode_image(image))
         except ValueError as err:
             raise bad_request(f"image {index}: {err}" if index is not None else str(err)) from err
 
@@ -179,10 +220,24 @@ class Cifar10Handler(BaseHandler):
                 self.context.set_response_status(shape.error_code, shape.message, request)
                 out.append({"code": shape.error_code, "type": "BadRequest",
                             "message": shape.message})
-            elif shape is None:
+                continue
+            reply, n = shape
+            if reply == "one":
                 out.append(answers[start])
-                start += 1
+            elif reply == "list":
+                out.append(answers[start:start + n])
             else:
-                out.append(answers[start:start + shape])
-                start += shape
+                out.append(self._v2_response(probs[start:start + n], reply[1]))
+            start += n
         return out
+
+    def _v2_response(self, probs, request_id):
+        """Open Inference Protocol v2: labels, and every class probability in class-index order."""
+        response = {"model_name": self.context.model_name, "outputs": [
+            {"name": "label", "datatype": "BYTES", "shape": [len(probs)],
+             "data": [self.classes[i] for i in probs.argmax(dim=1).tolist()]},
+            {"name": "probabilities", "datatype": "FP32", "shape": list(probs.shape),
+             "data": probs.reshape(-1).tolist()}]}
+        if request_id is not None:
+            response["id"] = request_id
+        return response

@@ -6,10 +6,10 @@ import math
 import struct
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from conftest import FIXTURES, handle, image_bytes
-
 from PIL import Image
 
 import cifar10_handler
@@ -206,3 +206,50 @@ def test_index_to_name_must_match_the_weights(make_handler, tiny_checkpoint, tmp
     torch.save(checkpoint, tmp_path / "nine.pt")
     with pytest.raises(ValueError, match="index_to_name.json has 10 classes"):
         make_handler(tmp_path / "nine.pt")
+
+
+def v2_bytes_request(images, request_id="req-1"):
+    return {"id": request_id, "inputs": [{"name": "images", "datatype": "BYTES",
+                                          "shape": [len(images)], "data": [b64(i) for i in images]}]}
+
+
+def test_open_inference_protocol_v2_bytes_and_uint8(make_handler, tiny_checkpoint):
+    handler = make_handler(tiny_checkpoint)
+    names = ["cat", "ship", "frog"]
+    images = [(FIXTURES / f"{n}.jpg").read_bytes() for n in names]
+    singles = [handle(handler, [{"body": image}])[0][0] for image in images]
+    pixels = np.stack([np.asarray(decode_image(image)) for image in images])  # (3, 32, 32, 3)
+    uint8 = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
+                         "data": pixels.reshape(-1).tolist()}]}
+    (from_bytes, from_uint8), statuses = handle(handler, [{"body": v2_bytes_request(images)},
+                                                          {"body": uint8}])
+    assert [s for s, _ in statuses] == [200, 200]
+    assert from_bytes["model_name"] == "cifar10" and from_bytes["id"] == "req-1"
+    assert "id" not in from_uint8
+    for response in (from_bytes, from_uint8):
+        label, probs = response["outputs"]
+        assert (label["name"], label["datatype"], label["shape"]) == ("label", "BYTES", [3])
+        assert label["data"] == [next(iter(single)) for single in singles]  # order kept
+        assert (probs["name"], probs["datatype"], probs["shape"]) == ("probabilities", "FP32",
+                                                                      [3, 10])
+        rows = [probs["data"][10 * i:10 * (i + 1)] for i in range(3)]
+        for row, single in zip(rows, singles):  # class-index order, the full distribution
+            assert sum(row) == pytest.approx(1, abs=1e-5)
+            assert {CIFAR10_CLASSES[k]: p for k, p in enumerate(row) if CIFAR10_CLASSES[k]
+                    in single} == pytest.approx(single, abs=1e-5)
+
+
+@pytest.mark.parametrize("request_body,fragment", [
+    ({"inputs": []}, "needs \"inputs\""),
+    ({"inputs": [{"datatype": "FP32", "shape": [1], "data": [0.5]}]}, "BYTES"),
+    ({"inputs": [{"datatype": "BYTES", "shape": [2], "data": ["aGk="]}]}, "does not match"),
+    ({"inputs": [{"datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [256] * 3072}]},
+     "integers 0-255"),
+    ({"inputs": [{"datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [0] * 100}]},
+     "got shape [1, 32, 32, 3] with 100 values"),
+    ({"inputs": [{"datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}, "not valid base64"),
+])
+def test_bad_v2_requests_get_a_400(make_handler, tiny_checkpoint, request_body, fragment):
+    handler = make_handler(tiny_checkpoint)
+    (answer,), [(status, phrase)] = handle(handler, [{"body": request_body}])
+    assert status == 400 and fragment in phrase
