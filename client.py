@@ -5,9 +5,11 @@ writes where it starts (both in the repo root for `make serve`).
 
     python client.py predict cat.png dog.jpg photos/    # one request per file, a bar over folders
     python client.py predict --together a.png b.png     # several images in one multipart request
+    python client.py predict --v2 a.png b.png           # one Open Inference Protocol v2 request
     python client.py describe | scale 3 | metrics | ping | wait --timeout 120
 """
 import argparse
+import base64
 import io
 import json
 import logging
@@ -50,6 +52,16 @@ class TorchServeClient:
             return self.session.post(url, data=_read(images[0]), headers=headers, timeout=60)
         files = [(f"image{i}", (Path(str(p)).name, _read(p))) for i, p in enumerate(images)]
         return self.session.post(url, files=files, headers=headers, timeout=60)
+
+    def predict_v2(self, *images, request_id=None):
+        """One Open Inference Protocol v2 request carrying every image as base64 BYTES."""
+        data = [base64.b64encode(_read(image)).decode() for image in images]
+        body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(data)],
+                            "data": data}]}
+        if request_id is not None:
+            body["id"] = request_id
+        return self.session.post(f"{self.inference}/v2/models/{self.model}/infer", json=body,
+                                 headers=self._token("inference"), timeout=60)
 
     def describe(self):
         return self.session.get(f"{self.management}/models/{self.model}",
@@ -115,6 +127,8 @@ def main(argv=None):
     pred = sub.add_parser("predict", help="classify image files or folders")
     pred.add_argument("paths", nargs="+")
     pred.add_argument("--together", action="store_true", help="all files in one request")
+    pred.add_argument("--v2", action="store_true",
+                      help="all files in one Open Inference Protocol v2 request")
     sub.add_parser("describe", help="the model's workers")
     sub.add_parser("metrics", help="Prometheus metrics")
     scale = sub.add_parser("scale", help="set the number of workers")
@@ -127,7 +141,7 @@ def main(argv=None):
 
     client = TorchServeClient(args.config, args.key_file)
     if args.command == "predict":
-        return _predict(client, list(expand(args.paths)), args.together)
+        return _predict(client, list(expand(args.paths)), args.together, args.v2)
     if args.command == "wait":
         workers = client.wait_ready(args.timeout)
         print(f"cifar10 ready: {len(workers)} workers READY")
@@ -139,9 +153,9 @@ def main(argv=None):
     return 0 if response.ok else 1
 
 
-def _predict(client, paths, together):
-    if together:
-        response = client.predict(*paths)
+def _predict(client, paths, together, v2):
+    if together or v2:
+        response = client.predict_v2(*paths) if v2 else client.predict(*paths)
         print(json.dumps(response.json(), indent=2))
         return 0 if response.ok else 1
     failed = 0

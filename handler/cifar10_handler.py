@@ -137,6 +137,7 @@ class Cifar10Handler(BaseHandler):
         config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
         self.topk = int(config.get("topk", 5))
         self.tta = int(config.get("tta", 0))
+        self.ig_steps = int(config.get("ig_steps", 32))
         if config.get("threads"):
             torch.set_num_threads(int(config["threads"]))
         self.device = select_device(properties.get("gpu_id"))
@@ -214,6 +215,11 @@ class Cifar10Handler(BaseHandler):
         values, indices = probs.topk(min(self.topk, probs.shape[1]), dim=1)
         answers = [{self.classes[i]: p for i, p in zip(idx, val)}
                    for idx, val in zip(indices.tolist(), values.tolist())]
+        return self._per_request(shapes, answers, lambda start, n, request_id:
+                                 self._v2_response(probs[start:start + n], request_id))
+
+    def _per_request(self, shapes, answers, v2_reply):
+        """Group per-image answers by request: one, a list, a v2 response, or the request's 400."""
         out, start = [], 0
         for request, shape in enumerate(shapes):
             if isinstance(shape, PredictionException):
@@ -227,9 +233,26 @@ class Cifar10Handler(BaseHandler):
             elif reply == "list":
                 out.append(answers[start:start + n])
             else:
-                out.append(self._v2_response(probs[start:start + n], reply[1]))
+                out.append(v2_reply(start, n, reply[1]))
             start += n
         return out
+
+    def explain_handle(self, data_preprocess, raw_data):
+        """POST /explanations/cifar10: per image, the predicted class and a 32x32 map of Captum
+        Integrated Gradients attributions (summed over colour channels) for it. Captum is
+        imported here, so predictions never pay for it."""
+        from captum.attr import IntegratedGradients
+
+        batch, shapes = data_preprocess
+        answers = []
+        if len(batch):
+            target = self.model(batch).argmax(dim=1)
+            attributions = IntegratedGradients(self.model).attribute(
+                batch, target=target, n_steps=self.ig_steps, internal_batch_size=256)
+            answers = [{"class": self.classes[t], "attributions": a.tolist()}
+                       for t, a in zip(target.tolist(), attributions.sum(dim=1))]
+        return self._per_request(shapes, answers,
+                                 lambda start, n, request_id: answers[start:start + n])
 
     def _v2_response(self, probs, request_id):
         """Open Inference Protocol v2: labels, and every class probability in class-index order."""

@@ -4,12 +4,16 @@ import io
 import json
 import math
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import FIXTURES, handle, image_bytes
+from ts.context import RequestProcessor
 from PIL import Image
 
 import cifar10_handler
@@ -253,3 +257,47 @@ def test_bad_v2_requests_get_a_400(make_handler, tiny_checkpoint, request_body, 
     handler = make_handler(tiny_checkpoint)
     (answer,), [(status, phrase)] = handle(handler, [{"body": request_body}])
     assert status == 400 and fragment in phrase
+
+
+def test_explanations_are_integrated_gradients_per_image(make_handler, tiny_checkpoint):
+    handler = make_handler(tiny_checkpoint, ig_steps=8)
+    cat, ship = [(FIXTURES / f"{n}.jpg").read_bytes() for n in ("cat", "ship")]
+    rows = [{"body": cat}, {"a": cat, "b": ship}, {"body": b"junk"}]
+    context = handler.context
+    context.request_processor = [RequestProcessor({"explain": "True"}) for _ in rows]
+    (one, two, bad) = handler.handle(rows, context)
+    assert bad["code"] == 400 and context.request_processor[2].get_response_status_code() == 400
+    predicted = handle(handler, [{"body": cat}])[0][0]
+    assert one["class"] == next(iter(predicted))
+    attributions = torch.tensor(one["attributions"])
+    assert attributions.shape == (32, 32) and attributions.abs().sum() > 0
+    assert [a["class"] for a in two] == [one["class"], two[1]["class"]] and len(two) == 2
+    assert torch.allclose(torch.tensor(two[0]["attributions"]), attributions, atol=1e-5)
+    # Integrated Gradients' completeness: attributions sum to f(x) - f(baseline) for the class
+    x = handler.preprocess([{"body": cat}])[0]
+    with torch.no_grad():
+        k = CIFAR10_CLASSES.index(one["class"])
+        gap = (handler.model(x)[0, k] - handler.model(torch.zeros_like(x))[0, k]).item()
+    assert attributions.sum().item() == pytest.approx(gap, rel=0.1, abs=1e-3)
+
+
+def test_predict_path_imports_neither_captum_nor_torchvision(make_handler, tiny_checkpoint):
+    """Worker start-up stays lean: captum only for explanations, torchvision never."""
+    model_dir = make_handler(tiny_checkpoint).context.system_properties["model_dir"]
+    script = f"""
+import sys, uuid
+sys.path.insert(0, {str(Path(cifar10_handler.__file__).parent)!r})
+from ts.context import Context, RequestProcessor
+from ts.metrics.metrics_store import MetricsStore
+from cifar10_handler import Cifar10Handler
+context = Context("cifar10", {model_dir!r}, {{"model": {{"serializedFile": "weights.pt"}}}}, 1, None,
+                  "0.12.0", metrics=MetricsStore(uuid.uuid4(), "cifar10"), model_yaml_config={{}})
+handler = Cifar10Handler()
+handler.initialize(context)
+context.request_processor = [RequestProcessor({{}})]
+print(handler.handle([{{"body": open({str(FIXTURES / "cat.jpg")!r}, "rb").read()}}], context))
+print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"captum", "torchvision"}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()
+    assert out[0].startswith("[{") and out[-1] == "[]"

@@ -159,13 +159,9 @@ def test_prometheus_metrics_count_inference_requests(server):
 
 
 def test_open_inference_protocol_v2_with_16_images(server):
-    import base64
     names = sorted(p.stem for p in FIXTURES.glob("*.jpg"))
     images = [(FIXTURES / f"{names[i % len(names)]}.jpg").read_bytes() for i in range(16)]
-    body = {"id": "batch-7", "inputs": [{"name": "images", "datatype": "BYTES", "shape": [16],
-                                         "data": [base64.b64encode(i).decode() for i in images]}]}
-    response = requests.post(f"{server.inference}/v2/models/cifar10/infer", json=body,
-                             headers=server._token("inference"), timeout=60)
+    response = server.predict_v2(*images, request_id="batch-7")
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["model_name"] == "cifar10" and answer["id"] == "batch-7"
@@ -173,3 +169,13 @@ def test_open_inference_protocol_v2_with_16_images(server):
     assert label["shape"] == [16] and probs["shape"] == [16, 10] and len(probs["data"]) == 160
     singles = [next(iter(server.predict(image).json())) for image in images]
     assert label["data"] == singles
+
+
+def test_explanations_endpoint_returns_attribution_maps(server):
+    response = requests.post(f"{server.inference}/explanations/cifar10",
+                             data=(FIXTURES / "cat.jpg").read_bytes(),
+                             headers=server._token("inference"), timeout=120)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["class"] == next(iter(server.predict(FIXTURES / "cat.jpg").json()))
+    assert len(answer["attributions"]) == 32 and {len(r) for r in answer["attributions"]} == {32}
