@@ -298,6 +298,7 @@ def load_handler(args, folder):
         shutil.copy(ROOT / "handler" / "index_to_name.json", model_dir)
     model_config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
     model_config.setdefault("handler", {})
+    worker_threads = model_config["handler"].get("threads") or torch.get_num_threads()
     # In-process gets the whole machine (every usable core), as a fair yardstick for the server.
     model_config["handler"]["threads"] = args.threads or len(os.sched_getaffinity(0))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -307,7 +308,7 @@ def load_handler(args, folder):
                       model_yaml_config=model_config)
     handler = Cifar10Handler()
     handler.initialize(context)
-    return handler, context
+    return handler, context, worker_threads
 
 
 def rate(step, seconds, sync, warmup=3, min_steps=3):
@@ -328,7 +329,7 @@ def in_process(args, folder):
     from ts.context import RequestProcessor
     from cifar10_net import predict_logits
 
-    handler, context = load_handler(args, folder)
+    handler, context, worker_threads = load_handler(args, folder)
     images = sorted(FIXTURES.glob("*.jpg"))
     rows = [{"body": bytearray(images[i % len(images)].read_bytes())} for i in range(args.batch)]
     sync = torch.cuda.synchronize if handler.device.type == "cuda" else (lambda: None)
@@ -345,8 +346,14 @@ def in_process(args, folder):
     for what, n, step in [
             ("handler.handle, raw-JPEG requests", args.batch, handle),
             ("model forward", args.batch, lambda: _forward(handler, batch, predict_logits)),
-            ("model forward", 1, lambda: _forward(handler, batch[:1], predict_logits))]:
+            ("model forward", 1, lambda: _forward(handler, batch[:1], predict_logits)),
+            (f"model forward, {worker_threads} thread(s) as a worker", 1,
+             lambda: _forward(handler, batch[:1], predict_logits))]:
+        threads = torch.get_num_threads()
+        if "as a worker" in what:  # what a lone request costs inside one served worker
+            torch.set_num_threads(worker_threads)
         steps, elapsed = rate(step, args.seconds, sync)
+        torch.set_num_threads(threads)
         results.append({"what": what, "batch": n, "img_s": steps * n / elapsed,
                         "ms_per_batch": elapsed / steps * 1e3})
         log.info("%-34s batch %3d: %9.1f img/s  %8.3f ms", what, n, results[-1]["img_s"],
