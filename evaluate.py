@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import train
 from client import TorchServeClient
-from cifar10_net import Cifar10Net
+from cifar10_net import build_net
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,7 @@ def served_tta():
 def load_net(weights, device="cpu"):
     """A checkpoint written by train.py -> (eval-mode net on device, its class names)."""
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    net = Cifar10Net(**checkpoint["model_args"])
-    net.load_state_dict(checkpoint["state_dict"])
-    return net.to(device, memory_format=torch.channels_last).eval(), checkpoint["classes"]
+    return build_net(checkpoint).to(device, memory_format=torch.channels_last).eval(), checkpoint["classes"]
 
 
 def predict_offline(root, weights, tta=0, device="cpu", holdout=0):

@@ -21,7 +21,7 @@ from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from cifar10_net import (IMAGE_SIZE, Cifar10Net, decode_image, eval_transform, image_tensor,
+from cifar10_net import (IMAGE_SIZE, build_net, decode_image, eval_transform, image_tensor,
                          predict_logits)
 
 logger = logging.getLogger(__name__)
@@ -151,8 +151,7 @@ class Cifar10Handler(BaseHandler):
             raise RuntimeError(f"cannot load the weights {weights}: not a checkpoint written by "
                                f"train.py ({type(err).__name__}: {str(err)[:200]})") from err
         self.classes = self._class_names(model_dir, checkpoint["classes"])
-        self.model = Cifar10Net(**checkpoint["model_args"])
-        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model = build_net(checkpoint)
         self.model.to(self.device, memory_format=torch.channels_last).eval()
         self.transform = eval_transform()
         self.initialized = True

@@ -52,6 +52,13 @@ class Cifar10Net(nn.Module):
         return self.head(self.features(self.whiten(x))) * self.scaling
 
 
+def build_net(checkpoint):
+    """The net a train.py checkpoint describes (its model_args), with its trained weights."""
+    net = Cifar10Net(**checkpoint["model_args"])
+    net.load_state_dict(checkpoint["state_dict"])
+    return net
+
+
 def _conv_group(cin, cout, batchnorm_momentum):
     layers = []
     for i, c in enumerate((cin, cout)):
