@@ -36,7 +36,8 @@ def served_tta():
 def load_net(weights, device="cpu"):
     """A checkpoint written by train.py -> (eval-mode net on device, its class names)."""
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    return build_net(checkpoint).to(device, memory_format=torch.channels_last).eval(), checkpoint["classes"]
+    net = build_net(checkpoint).to(device, memory_format=torch.channels_last).eval()
+    return net, checkpoint["classes"]
 
 
 def predict_offline(root, weights, tta=0, device="cpu", holdout=0):

@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ from cifar10_net import (IMAGE_SIZE, build_net, decode_image, eval_transform, im
                          predict_logits)
 
 logger = logging.getLogger(__name__)
+# A body that starts like JSON (checked without copying the body, unlike bytes.lstrip()).
+JSON_START = re.compile(rb"\s*[\[{]")
 
 ACCEPTED = ("send an image (PNG, JPEG, GIF, BMP, WebP, TIFF, ...) as the raw body, as multipart "
             "form fields, or as JSON {\"data\": \"<base64>\"} or {\"data\": [\"<base64>\", ...]}")
@@ -51,7 +54,7 @@ def request_images(row):
         raise bad_request("the request is empty")
     images, as_list = [], False
     for name, value in row.items():
-        if isinstance(value, (bytes, bytearray)) and value.lstrip()[:1] in (b"{", b"["):
+        if isinstance(value, (bytes, bytearray)) and JSON_START.match(value):
             value = _parse_json(value)  # a JSON body whose Content-Type was not application/json
         if isinstance(value, dict) and "inputs" in value and len(row) == 1:
             return _v2_images(value), ("v2", value.get("id"))
@@ -245,7 +248,8 @@ class Cifar10Handler(BaseHandler):
         batch, shapes = data_preprocess
         answers = []
         if len(batch):
-            target = self.model(batch).argmax(dim=1)
+            with torch.no_grad():
+                target = self.model(batch).argmax(dim=1)
             attributions = IntegratedGradients(self.model).attribute(
                 batch, target=target, n_steps=self.ig_steps, internal_batch_size=256)
             answers = [{"class": self.classes[t], "attributions": a.tolist()}
