@@ -6,6 +6,7 @@ EPOCHS      ?= 16
 WEIGHTS     ?= weights/cifar10.pt
 MODEL_STORE ?= model_store
 MAR         ?= $(MODEL_STORE)/cifar10.mar
+ONNX        ?= $(MODEL_STORE)/build/cifar10.onnx
 TS_CONFIG   ?= config.properties
 RUN_DIR     ?= .run
 IMG         ?= tests/fixtures/cat.jpg
@@ -45,17 +46,20 @@ train: $(BIN)/torchserve ## train on the ImageFolder DATA_DIR (DATA_DIR= downloa
 	$(PY) train.py $(if $(DATA_DIR),--data-dir $(DATA_DIR),--download-root data) \
 	  --epochs $(EPOCHS) --out $(WEIGHTS)
 
-$(MAR): $(WEIGHTS) $(HANDLER_FILES) | $(BIN)/torchserve
+$(ONNX): $(WEIGHTS) handler/cifar10_net.py export_onnx.py | $(BIN)/torchserve
+	$(PY) export_onnx.py $(WEIGHTS) $(ONNX)
+
+$(MAR): $(WEIGHTS) $(ONNX) $(HANDLER_FILES) | $(BIN)/torchserve
 	@mkdir -p $(MODEL_STORE)
 	$(BIN)/torch-model-archiver --force --model-name cifar10 --version 1.0 \
 	  --model-file handler/cifar10_net.py --serialized-file $(WEIGHTS) \
-	  --handler handler/cifar10_handler.py --extra-files handler/index_to_name.json \
+	  --handler handler/cifar10_handler.py --extra-files handler/index_to_name.json,$(ONNX) \
 	  --config-file handler/model-config.yaml --export-path $(MODEL_STORE)
 
 $(WEIGHTS):
 	@echo "$(WEIGHTS) is missing: \`make train\` writes it (or pass WEIGHTS=path/to/checkpoint.pt)"; exit 1
 
-archive: $(MAR) ## package weights, model, handler and configs into model_store/cifar10.mar
+archive: $(MAR) ## export the ONNX forward, package it with weights, model, handler, configs into MAR
 
 serve: $(MAR) ## start TorchServe in the background; returns once a prediction succeeds
 	@$(CHECK_JAVA)
@@ -104,4 +108,4 @@ test: $(BIN)/torchserve ## run the test suite (handler, training, archive, a rea
 	$(PY) -m pytest $(TESTS)
 
 clean: ## remove build outputs (the archive, logs, run files)
-	rm -rf $(MAR) logs $(RUN_DIR) .pytest_cache dist
+	rm -rf $(MAR) $(ONNX) logs $(RUN_DIR) .pytest_cache dist

@@ -275,15 +275,16 @@ def served(client, args, folder):
 
 # ---- in-process --------------------------------------------------------------------------------
 
-def load_handler(args, folder):
-    """The served handler class, initialised on a ts Context as a TorchServe worker would."""
+def load_handler(args, folder, threads):
+    """The served handler class, initialised on a ts Context as a TorchServe worker would, with
+    ``threads`` torch (and ONNX Runtime) threads; also the threads a served worker gets."""
     import torch
     import yaml
     from ts.context import Context
     from ts.metrics.metrics_store import MetricsStore
     from cifar10_handler import Cifar10Handler
 
-    model_dir = folder / "model"
+    model_dir = folder / f"model-{threads}"
     if args.weights:
         model_dir.mkdir()
         shutil.copy(args.weights, model_dir / args.weights.name)
@@ -298,9 +299,10 @@ def load_handler(args, folder):
         shutil.copy(ROOT / "handler" / "index_to_name.json", model_dir)
     model_config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
     model_config.setdefault("handler", {})
+    if args.weights:  # no exported ONNX file beside a bare checkpoint
+        model_config["handler"]["runtime"] = "torch"
     worker_threads = model_config["handler"].get("threads") or torch.get_num_threads()
-    # In-process gets the whole machine (every usable core), as a fair yardstick for the server.
-    model_config["handler"]["threads"] = args.threads or len(os.sched_getaffinity(0))
+    model_config["handler"]["threads"] = threads or worker_threads
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     context = Context("cifar10", str(model_dir), manifest, batch_size=args.batch,
                       gpu=0 if cuda else None, mms_version=_torchserve_version(),
@@ -325,11 +327,16 @@ def rate(step, seconds, sync, warmup=3, min_steps=3):
 
 
 def in_process(args, folder):
+    """The handler and its forward pass without HTTP: on every usable core (the yardstick for the
+    server), and one image on a served worker's threads (what a lone request costs it)."""
     import torch
     from ts.context import RequestProcessor
-    from cifar10_net import predict_logits
 
-    handler, context, worker_threads = load_handler(args, folder)
+    # In-process gets the whole machine (every usable core), as a fair yardstick for the server.
+    cores = args.threads or len(os.sched_getaffinity(0))
+    worker, _, worker_threads = load_handler(args, folder, threads=0)
+    handler, context, _ = load_handler(args, folder, threads=cores)
+    torch.set_num_threads(cores)
     images = sorted(FIXTURES.glob("*.jpg"))
     rows = [{"body": bytearray(images[i % len(images)].read_bytes())} for i in range(args.batch)]
     sync = torch.cuda.synchronize if handler.device.type == "cuda" else (lambda: None)
@@ -342,33 +349,39 @@ def in_process(args, folder):
             sys.exit(f"the handler did not answer 200 to every request: {answers[:2]}")
 
     batch, _ = handler.preprocess(rows)
+    runtime, as_worker = handler.runtime, f"{worker_threads} thread(s) as a worker"
+    steps = [("handler.handle, raw-JPEG requests", args.batch, cores, handle),
+             (f"forward ({runtime})", args.batch, cores, lambda: _forward(handler, batch)),
+             (f"forward ({runtime})", 1, cores, lambda: _forward(handler, batch[:1])),
+             (f"forward ({runtime}), {as_worker}", 1, worker_threads,
+              lambda: _forward(worker, batch[:1]))]
+    if runtime != "torch":  # what the ONNX runtime saves, for comparison
+        steps += [("forward (torch)", args.batch, cores,
+                   lambda: _forward(handler, batch, handler.model)),
+                  (f"forward (torch), {as_worker}", 1, worker_threads,
+                   lambda: _forward(worker, batch[:1], worker.model))]
     results = []
-    for what, n, step in [
-            ("handler.handle, raw-JPEG requests", args.batch, handle),
-            ("model forward", args.batch, lambda: _forward(handler, batch, predict_logits)),
-            ("model forward", 1, lambda: _forward(handler, batch[:1], predict_logits)),
-            (f"model forward, {worker_threads} thread(s) as a worker", 1,
-             lambda: _forward(handler, batch[:1], predict_logits))]:
-        threads = torch.get_num_threads()
-        if "as a worker" in what:  # what a lone request costs inside one served worker
-            torch.set_num_threads(worker_threads)
-        steps, elapsed = rate(step, args.seconds, sync)
+    for what, n, threads, step in steps:
         torch.set_num_threads(threads)
-        results.append({"what": what, "batch": n, "img_s": steps * n / elapsed,
-                        "ms_per_batch": elapsed / steps * 1e3})
-        log.info("%-34s batch %3d: %9.1f img/s  %8.3f ms", what, n, results[-1]["img_s"],
+        done, elapsed = rate(step, args.seconds, sync)
+        results.append({"what": what, "batch": n, "img_s": done * n / elapsed,
+                        "ms_per_batch": elapsed / done * 1e3})
+        log.info("%-40s batch %3d: %9.1f img/s  %8.3f ms", what, n, results[-1]["img_s"],
                  results[-1]["ms_per_batch"])
+    torch.set_num_threads(cores)
     weights = args.weights or f"{args.mar} ({context.manifest['model']['serializedFile']})"
-    meta = {"device": str(handler.device), "threads": torch.get_num_threads(), "tta": handler.tta,
-            "parameters": sum(p.numel() for p in handler.model.parameters()),
+    meta = {"device": str(handler.device), "threads": cores, "tta": handler.tta,
+            "runtime": runtime, "parameters": sum(p.numel() for p in handler.model.parameters()),
             "weights": str(weights)}
     return results, meta
 
 
-def _forward(handler, batch, predict_logits):
+def _forward(handler, batch, net=None):
+    """One forward pass as the handler's inference() runs it, with its test-time augmentation."""
     import torch
+    from cifar10_net import predict_logits
     with torch.inference_mode():
-        predict_logits(handler.model, batch, handler.tta)
+        predict_logits(net or handler.forward, batch, handler.tta)
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -386,7 +399,8 @@ def markdown(report):
               f" wrk {m['wrk']}"]
     p = report.get("in_process_meta")
     if p:
-        lines.append(f"- model: {p['weights']}, {p['parameters']:,} parameters, tta {p['tta']}")
+        lines.append(f"- model: {p['weights']}, {p['parameters']:,} parameters, tta {p['tta']}, "
+                     f"runtime {p.get('runtime', 'torch')} (forward rows include the TTA views)")
     s = report.get("server")
     if s:
         lines.append(f"- server: {s['workers']} workers ({s['gpu_workers']} on a GPU), batchSize "

@@ -11,6 +11,7 @@ and what is accepted; the other requests of its dynamic batch are answered as us
 """
 import base64
 import binascii
+import importlib.util
 import json
 import logging
 import re
@@ -23,9 +24,11 @@ from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
 from cifar10_net import (IMAGE_SIZE, build_net, decode_image, eval_transform, image_tensor,
-                         predict_logits)
+                         onnx_forward, onnx_mismatch, predict_logits)
 
 logger = logging.getLogger(__name__)
+ONNX_FILE = "cifar10.onnx"  # what `make archive` adds to the .mar (export_onnx.py)
+ONNX_TOLERANCE = 1e-4  # largest accepted |ONNX - eager| logit difference
 # A body that starts like JSON (checked without copying the body, unlike bytes.lstrip()).
 JSON_START = re.compile(rb"\s*[\[{]")
 
@@ -156,10 +159,36 @@ class Cifar10Handler(BaseHandler):
         self.classes = self._class_names(model_dir, checkpoint["classes"])
         self.model = build_net(checkpoint)
         self.model.to(self.device, memory_format=torch.channels_last).eval()
+        self.forward = self._runtime(config.get("runtime", "torch"), model_dir)
         self.transform = eval_transform()
         self.initialized = True
-        logger.info("cifar10 model loaded on %s (tta=%d, top-%d, %d threads)", self.device,
-                    self.tta, self.topk, torch.get_num_threads())
+        logger.info("cifar10 model loaded on %s (runtime %s, tta=%d, top-%d, %d threads)",
+                    self.device, self.runtime, self.tta, self.topk, torch.get_num_threads())
+
+    def _runtime(self, runtime, model_dir):
+        """The forward pass predictions use: the torch net, or (on the CPU) ONNX Runtime running
+        the archive's cifar10.onnx, checked against the torch net before it is trusted."""
+        if runtime not in ("torch", "onnx"):
+            raise ValueError(f"model-config.yaml handler.runtime must be torch or onnx, "
+                             f"got {runtime!r}")
+        self.runtime = runtime if self.device.type == "cpu" else "torch"
+        if self.runtime == "torch":
+            return self.model
+        if importlib.util.find_spec("onnxruntime") is None:  # e.g. a stock TorchServe image
+            logger.warning("handler.runtime onnx: onnxruntime is not installed, running the torch "
+                           "net (the same answers, slower; pip install onnxruntime)")
+            self.runtime = "torch"
+            return self.model
+        path = model_dir / ONNX_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"handler.runtime onnx needs {ONNX_FILE} in the archive "
+                                    f"(`make archive` exports it), or set runtime: torch")
+        forward = onnx_forward(path, torch.get_num_threads())
+        error = onnx_mismatch(self.model, forward)
+        if error > ONNX_TOLERANCE:
+            raise RuntimeError(f"{ONNX_FILE} does not hold these weights: its logits differ by "
+                               f"{error:.2e} (> {ONNX_TOLERANCE:.0e}); rebuild with `make archive`")
+        return forward
 
     @staticmethod
     def _class_names(model_dir, trained_classes):
@@ -207,7 +236,7 @@ class Cifar10Handler(BaseHandler):
         if not len(batch):
             return torch.empty(0, len(self.classes)), shapes
         with torch.inference_mode():
-            probs = predict_logits(self.model, batch, self.tta).softmax(dim=1)
+            probs = predict_logits(self.forward, batch, self.tta).softmax(dim=1)
         return probs.float().cpu(), shapes
 
     @timed

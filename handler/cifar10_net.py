@@ -103,6 +103,44 @@ def predict_logits(net, x, tta=0):
     return sum(w * part for w, part in zip(weights, logits.view(len(views), len(x), -1)))
 
 
+def export_onnx(net, path):
+    """Write ``net`` as ONNX with a dynamic batch: input "images" (N, 3, 32, 32), output "logits".
+
+    Uses torch's TorchScript-based exporter (needs the ``onnx`` package, at archive time only).
+    """
+    import warnings
+
+    sample = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with warnings.catch_warnings():  # the exporter's deprecation notices, not about this net
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), (sample,), str(path), input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "n"}},
+                          dynamo=False)
+
+
+def onnx_forward(path, threads=1):
+    """A callable like the net (normalised float batch -> logits) that runs the ONNX file with
+    ONNX Runtime on the CPU: about 2x eager PyTorch's speed for this net on one core."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def forward(x):
+        return torch.from_numpy(session.run(None, {"images": x.contiguous().numpy()})[0])
+    return forward
+
+
+@torch.inference_mode()
+def onnx_mismatch(net, forward, n=8):
+    """Largest |forward - net| logit difference on a fixed batch of n random normalised images:
+    how an ONNX file is checked against the weights it claims to hold."""
+    x = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    return (forward(x) - net.eval()(x)).abs().max().item()
+
+
 def decode_image(data):
     """Bytes of any PIL-readable image -> 32x32 RGB PIL image, as training and serving see it.
 

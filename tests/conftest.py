@@ -14,7 +14,7 @@ from ts.metrics.metrics_store import MetricsStore
 
 import train
 from cifar10_handler import Cifar10Handler
-from cifar10_net import CIFAR10_CLASSES
+from cifar10_net import CIFAR10_CLASSES, build_net, export_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -80,11 +80,17 @@ def make_context(model_dir, gpu_id=None, config=None):
 
 @pytest.fixture
 def make_handler(tmp_path):
-    """make_handler(checkpoint, gpu_id=None, **handler_config) -> an initialised handler."""
-    def make(checkpoint, gpu_id=None, **config):
+    """make_handler(checkpoint, gpu_id=None, **handler_config) -> an initialised handler.
+
+    With runtime="onnx" the model directory also gets the checkpoint's ONNX export, as the .mar
+    does (or onnx_from's, a different checkpoint's)."""
+    def make(checkpoint, gpu_id=None, onnx_from=None, **config):
         model_dir = tmp_path / f"model-{uuid.uuid4().hex[:8]}"
         model_dir.mkdir()
         shutil.copy(checkpoint, model_dir / "weights.pt")
+        if config.get("runtime") == "onnx":
+            source = torch.load(onnx_from or checkpoint, weights_only=True)
+            export_onnx(build_net(source), model_dir / "cifar10.onnx")
         shutil.copy(ROOT / "handler" / "index_to_name.json", model_dir)
         handler = Cifar10Handler()
         handler.initialize(make_context(model_dir, gpu_id, config))

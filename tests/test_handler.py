@@ -282,8 +282,9 @@ def test_explanations_are_integrated_gradients_per_image(make_handler, tiny_chec
 
 
 def test_predict_path_imports_neither_captum_nor_torchvision(make_handler, tiny_checkpoint):
-    """Worker start-up stays lean: captum only for explanations, torchvision never."""
-    model_dir = make_handler(tiny_checkpoint).context.system_properties["model_dir"]
+    """Worker start-up stays lean: captum only for explanations, torchvision and the ONNX
+    exporter's onnx package never (the worker needs only onnxruntime)."""
+    model_dir = make_handler(tiny_checkpoint, runtime="onnx").context.system_properties["model_dir"]
     script = f"""
 import sys, uuid
 sys.path.insert(0, {str(Path(cifar10_handler.__file__).parent)!r})
@@ -291,13 +292,14 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metrics_store import MetricsStore
 from cifar10_handler import Cifar10Handler
 context = Context("cifar10", {model_dir!r}, {{"model": {{"serializedFile": "weights.pt"}}}}, 1, None,
-                  "0.12.0", metrics=MetricsStore(uuid.uuid4(), "cifar10"), model_yaml_config={{}})
+                  "0.12.0", metrics=MetricsStore(uuid.uuid4(), "cifar10"),
+                  model_yaml_config={{"handler": {{"runtime": "onnx"}}}})
 handler = Cifar10Handler()
 handler.initialize(context)
 context.request_processor = [RequestProcessor({{}})]
 print(handler.handle([{{"body": open({str(FIXTURES / "cat.jpg")!r}, "rb").read()}}], context))
-print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"captum", "torchvision"}}))
+print(handler.runtime, sorted({{m.split(".")[0] for m in sys.modules}} & {{"captum", "torchvision", "onnx"}}))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True).stdout.strip().splitlines()
-    assert out[0].startswith("[{") and out[-1] == "[]"
+    assert out[0].startswith("[{") and out[-1] == "onnx []"

@@ -37,7 +37,7 @@ def build_archive(weights, store):
 def test_archive_holds_what_the_handler_needs(tiny_checkpoint, tmp_path):
     mar = build_archive(tiny_checkpoint, tmp_path / "store")
     names = set(zipfile.ZipFile(mar).namelist())
-    assert {"cifar10_handler.py", "cifar10_net.py", "tiny.pt", "index_to_name.json",
+    assert {"cifar10_handler.py", "cifar10_net.py", "tiny.pt", "cifar10.onnx", "index_to_name.json",
             "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
 
 
@@ -52,6 +52,8 @@ def server(tiny_checkpoint, tmp_path_factory):
     for name, port in ports.items():
         config = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{port}",
                         config, flags=re.M)
+    for name in ("grpc_inference", "grpc_management"):  # TorchServe always starts gRPC too
+        config = re.sub(rf"^{name}_port=.*$", f"{name}_port={free_port()}", config, flags=re.M)
     config = re.sub(r"^model_store=.*$", f"model_store={store}", config, flags=re.M)
     (run / "config.properties").write_text(config)
     # TMPDIR: the launcher's pid file; TEMP: Java's tmpdir, where the worker sockets live.
@@ -114,6 +116,13 @@ def test_predict_returns_top5(server):
     assert response.status_code == 200
     answer = response.json()
     assert len(answer) == 5 and list(answer.values()) == sorted(answer.values(), reverse=True)
+
+
+def test_served_workers_run_the_onnx_forward(server):
+    """model-config.yaml's runtime: onnx reaches the workers (the log line of each start)."""
+    assert server.predict(FIXTURES / "cat.jpg").status_code == 200
+    log = (server.run_dir / "logs" / "model_log.log").read_text()
+    assert "(runtime onnx," in log and "(runtime torch," not in log
 
 
 def test_several_images_in_one_multipart_request(server):

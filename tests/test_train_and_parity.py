@@ -54,7 +54,7 @@ def test_handler_predictions_equal_offline_evaluation(make_handler, tiny_checkpo
     folder = fixture_folder(tmp_path / "folder")
     offline, truth = evaluate.predict_offline(folder, tiny_checkpoint)
     _, _, _, paths = train.load_image_folder(folder)
-    handler = make_handler(tiny_checkpoint)
+    handler = make_handler(tiny_checkpoint, runtime="onnx")  # the served forward
     answers, _ = handle(handler, [{"body": open(p, "rb").read()} for p in paths])
     assert [next(iter(a)) for a in answers] == offline
     assert truth == list(CIFAR10_CLASSES)
@@ -68,5 +68,6 @@ def test_shipped_weights_serve_as_evaluated_offline(make_handler, tmp_path):
     folder = fixture_folder(tmp_path / "folder")
     offline, truth = evaluate.predict_offline(folder, shipped)
     _, _, _, paths = train.load_image_folder(folder)
-    answers, _ = handle(make_handler(shipped), [{"body": open(p, "rb").read()} for p in paths])
+    handler = make_handler(shipped, runtime="onnx")  # the served forward
+    answers, _ = handle(handler, [{"body": open(p, "rb").read()} for p in paths])
     assert [next(iter(a)) for a in answers] == offline
