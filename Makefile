@@ -18,6 +18,7 @@ IMAGE_TAG   ?= cpu
 TS_BASE     ?= pytorch/torchserve:0.12.0-$(IMAGE_TAG)
 DOCKER_RUN_ARGS ?=
 KSERVE_DIR  ?= dist/kserve
+DEMO_PORT   ?= 8090
 
 BIN := $(VENV)/bin
 JAVA_MSG := TorchServe 0.12 needs Java 17+ (Debian/Ubuntu: apt-get install openjdk-17-jre-headless)
@@ -29,7 +30,7 @@ HANDLER_FILES := handler/cifar10_handler.py handler/cifar10_net.py \
 
 .DEFAULT_GOAL := help
 .PHONY: help install train archive serve stop status predict scale test evaluate bench clean \
-        docker docker-run kserve-bundle
+        docker docker-run kserve-bundle demo
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -78,6 +79,9 @@ status: ## show the model's workers (management API)
 
 predict: ## classify IMG (default: a test fixture) on the running server
 	$(PY) client.py predict $(IMG)
+
+demo: $(BIN)/torchserve ## serve the browser demo on 127.0.0.1:DEMO_PORT (after `make serve`)
+	$(PY) demo/serve.py --config $(TS_CONFIG) --port $(DEMO_PORT)
 
 scale: ## set the number of workers to WORKERS (management API)
 	$(PY) client.py scale $(WORKERS)

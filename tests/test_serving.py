@@ -1,15 +1,14 @@
 """The real served path: `make archive` builds a .mar of a tiny model, the repo's config.properties
 (on free ports) serves it with TorchServe, and requests go over HTTP with the tokens it wrote.
 The server is started once for this module and always stopped, by its pid, also on failure."""
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
-import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import psutil
 import pytest
@@ -41,21 +40,21 @@ def test_archive_holds_what_the_handler_needs(tiny_checkpoint, tmp_path):
             "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    """A TorchServe on free loopback ports serving the tiny model; yields a TorchServeClient."""
-    run = tmp_path_factory.mktemp("torchserve")
+@contextlib.contextmanager
+def torchserve(checkpoint, run, extra_config=""):
+    """A TorchServe in ``run`` on free loopback ports (the repo's config.properties plus
+    ``extra_config`` lines) serving ``checkpoint``'s archive; yields a TorchServeClient and always
+    stops the server, by its pid."""
     store = run / "store"
-    build_archive(tiny_checkpoint, store)
-    ports = {name: free_port() for name in ("inference", "management", "metrics")}
+    build_archive(checkpoint, store)
     config = (ROOT / "config.properties").read_text()
-    for name, port in ports.items():
-        config = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{port}",
+    for name in ("inference", "management", "metrics"):
+        config = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{free_port()}",
                         config, flags=re.M)
     for name in ("grpc_inference", "grpc_management"):  # TorchServe always starts gRPC too
         config = re.sub(rf"^{name}_port=.*$", f"{name}_port={free_port()}", config, flags=re.M)
     config = re.sub(r"^model_store=.*$", f"model_store={store}", config, flags=re.M)
-    (run / "config.properties").write_text(config)
+    (run / "config.properties").write_text(config + extra_config)
     # TMPDIR: the launcher's pid file; TEMP: Java's tmpdir, where the worker sockets live.
     env = dict(os.environ, TMPDIR=str(run), TEMP=str(run), LOG_LOCATION=str(run / "logs"),
                METRICS_LOCATION=str(run / "logs"))
@@ -70,6 +69,13 @@ def server(tiny_checkpoint, tmp_path_factory):
         yield client
     finally:
         stop(java)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    """A TorchServe on free loopback ports serving the tiny model; yields a TorchServeClient."""
+    with torchserve(tiny_checkpoint, tmp_path_factory.mktemp("torchserve")) as client:
+        yield client
 
 
 def stop(java):
