@@ -75,12 +75,19 @@ class TorchServeClient:
     def metrics(self):
         return self.session.get(f"{self.metrics_url}/metrics", timeout=10)
 
-    def wait_ready(self, timeout=120.0):
-        """Block until every worker is READY and a prediction answers 200; raise on timeout."""
+    def wait_ready(self, timeout=120.0, worker_log=None):
+        """Block until every worker is READY and a prediction answers 200; raise on timeout.
+
+        With ``worker_log`` (TorchServe's model_log.log), a worker that fails to load the model
+        ends the wait at once with its message: TorchServe would retry it for minutes.
+        """
         deadline, last = time.monotonic() + timeout, "no answer yet"
         probe = io.BytesIO()
         Image.new("RGB", (32, 32), (120, 80, 40)).save(probe, format="PNG")
+        log_start = Path(worker_log).stat().st_size if worker_log and Path(worker_log).exists() else 0
         while time.monotonic() < deadline:
+            if worker_log:
+                _raise_on_load_failure(worker_log, log_start)
             try:
                 workers = self.describe().json()[0]["workers"]
                 if workers and all(w["status"] == "READY" for w in workers):
@@ -94,6 +101,20 @@ class TorchServeClient:
                 last = repr(err)
             time.sleep(0.25)
         raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s: {last}")
+
+
+def _raise_on_load_failure(worker_log, start):
+    """Raise RuntimeError with the worker's message if model_log.log, past ``start``, says a
+    worker failed to load the model."""
+    path = Path(worker_log)
+    if not path.exists() or path.stat().st_size <= start:
+        return
+    with path.open("rb") as log:
+        log.seek(start)
+        for line in log.read().decode(errors="replace").splitlines():
+            if "Failed to load model" in line:
+                raise RuntimeError(f"a worker failed to load the model (see {worker_log}): "
+                                   f"{line.split('MODEL_LOG - ', 1)[-1]}")
 
 
 def read_properties(path):
@@ -137,13 +158,19 @@ def main(argv=None):
     ping.add_argument("--quiet", action="store_true")
     wait = sub.add_parser("wait", help="block until a prediction succeeds")
     wait.add_argument("--timeout", type=float, default=120.0)
+    wait.add_argument("--worker-log", type=Path,
+                      help="TorchServe's model_log.log: stop waiting when a worker fails to load")
     args = p.parse_args(argv)
 
     client = TorchServeClient(args.config, args.key_file)
     if args.command == "predict":
         return _predict(client, list(expand(args.paths)), args.together, args.v2)
     if args.command == "wait":
-        workers = client.wait_ready(args.timeout)
+        try:
+            workers = client.wait_ready(args.timeout, args.worker_log)
+        except (RuntimeError, TimeoutError) as err:
+            print(err, file=sys.stderr)
+            return 1
         print(f"cifar10 ready: {len(workers)} workers READY")
         return 0
     response = {"describe": client.describe, "metrics": client.metrics, "ping": client.ping,

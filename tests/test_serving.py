@@ -41,12 +41,15 @@ def test_archive_holds_what_the_handler_needs(tiny_checkpoint, tmp_path):
 
 
 @contextlib.contextmanager
-def torchserve(checkpoint, run, extra_config=""):
+def torchserve(checkpoint, run, extra_config="", swap_weights=None):
     """A TorchServe in ``run`` on free loopback ports (the repo's config.properties plus
-    ``extra_config`` lines) serving ``checkpoint``'s archive; yields a TorchServeClient and always
-    stops the server, by its pid."""
+    ``extra_config`` lines) serving ``checkpoint``'s archive (with ``swap_weights``' bytes put in
+    place of the checkpoint's, if given); yields a TorchServeClient and always stops the server,
+    by its pid."""
     store = run / "store"
-    build_archive(checkpoint, store)
+    mar = build_archive(checkpoint, store)
+    if swap_weights is not None:
+        replace_in_zip(mar, checkpoint.name, swap_weights.read_bytes())
     config = (ROOT / "config.properties").read_text()
     for name in ("inference", "management", "metrics"):
         config = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{free_port()}",
@@ -64,7 +67,7 @@ def torchserve(checkpoint, run, extra_config=""):
     java = psutil.Process(int((run / ".model_server.pid").read_text()))
     client = TorchServeClient(run / "config.properties", run / "key_file.json")
     try:
-        client.wait_ready(timeout=180)
+        client.wait_ready(timeout=180, worker_log=run / "logs" / "model_log.log")
         client.run_dir = run
         yield client
     finally:
@@ -78,6 +81,16 @@ def server(tiny_checkpoint, tmp_path_factory):
         yield client
 
 
+def replace_in_zip(path, name, data):
+    """Rewrite the zip file at path with the member ``name`` holding ``data``."""
+    with zipfile.ZipFile(path) as old:
+        members = {info.filename: old.read(info) for info in old.infolist()}
+    members[name] = data
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as new:
+        for member, content in members.items():
+            new.writestr(member, content)
+
+
 def stop(java):
     """Stop the TorchServe this module started and the workers it spawned, by pid."""
     try:
@@ -88,6 +101,15 @@ def stop(java):
     gone, alive = psutil.wait_procs([java] + workers, timeout=30)
     for process in alive:
         process.kill()
+
+
+def test_a_worker_that_cannot_load_stops_the_start_with_its_message(
+        tiny_checkpoint, constant_checkpoint, tmp_path):
+    """An archive whose ONNX file does not match its weights: the worker refuses to load, and the
+    wait (`make serve`'s too) ends with that message instead of TorchServe's minutes of retries."""
+    with pytest.raises(RuntimeError, match="does not hold these weights"):
+        with torchserve(tiny_checkpoint, tmp_path, swap_weights=constant_checkpoint):
+            pass
 
 
 def test_ping_with_the_token(server):
