@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ts.handler_utils.timer import timed
+from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
@@ -34,6 +35,30 @@ JSON_START = re.compile(rb"\s*[\[{]")
 
 ACCEPTED = ("send an image (PNG, JPEG, GIF, BMP, WebP, TIFF, ...) as the raw body, as multipart "
             "form fields, or as JSON {\"data\": \"<base64>\"} or {\"data\": [\"<base64>\", ...]}")
+
+
+def _keep_repeated_fields(retrieve):
+    """Wrap TorchServe's request parser so that no image of a multipart request is lost.
+
+    TorchServe 0.12's worker (ts/service.py) keys a request's fields by name, so
+    `curl -F data=@a.jpg -F data=@b.jpg` would reach the handler as b.jpg alone. The wrapper
+    renames a repeated field before that happens (data, data#2, data#3, ...), in request order.
+    """
+    def retrieve_data_for_inference(batch):
+        for request in batch or ():
+            seen = {}
+            for parameter in request.get("parameters", ()):
+                name = parameter["name"]
+                seen[name] = seen.get(name, 0) + 1
+                if seen[name] > 1:
+                    parameter["name"] = f"{name}#{seen[name]}"
+        return retrieve(batch)
+    retrieve_data_for_inference.keeps_repeated_fields = True
+    return staticmethod(retrieve_data_for_inference)
+
+
+if not getattr(Service.retrieve_data_for_inference, "keeps_repeated_fields", False):
+    Service.retrieve_data_for_inference = _keep_repeated_fields(Service.retrieve_data_for_inference)
 
 
 def select_device(gpu_id):

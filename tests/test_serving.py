@@ -161,6 +161,17 @@ def test_several_images_in_one_multipart_request(server):
     assert [list(a) for a in together.json()] == [list(a) for a in singles]
 
 
+def test_repeated_multipart_field_names_lose_no_image(server):
+    """`curl -F data=@a -F data=@b`: TorchServe's worker alone would keep only the last field."""
+    names = ["cat", "ship", "frog"]
+    files = [("data", (f"{n}.jpg", (FIXTURES / f"{n}.jpg").read_bytes())) for n in names]
+    together = server.session.post(f"{server.inference}/predictions/cifar10", files=files,
+                                   headers=server._token("inference"), timeout=60)
+    assert together.status_code == 200
+    singles = [server.predict(FIXTURES / f"{n}.jpg").json() for n in names]
+    assert [list(a) for a in together.json()] == [list(a) for a in singles]
+
+
 def test_bad_body_is_a_400_with_a_message_and_the_worker_lives(server):
     response = server.predict(b"this is not an image")
     assert response.status_code == 400
