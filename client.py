@@ -7,6 +7,10 @@ writes where it starts (both in the repo root for `make serve`).
     python client.py predict --together a.png b.png     # several images in one multipart request
     python client.py predict --v2 a.png b.png           # one Open Inference Protocol v2 request
     python client.py describe | scale 3 | metrics | ping | wait --timeout 120
+    python client.py token inference                    # renew a token (TorchServe's /token API)
+
+TorchServe's tokens expire (token_expiration_min, 60 min by default); the client renews an expired
+one with the key file's API key and resends the request once.
 """
 import argparse
 import base64
@@ -40,18 +44,31 @@ class TorchServeClient:
         keys = json.loads(self.key_file.read_text())
         return {"Authorization": f"Bearer {keys[api]['key']}"}
 
+    def _call(self, method, url, api, **kwargs):
+        """A request with the `api` token; an expired token (TorchServe's token_expiration_min,
+        60 min by default) is renewed once with the key file's API key and the request resent."""
+        response = self.session.request(method, url, headers=self._token(api), **kwargs)
+        if response.status_code == 400 and "InvalidKeyException" in response.text:
+            if self.renew_token(api).ok:
+                response = self.session.request(method, url, headers=self._token(api), **kwargs)
+        return response
+
+    def renew_token(self, api="inference"):
+        """Ask TorchServe for a fresh `api` token (it rewrites key_file.json); needs the API key."""
+        keys = json.loads(self.key_file.read_text())
+        return self.session.get(f"{self.management}/token", params={"type": api}, timeout=10,
+                                headers={"Authorization": f"Bearer {keys['API']['key']}"})
+
     def ping(self):
-        return self.session.get(f"{self.inference}/ping", headers=self._token("inference"),
-                                timeout=5)
+        return self._call("GET", f"{self.inference}/ping", "inference", timeout=5)
 
     def predict(self, *images):
         """POST one image as the body, or several as multipart fields; returns the response."""
         url = f"{self.inference}/predictions/{self.model}"
-        headers = self._token("inference")
         if len(images) == 1:
-            return self.session.post(url, data=_read(images[0]), headers=headers, timeout=60)
+            return self._call("POST", url, "inference", data=_read(images[0]), timeout=60)
         files = [(f"image{i}", (Path(str(p)).name, _read(p))) for i, p in enumerate(images)]
-        return self.session.post(url, files=files, headers=headers, timeout=60)
+        return self._call("POST", url, "inference", files=files, timeout=60)
 
     def predict_v2(self, *images, request_id=None):
         """One Open Inference Protocol v2 request carrying every image as base64 BYTES."""
@@ -60,17 +77,16 @@ class TorchServeClient:
                             "data": data}]}
         if request_id is not None:
             body["id"] = request_id
-        return self.session.post(f"{self.inference}/v2/models/{self.model}/infer", json=body,
-                                 headers=self._token("inference"), timeout=60)
+        return self._call("POST", f"{self.inference}/v2/models/{self.model}/infer", "inference",
+                          json=body, timeout=60)
 
     def describe(self):
-        return self.session.get(f"{self.management}/models/{self.model}",
-                                headers=self._token("management"), timeout=10)
+        return self._call("GET", f"{self.management}/models/{self.model}", "management",
+                          timeout=10)
 
     def scale(self, workers):
-        return self.session.put(f"{self.management}/models/{self.model}",
-                                params=dict(min_worker=workers, synchronous="true"),
-                                headers=self._token("management"), timeout=120)
+        return self._call("PUT", f"{self.management}/models/{self.model}", "management",
+                          params=dict(min_worker=workers, synchronous="true"), timeout=120)
 
     def metrics(self):
         return self.session.get(f"{self.metrics_url}/metrics", timeout=10)
@@ -156,6 +172,8 @@ def main(argv=None):
     scale.add_argument("workers", type=int)
     ping = sub.add_parser("ping", help="health check")
     ping.add_argument("--quiet", action="store_true")
+    token = sub.add_parser("token", help="renew a token: TorchServe rewrites key_file.json")
+    token.add_argument("api", choices=["inference", "management"])
     wait = sub.add_parser("wait", help="block until a prediction succeeds")
     wait.add_argument("--timeout", type=float, default=120.0)
     wait.add_argument("--worker-log", type=Path,
@@ -174,7 +192,8 @@ def main(argv=None):
         print(f"cifar10 ready: {len(workers)} workers READY")
         return 0
     response = {"describe": client.describe, "metrics": client.metrics, "ping": client.ping,
-                "scale": lambda: client.scale(args.workers)}[args.command]()
+                "scale": lambda: client.scale(args.workers),
+                "token": lambda: client.renew_token(args.api)}[args.command]()
     if not getattr(args, "quiet", False):
         print(response.text)
     return 0 if response.ok else 1

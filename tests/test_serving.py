@@ -2,6 +2,7 @@
 (on free ports) serves it with TorchServe, and requests go over HTTP with the tokens it wrote.
 The server is started once for this module and always stopped, by its pid, also on failure."""
 import contextlib
+import json
 import os
 import re
 import signal
@@ -127,6 +128,21 @@ def test_requests_without_or_with_a_wrong_token_are_refused(server, api):
         response = method(url, data=body, headers=headers, timeout=10)
         assert response.status_code == 400
         assert "Token Authorization failed" in response.text
+
+
+def test_an_expired_or_stale_token_is_renewed_by_the_client(server):
+    """TorchServe refuses an expired token as it refuses a wrong one; the client then renews it
+    with the API key (TorchServe rewrites key_file.json) and resends the request once."""
+    key_file = server.run_dir / "key_file.json"
+    keys = json.loads(key_file.read_text())
+    stale = keys["inference"]["key"]
+    key_file.write_text(json.dumps({**keys, "inference": {**keys["inference"], "key": "stale"}}))
+    assert server.predict(FIXTURES / "cat.jpg").status_code == 200
+    renewed = json.loads(key_file.read_text())["inference"]["key"]
+    assert renewed not in ("stale", stale)
+    old = requests.get(f"{server.inference}/ping", headers={"Authorization": f"Bearer {stale}"},
+                       timeout=10)
+    assert old.status_code == 400  # the old token is gone
 
 
 def test_listeners_are_on_loopback_only(server):
