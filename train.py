@@ -51,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--bias-scaler", type=float, default=64.0,
                    help="learning-rate multiplier for BatchNorm biases")
     p.add_argument("--label-smoothing", type=float, default=0.2, help="label smoothing")
+    p.add_argument("--translate", type=int, default=2,
+                   help="largest random translation in pixels (reflect padding)")
+    p.add_argument("--cutout", type=int, default=0,
+                   help="side of a random square zeroed per training image, 0 for none")
     p.add_argument("--whiten-bias-epochs", type=int, default=3,
                    help="epochs during which the whitening bias is trained")
     p.add_argument("--lookahead-epoch", type=int, default=3,
@@ -113,19 +117,27 @@ def split(images, labels, val_size):
     return images[train], labels[train], images[val], labels[val]
 
 
-def augment(images, epoch, flip_mask, generator):
-    """Per-sample random 2-pixel translation (reflect padding) and airbench's alternating flip."""
-    n, pad = len(images), 2
-    padded = nn.functional.pad(images, (pad,) * 4, mode="reflect")
+def augment(images, epoch, flip_mask, generator, pad=2, cutout=0):
+    """Per-sample random translation by up to ``pad`` pixels (reflect padding), airbench's
+    alternating flip, and with ``cutout`` a random cutout x cutout square per image set to 0 (the
+    mean, in normalised space), clipped at the borders."""
+    n, (h, w) = len(images), images.shape[2:]
+    padded = nn.functional.pad(images, (pad,) * 4, mode="reflect") if pad else images
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
     out = torch.empty_like(images)
     for x in range(2 * pad + 1):
         for y in range(2 * pad + 1):
             pick = (dx == x) & (dy == y)
-            out[pick] = padded[pick, :, y:y + images.shape[2], x:x + images.shape[3]]
+            out[pick] = padded[pick, :, y:y + h, x:x + w]
     flip = (flip_mask ^ bool(epoch % 2)).to(images.device)  # each image mirrored every other epoch
     out[flip] = out[flip].flip(-1)
+    if cutout:
+        top = torch.randint(-(cutout // 2), h - cutout // 2, (n, 1, 1), generator=generator)
+        left = torch.randint(-(cutout // 2), w - cutout // 2, (n, 1, 1), generator=generator)
+        rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+        hole = ((rows >= top) & (rows < top + cutout) & (cols >= left) & (cols < left + cutout))
+        out.masked_fill_(hole[:, None].to(images.device), 0)
     return out
 
 
@@ -215,7 +227,7 @@ def train(args):
     for epoch in range(args.epochs):
         net.train()
         net.whiten.bias.requires_grad_(epoch < args.whiten_bias_epochs)
-        epoch_x = augment(train_x, epoch, flip_mask, generator)
+        epoch_x = augment(train_x, epoch, flip_mask, generator, args.translate, args.cutout)
         order = torch.randperm(len(train_x), generator=generator)
         seen = correct = loss_sum = 0
         for i in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False):

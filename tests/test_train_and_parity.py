@@ -1,6 +1,7 @@
 """train.py's output, and that training-eval, offline evaluation and the handler agree."""
 import shutil
 
+import pytest
 import torch
 from conftest import FIXTURES, ROOT, handle
 
@@ -71,3 +72,26 @@ def test_shipped_weights_serve_as_evaluated_offline(make_handler, tmp_path):
     handler = make_handler(shipped, runtime="onnx")  # the served forward
     answers, _ = handle(handler, [{"body": open(p, "rb").read()} for p in paths])
     assert [next(iter(a)) for a in answers] == offline
+
+
+@pytest.mark.parametrize("pad, cutout", [(0, 0), (2, 0), (4, 8)])
+def test_augment_translates_flips_and_cuts_out_as_asked(pad, cutout):
+    """Each image keeps its content moved by at most `pad` pixels; cutout zeroes one square of at
+    most cutout x cutout pixels (fewer at a border) per image."""
+    images = torch.arange(1.0, 1 + 8 * 3 * 16 * 16).view(8, 3, 16, 16)  # all nonzero, distinct
+    generator = torch.Generator().manual_seed(0)
+    no_flip = torch.zeros(8, dtype=torch.bool)
+    out = train.augment(images, 0, no_flip, generator, pad, cutout)
+    zeros = (out == 0).all(dim=1).sum(dim=(1, 2))
+    if cutout:
+        assert ((zeros > 0) & (zeros <= cutout * cutout)).all()
+    else:
+        assert (zeros == 0).all()
+    for image, moved in zip(images, out):
+        kept = moved[:, pad:16 - pad, pad:16 - pad]  # the centre, inside the reflected border
+        found = any(torch.equal(kept[kept != 0], image[:, y:y + 16 - 2 * pad,
+                                                       x:x + 16 - 2 * pad][kept != 0])
+                    for y in range(2 * pad + 1) for x in range(2 * pad + 1))
+        assert found
+    flipped = train.augment(images, 1, no_flip, torch.Generator().manual_seed(0), 0, 0)
+    assert torch.equal(flipped, images.flip(-1))  # odd epochs mirror the images that were not
