@@ -253,6 +253,19 @@ def test_dockerfile_copies_the_archive_and_config_that_the_command_uses():
     assert command[command.index("--models") + 1] == "cifar10=cifar10.mar"
 
 
+def test_dockerfile_installs_the_pinned_packages_the_stock_image_lacks():
+    """pyyaml (TorchServe forgets it) and onnxruntime (runtime: onnx), at requirements.txt's pins,
+    and a build-time import check of what the handler imports."""
+    pins = {line.split("==")[0].lower() for line in (ROOT / "requirements.txt").read_text().split()
+            if "==" in line}
+    runs = " ".join(instruction_args("RUN"))
+    for package in ("pyyaml", "onnxruntime"):
+        assert package in pins and f"grep -i '^{package}=='" in runs, package
+    checks = [set(names.replace(" ", "").split(","))
+              for names in re.findall(r'python -c "import ([\w, ]+)"', runs)]
+    assert any({"yaml", "onnxruntime", "torch", "PIL", "numpy"} <= names for names in checks)
+
+
 def docker_ignored(path, patterns):
     """Whether .dockerignore keeps `path` out of the build context (last matching rule wins)."""
     parts, ignored = path.split("/"), False
