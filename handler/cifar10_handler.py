@@ -4,10 +4,12 @@ A request carries one or more images, as
   - the raw body:                 curl -T cat.png .../predictions/cifar10
   - multipart form fields:        curl -F a=@cat.png -F b=@dog.jpg .../predictions/cifar10
   - JSON with base64:             {"data": "<base64>"} or {"data": ["<base64>", ...]}
+  - Open Inference Protocol v2:   POST /v2/models/cifar10/infer, BYTES (base64) or UINT8 pixels
 and gets back, per image, its top-5 classes sorted by probability, {"cat": 0.91, "dog": 0.05, ...}:
 one object for a single image, a list in request order for several. A request the handler cannot
 use gets a 400 with {"code": 400, "type": "BadRequest", "message": "..."} that names what was wrong
-and what is accepted; the other requests of its dynamic batch are answered as usual.
+and what is accepted; the other requests of its dynamic batch are answered as usual. On the CPU the
+forward pass runs in ONNX Runtime (model-config.yaml `runtime: onnx`), on a GPU in torch.
 """
 import base64
 import binascii
