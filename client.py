@@ -100,10 +100,10 @@ class TorchServeClient:
         deadline, last = time.monotonic() + timeout, "no answer yet"
         probe = io.BytesIO()
         Image.new("RGB", (32, 32), (120, 80, 40)).save(probe, format="PNG")
-        log_start = Path(worker_log).stat().st_size if worker_log and Path(worker_log).exists() else 0
+        log_read = Path(worker_log).stat().st_size if worker_log and Path(worker_log).exists() else 0
         while time.monotonic() < deadline:
             if worker_log:
-                _raise_on_load_failure(worker_log, log_start)
+                log_read = _raise_on_load_failure(worker_log, log_read)
             try:
                 workers = self.describe().json()[0]["workers"]
                 if workers and all(w["status"] == "READY" for w in workers):
@@ -120,17 +120,20 @@ class TorchServeClient:
 
 
 def _raise_on_load_failure(worker_log, start):
-    """Raise RuntimeError with the worker's message if model_log.log, past ``start``, says a
-    worker failed to load the model."""
+    """Raise RuntimeError with the worker's message if model_log.log's whole lines past byte
+    ``start`` say a worker failed to load the model; else return the offset read up to."""
     path = Path(worker_log)
     if not path.exists() or path.stat().st_size <= start:
-        return
+        return start
     with path.open("rb") as log:
         log.seek(start)
-        for line in log.read().decode(errors="replace").splitlines():
-            if "Failed to load model" in line:
-                raise RuntimeError(f"a worker failed to load the model (see {worker_log}): "
-                                   f"{line.split('MODEL_LOG - ', 1)[-1]}")
+        new = log.read()
+    complete = new[:new.rfind(b"\n") + 1]  # a line still being written is read next time
+    for line in complete.decode(errors="replace").splitlines():
+        if "Failed to load model" in line:
+            raise RuntimeError(f"a worker failed to load the model (see {worker_log}): "
+                               f"{line.split('MODEL_LOG - ', 1)[-1]}")
+    return start + len(complete)
 
 
 def read_properties(path):

@@ -198,13 +198,11 @@ class Cifar10Handler(BaseHandler):
         if runtime not in ("torch", "onnx"):
             raise ValueError(f"model-config.yaml handler.runtime must be torch or onnx, "
                              f"got {runtime!r}")
-        self.runtime = runtime if self.device.type == "cpu" else "torch"
-        if self.runtime == "torch":
+        if runtime == "torch" or self.device.type != "cpu":
             return self.model
         if importlib.util.find_spec("onnxruntime") is None:  # e.g. a stock TorchServe image
             logger.warning("handler.runtime onnx: onnxruntime is not installed, running the torch "
                            "net (the same answers, slower; pip install onnxruntime)")
-            self.runtime = "torch"
             return self.model
         path = model_dir / ONNX_FILE
         if not path.exists():
@@ -216,6 +214,11 @@ class Cifar10Handler(BaseHandler):
             raise RuntimeError(f"{ONNX_FILE} does not hold these weights: its logits differ by "
                                f"{error:.2e} (> {ONNX_TOLERANCE:.0e}); rebuild with `make archive`")
         return forward
+
+    @property
+    def runtime(self):
+        """What runs the forward pass: "onnx" (ONNX Runtime) or "torch"."""
+        return "torch" if self.forward is self.model else "onnx"
 
     @staticmethod
     def _class_names(model_dir, trained_classes):

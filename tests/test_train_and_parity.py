@@ -51,13 +51,19 @@ def test_handler_tensor_equals_the_training_eval_tensor(make_handler, tiny_check
     assert torch.equal(served_view, training_view)
 
 
-def test_handler_predictions_equal_offline_evaluation(make_handler, tiny_checkpoint, tmp_path):
-    folder = fixture_folder(tmp_path / "folder")
-    offline, truth = evaluate.predict_offline(folder, tiny_checkpoint)
+def served_and_offline(make_handler, checkpoint, folder):
+    """(the served handler's top class per image of folder, offline evaluation's, the truth)."""
+    offline, truth = evaluate.predict_offline(folder, checkpoint)
     _, _, _, paths = train.load_image_folder(folder)
-    handler = make_handler(tiny_checkpoint, runtime="onnx")  # the served forward
+    handler = make_handler(checkpoint, runtime="onnx")  # the served forward
     answers, _ = handle(handler, [{"body": open(p, "rb").read()} for p in paths])
-    assert [next(iter(a)) for a in answers] == offline
+    return [next(iter(a)) for a in answers], offline, truth
+
+
+def test_handler_predictions_equal_offline_evaluation(make_handler, tiny_checkpoint, tmp_path):
+    served, offline, truth = served_and_offline(make_handler, tiny_checkpoint,
+                                                fixture_folder(tmp_path / "folder"))
+    assert served == offline
     assert truth == list(CIFAR10_CLASSES)
 
 
@@ -66,12 +72,9 @@ def test_shipped_weights_serve_as_evaluated_offline(make_handler, tmp_path):
     shipped = ROOT / "weights" / "cifar10.pt"
     checkpoint = torch.load(shipped, weights_only=True)
     assert checkpoint["classes"] == list(CIFAR10_CLASSES)
-    folder = fixture_folder(tmp_path / "folder")
-    offline, truth = evaluate.predict_offline(folder, shipped)
-    _, _, _, paths = train.load_image_folder(folder)
-    handler = make_handler(shipped, runtime="onnx")  # the served forward
-    answers, _ = handle(handler, [{"body": open(p, "rb").read()} for p in paths])
-    assert [next(iter(a)) for a in answers] == offline
+    served, offline, _ = served_and_offline(make_handler, shipped,
+                                            fixture_folder(tmp_path / "folder"))
+    assert served == offline
 
 
 @pytest.mark.parametrize("pad, cutout", [(0, 0), (2, 0), (4, 8)])
