@@ -10,7 +10,9 @@ writes where it starts (both in the repo root for `make serve`).
     python client.py token inference                    # renew a token (TorchServe's /token API)
 
 TorchServe's tokens expire (token_expiration_min, 60 min by default); the client renews an expired
-one with the key file's API key and resends the request once.
+one with the key file's API key and resends the request once. An inference request answered 503
+(queue full, no worker) or 507 (its worker died mid-request) is sent again, at most twice, after
+0.5 s and 1 s. `scale` refuses counts TorchServe's management API would mishandle.
 """
 import argparse
 import base64
@@ -22,11 +24,16 @@ import time
 from pathlib import Path
 
 import requests
+import yaml
 from PIL import Image
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+MODEL_CONFIG = yaml.safe_load((Path(__file__).resolve().parent / "handler" / "model-config.yaml")
+                              .read_text())
+RETRY_STATUSES = (503, 507)  # TorchServe: queue full or no worker; the worker died mid-request
+RETRY_DELAYS = (0.5, 1.0)  # seconds before each resend
 
 
 class TorchServeClient:
@@ -62,13 +69,26 @@ class TorchServeClient:
     def ping(self):
         return self._call("GET", f"{self.inference}/ping", "inference", timeout=5)
 
+    def _infer(self, url, **kwargs):
+        """An inference POST, resent after RETRY_DELAYS while TorchServe answers 503 or 507
+        (safe: a prediction changes nothing on the server)."""
+        response = self._call("POST", url, "inference", timeout=60, **kwargs)
+        for delay in RETRY_DELAYS:
+            if response.status_code not in RETRY_STATUSES:
+                break
+            log.warning("%s answered %d; sending again in %.1f s", url, response.status_code,
+                        delay)
+            time.sleep(delay)
+            response = self._call("POST", url, "inference", timeout=60, **kwargs)
+        return response
+
     def predict(self, *images):
         """POST one image as the body, or several as multipart fields; returns the response."""
         url = f"{self.inference}/predictions/{self.model}"
         if len(images) == 1:
-            return self._call("POST", url, "inference", data=_read(images[0]), timeout=60)
+            return self._infer(url, data=_read(images[0]))
         files = [(f"image{i}", (Path(str(p)).name, _read(p))) for i, p in enumerate(images)]
-        return self._call("POST", url, "inference", files=files, timeout=60)
+        return self._infer(url, files=files)
 
     def predict_v2(self, *images, request_id=None):
         """One Open Inference Protocol v2 request carrying every image as base64 BYTES."""
@@ -77,29 +97,39 @@ class TorchServeClient:
                             "data": data}]}
         if request_id is not None:
             body["id"] = request_id
-        return self._call("POST", f"{self.inference}/v2/models/{self.model}/infer", "inference",
-                          json=body, timeout=60)
+        return self._infer(f"{self.inference}/v2/models/{self.model}/infer", json=body)
 
     def describe(self):
         return self._call("GET", f"{self.management}/models/{self.model}", "management",
                           timeout=10)
 
     def scale(self, workers):
+        """Set the worker count, from 1 to model-config.yaml's maxWorkers (ValueError otherwise:
+        TorchServe 0.12 itself answers min_worker=-1 with a 500 and leaves no worker, and takes
+        counts over maxWorkers). TorchServe sets max_worker to the count too: that many run."""
+        most = MODEL_CONFIG["maxWorkers"]
+        if not (type(workers) is int and 1 <= workers <= most):
+            raise ValueError(f"workers must be a whole number from 1 to {most} (maxWorkers in "
+                             f"handler/model-config.yaml), got {workers!r}")
         return self._call("PUT", f"{self.management}/models/{self.model}", "management",
-                          params=dict(min_worker=workers, synchronous="true"), timeout=120)
+                          params=dict(min_worker=workers, synchronous="true"),
+                          timeout=120)
 
     def metrics(self):
         return self.session.get(f"{self.metrics_url}/metrics", timeout=10)
 
-    def wait_ready(self, timeout=120.0, worker_log=None):
-        """Block until every worker is READY and a prediction answers 200; raise on timeout.
+    def wait_ready(self, timeout=120.0, worker_log=None, probe=None):
+        """Block until every worker is READY and a prediction of ``probe`` (a request body; by
+        default a small PNG) answers 200; raise on timeout.
 
         With ``worker_log`` (TorchServe's model_log.log), a worker that fails to load the model
         ends the wait at once with its message: TorchServe would retry it for minutes.
         """
         deadline, last = time.monotonic() + timeout, "no answer yet"
-        probe = io.BytesIO()
-        Image.new("RGB", (32, 32), (120, 80, 40)).save(probe, format="PNG")
+        if probe is None:
+            png = io.BytesIO()
+            Image.new("RGB", (32, 32), (120, 80, 40)).save(png, format="PNG")
+            probe = png.getvalue()
         log_read = Path(worker_log).stat().st_size if worker_log and Path(worker_log).exists() else 0
         while time.monotonic() < deadline:
             if worker_log:
@@ -107,7 +137,7 @@ class TorchServeClient:
             try:
                 workers = self.describe().json()[0]["workers"]
                 if workers and all(w["status"] == "READY" for w in workers):
-                    response = self.predict(probe.getvalue())
+                    response = self.predict(probe)
                     if response.ok:
                         return workers
                     last = f"prediction answered {response.status_code}: {response.text}"
@@ -194,9 +224,13 @@ def main(argv=None):
             return 1
         print(f"cifar10 ready: {len(workers)} workers READY")
         return 0
-    response = {"describe": client.describe, "metrics": client.metrics, "ping": client.ping,
-                "scale": lambda: client.scale(args.workers),
-                "token": lambda: client.renew_token(args.api)}[args.command]()
+    try:
+        response = {"describe": client.describe, "metrics": client.metrics, "ping": client.ping,
+                    "scale": lambda: client.scale(args.workers),
+                    "token": lambda: client.renew_token(args.api)}[args.command]()
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
     if not getattr(args, "quiet", False):
         print(response.text)
     return 0 if response.ok else 1

@@ -5,11 +5,19 @@ A request carries one or more images, as
   - multipart form fields:        curl -F a=@cat.png -F b=@dog.jpg .../predictions/cifar10
   - JSON with base64:             {"data": "<base64>"} or {"data": ["<base64>", ...]}
   - Open Inference Protocol v2:   POST /v2/models/cifar10/infer, BYTES (base64) or UINT8 pixels
+  - KServe v1:                    {"instances": [{"data": "<base64>"}, ...]}
 and gets back, per image, its top-5 classes sorted by probability, {"cat": 0.91, "dog": 0.05, ...}:
-one object for a single image, a list in request order for several. A request the handler cannot
-use gets a 400 with {"code": 400, "type": "BadRequest", "message": "..."} that names what was wrong
-and what is accepted; the other requests of its dynamic batch are answered as usual. On the CPU the
-forward pass runs in ONNX Runtime (model-config.yaml `runtime: onnx`), on a GPU in torch.
+one object for a single image, a list in request order for several (v2 and KServe v1: their own
+response shapes). /explanations/cifar10 answers Integrated Gradients maps instead.
+
+A dynamic batch mixes requests of every kind, so the handler owns `handle()`: each request is a
+row record (`new_row`) that carries its own kind, images, reply shape and error from start to end, and is answered
+by its own kind's code. A request the handler cannot use gets a 4xx naming what was wrong and what
+is accepted; an exception of ours while serving one request is that request's 500 (logged); the
+other requests of the batch are answered as usual. Every limit (images and pixels per request,
+JPEG scans, echoed ids) is checked before the work it bounds; model-config.yaml sets them.
+On the CPU the forward pass runs in ONNX Runtime (model-config.yaml `runtime: onnx`), on a GPU in
+torch, in chunks of at most batchSize images.
 """
 import base64
 import binascii
@@ -17,7 +25,9 @@ import importlib.util
 import json
 import logging
 import re
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -26,34 +36,44 @@ from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from cifar10_net import (IMAGE_SIZE, build_net, decode_image, eval_transform, image_tensor,
-                         onnx_forward, onnx_mismatch, predict_logits)
+from cifar10_net import (IMAGE_SIZE, MAX_IMAGE_PIXELS, build_net, decoded_pixels, eval_transform,
+                         image_tensor, onnx_forward, onnx_mismatch, open_image, predict_logits,
+                         to_rgb32)
 
 logger = logging.getLogger(__name__)
 ONNX_FILE = "cifar10.onnx"  # what `make archive` adds to the .mar (export_onnx.py)
 ONNX_TOLERANCE = 1e-4  # largest accepted |ONNX - eager| logit difference
 # A body that starts like JSON (checked without copying the body, unlike bytes.lstrip()).
 JSON_START = re.compile(rb"\s*[\[{]")
+PIXELS_PER_IMAGE = IMAGE_SIZE * IMAGE_SIZE * 3
 
-ACCEPTED = ("send an image (PNG, JPEG, GIF, BMP, WebP, TIFF, ...) as the raw body, as multipart "
+ACCEPTED = ("send an image (PNG, JPEG, GIF, BMP, WebP, TIFF) as the raw body, as multipart "
             "form fields, or as JSON {\"data\": \"<base64>\"} or {\"data\": [\"<base64>\", ...]}")
+
+# model-config.yaml `handler:` keys for the limits, and their defaults.
+LIMITS = {
+    "max_images": 64,              # images per /predictions (or v2, KServe) request
+    "max_explain_images": 4,       # images per /explanations request (~0.15 s each on a core)
+    "max_image_pixels": MAX_IMAGE_PIXELS,  # pixels an image's header may claim
+    "max_request_pixels": 4096 * 4096,  # pixels decoded per request (JPEGs at draft scale)
+    "max_id_length": 256,          # characters of a v2 request "id", echoed in the answer
+}
 
 
 def _keep_repeated_fields(retrieve):
     """Wrap TorchServe's request parser so that no image of a multipart request is lost.
 
     TorchServe 0.12's worker (ts/service.py) keys a request's fields by name, so
-    `curl -F data=@a.jpg -F data=@b.jpg` would reach the handler as b.jpg alone. The wrapper
-    renames a repeated field before that happens (data, data#2, data#3, ...), in request order.
+    `curl -F data=@a.jpg -F data=@b.jpg` would reach the handler as b.jpg alone. When a request has
+    several fields, the wrapper gives every one its position (data#1, data#2, ...) before that
+    happens: each name then ends in a number no other field has, whatever names the client chose.
     """
     def retrieve_data_for_inference(batch):
         for request in batch or ():
-            seen = {}
-            for parameter in request.get("parameters", ()):
-                name = parameter["name"]
-                seen[name] = seen.get(name, 0) + 1
-                if seen[name] > 1:
-                    parameter["name"] = f"{name}#{seen[name]}"
+            parameters = request.get("parameters") or ()
+            if len(parameters) > 1:
+                for position, parameter in enumerate(parameters, 1):
+                    parameter["name"] = f"{_text(parameter['name'])}#{position}"
         return retrieve(batch)
     retrieve_data_for_inference.keeps_repeated_fields = True
     return staticmethod(retrieve_data_for_inference)
@@ -63,6 +83,16 @@ if not getattr(Service.retrieve_data_for_inference, "keeps_repeated_fields", Fal
     Service.retrieve_data_for_inference = _keep_repeated_fields(Service.retrieve_data_for_inference)
 
 
+def _text(name):
+    return name.decode("utf-8", "replace") if isinstance(name, (bytes, bytearray)) else str(name)
+
+
+def _shown(name, limit=40):
+    """A client-chosen name as echoed in a message: bounded."""
+    name = str(name)
+    return name if len(name) <= limit else name[:limit] + "..."
+
+
 def select_device(gpu_id):
     """cuda:<gpu_id> when TorchServe assigned a GPU and CUDA is there, else the CPU."""
     if gpu_id is not None and torch.cuda.is_available():
@@ -70,107 +100,39 @@ def select_device(gpu_id):
     return torch.device("cpu")
 
 
-def bad_request(message):
-    """The client's mistake: answered with a 400 for that request alone."""
-    return PredictionException(f"{message}; {ACCEPTED}", 400)
+def bad_request(message, code=400):
+    """The client's mistake: answered with a 4xx for that request alone."""
+    return PredictionException(f"{message}; {ACCEPTED}", code)
 
 
-def request_images(row):
-    """(images of one request row in order, how to answer: "one", "list" or ("v2", request id)).
+def new_row(kind):
+    """One request of a batch, carried from its body to its answer (a namespace, not a class:
+    TorchServe wants exactly one class in a handler module).
 
-    Images are encoded bytes, or uint8 (3, 32, 32) tensors from a v2 UINT8 input.
+    kind: "predict", "explain" or "describe"; reply: "one", "list", "v2", "kserve" or "tensor";
+    images: encoded bytes at first, uint8 (3, 32, 32) tensors once decoded; error: (status,
+    message) once anything failed for this request alone; answer: what it gets back.
     """
-    if not row:
-        raise bad_request("the request is empty")
-    images, as_list = [], False
-    for name, value in row.items():
-        if isinstance(value, (bytes, bytearray)) and JSON_START.match(value):
-            value = _parse_json(value)  # a JSON body whose Content-Type was not application/json
-        if isinstance(value, dict) and "inputs" in value and len(row) == 1:
-            return _v2_images(value), ("v2", value.get("id"))
-        if isinstance(value, (dict, list)):
-            images += _json_images(value)
-            as_list = as_list or isinstance(value.get("data"), list)
-        elif isinstance(value, (bytes, bytearray)):
-            if not value:
-                raise bad_request(f"the body or field '{name}' is empty")
-            images.append(bytes(value))
-        else:  # text: base64, as KServe's v1 envelope passes {"instances": [{"data": "..."}]}
-            images.append(_decode_base64(value, f"the body or field '{name}' (text)"))
-    return images, "list" if as_list or len(images) > 1 else "one"
-
-
-def _v2_images(request):
-    """The images of an Open Inference Protocol v2 request: one BYTES input of base64 images,
-    shape [N], or one UINT8 input of pixels, shape [N, 32, 32, 3]."""
-    inputs = request.get("inputs")
-    if not (isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0], dict)):
-        raise bad_request("a v2 request needs \"inputs\": [one tensor]")
-    tensor = inputs[0]
-    datatype, shape, data = tensor.get("datatype"), tensor.get("shape"), tensor.get("data")
-    if not isinstance(data, list) or not data:
-        raise bad_request("v2 inputs[0].data must be a non-empty list")
-    if datatype == "BYTES":
-        if shape != [len(data)]:
-            raise bad_request(f"v2 BYTES input: shape {shape} does not match {len(data)} items")
-        return [_decode_base64(item, f"v2 inputs[0].data[{i}]") for i, item in enumerate(data)]
-    if datatype == "UINT8":
-        try:
-            pixels = np.asarray(data).reshape(-1)
-        except ValueError as err:
-            raise bad_request(f"v2 UINT8 input: data is not a regular array ({err})") from err
-        n = len(pixels) // (IMAGE_SIZE * IMAGE_SIZE * 3)
-        if (shape != [n, IMAGE_SIZE, IMAGE_SIZE, 3] or n == 0 or pixels.dtype.kind not in "iu"
-                or len(pixels) != n * IMAGE_SIZE * IMAGE_SIZE * 3
-                or pixels.min() < 0 or pixels.max() > 255):
-            raise bad_request(f"v2 UINT8 input must be integers 0-255 of shape "
-                              f"[N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], got shape {shape} with "
-                              f"{len(pixels)} values")
-        batch = torch.from_numpy(pixels.astype(np.uint8).reshape(n, IMAGE_SIZE, IMAGE_SIZE, 3))
-        return list(batch.permute(0, 3, 1, 2))
-    raise bad_request(f"v2 inputs[0].datatype must be BYTES (base64 images) or UINT8 (pixels), "
-                      f"got {datatype!r}")
-
-
-def _parse_json(raw):
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as err:
-        raise bad_request(f"the body is not valid JSON ({err})") from err
-
-
-def _json_images(value):
-    if not isinstance(value, dict) or set(value) != {"data"}:
-        fields = sorted(value) if isinstance(value, dict) else type(value).__name__
-        raise bad_request(f"JSON must be an object with the one field \"data\", got {fields}")
-    data = value["data"]
-    items = data if isinstance(data, list) else [data]
-    if not items:
-        raise bad_request("\"data\" is an empty list")
-    return [_decode_base64(item, f"\"data\" item {i}") for i, item in enumerate(items)]
-
-
-def _decode_base64(item, where):
-    if not isinstance(item, str):
-        raise bad_request(f"{where} is {type(item).__name__}, not a base64 string")
-    if item.startswith("data:") and "," in item:  # a data URL, as browsers produce
-        item = item.split(",", 1)[1]
-    try:
-        return base64.b64decode(item.strip(), validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise bad_request(f"{where} is not valid base64 ({err})") from err
+    return SimpleNamespace(kind=kind, reply="one", images=[], request_id=None, error=None,
+                           answer=None)
 
 
 class Cifar10Handler(BaseHandler):
-    """Decodes images to 32x32 RGB, batches every image of every request, returns top-5 each."""
+    """Decodes images to 32x32 RGB, batches every image of every request, answers each request."""
 
     def initialize(self, context):
         self.context = context
         properties = context.system_properties
         config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        unknown = set(config) - {"topk", "tta", "ig_steps", "threads", "runtime", "profile",
+                                 *LIMITS}
+        if unknown:
+            raise ValueError(f"model-config.yaml handler: unknown settings {sorted(unknown)}")
         self.topk = int(config.get("topk", 5))
         self.tta = int(config.get("tta", 0))
         self.ig_steps = int(config.get("ig_steps", 32))
+        self.limits = {key: int(config.get(key, default)) for key, default in LIMITS.items()}
+        self.chunk = max(1, int(properties.get("batch_size") or 16))
         if config.get("threads"):
             torch.set_num_threads(int(config["threads"]))
         self.device = select_device(properties.get("gpu_id"))
@@ -187,10 +149,11 @@ class Cifar10Handler(BaseHandler):
         self.model = build_net(checkpoint)
         self.model.to(self.device, memory_format=torch.channels_last).eval()
         self.forward = self._runtime(config.get("runtime", "torch"), model_dir)
-        self.transform = eval_transform()
+        self.transform = eval_transform(**checkpoint.get("normalization", {}))
         self.initialized = True
-        logger.info("cifar10 model loaded on %s (runtime %s, tta=%d, top-%d, %d threads)",
-                    self.device, self.runtime, self.tta, self.topk, torch.get_num_threads())
+        logger.info("cifar10 model loaded on %s (runtime %s, tta=%d, top-%d, %d threads, "
+                    "limits %s)", self.device, self.runtime, self.tta, self.topk,
+                    torch.get_num_threads(), self.limits)
 
     def _runtime(self, runtime, model_dir):
         """The forward pass predictions use: the torch net, or (on the CPU) ONNX Runtime running
@@ -222,99 +185,191 @@ class Cifar10Handler(BaseHandler):
 
     @staticmethod
     def _class_names(model_dir, trained_classes):
-        """index_to_name.json's labels; they must name the classes the weights were trained on."""
+        """index_to_name.json's labels; they must be the classes the weights were trained on,
+        by name and in order (a file from another data set would relabel every answer)."""
         path = model_dir / "index_to_name.json"
         if not path.exists():
             return list(trained_classes)
         mapping = json.loads(path.read_text())
-        names = [mapping[str(i)] for i in range(len(mapping))]
-        if len(names) != len(trained_classes):
-            raise ValueError(f"index_to_name.json has {len(names)} classes, the weights "
-                             f"{len(trained_classes)}")
+        names = [mapping.get(str(i)) for i in range(len(mapping))]
+        if names != list(trained_classes):
+            raise ValueError(f"index_to_name.json names the classes {names}, but the weights "
+                             f"were trained on {list(trained_classes)}")
         return names
+
+    # --- the batch ---------------------------------------------------------------------------
+
+    def handle(self, data, context):
+        """Answer every request of the batch by its own kind; never fail one for another."""
+        start = time.time()
+        self.context = context
+        rows = self.preprocess(data)
+        self.inference(rows)
+        output = self.postprocess(rows)
+        context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
+        return output
+
+    def _request_index(self, row_index):
+        """The request a row belongs to. TorchServe's KServe envelopes (`service_envelope`) turn
+        one request's instances into several rows, all of request 0."""
+        processors = getattr(self.context, "request_processor", None) or ()
+        return row_index if len(processors) == self._rows else 0
+
+    def _header(self, row_index, name):
+        processors = getattr(self.context, "request_processor", None) or ()
+        index = self._request_index(row_index)
+        if index >= len(processors):
+            return None
+        value = processors[index].get_request_property(name)
+        return value if isinstance(value, str) else None  # a multipart field's own headers: a dict
+
+    @property
+    def _enveloped(self):
+        return self._request_index(self._rows - 1) == 0 and self._rows > 1
 
     @timed
     def preprocess(self, data):
-        """Request rows -> (normalised batch of all their images, per request: answer shape or error)."""
-        tensors, shapes = [], []
-        for row in data:
-            try:
-                images, reply = request_images(row)
-                decoded = [self._decode(image, i if len(images) > 1 else None)
-                           for i, image in enumerate(images)]
-            except PredictionException as err:
-                shapes.append(err)
-                continue
-            tensors += decoded
-            shapes.append((reply, len(decoded)))
-        batch = torch.stack(tensors) if tensors else torch.empty(0, 3, 32, 32, dtype=torch.uint8)
-        batch = self.transform(batch.to(self.device))  # uint8 crosses to a GPU: 4x fewer bytes
-        return batch.contiguous(memory_format=torch.channels_last), shapes
+        """Request rows -> row records with decoded images, or with their own error."""
+        self._rows = len(data)
+        return [self._prepare(index, request) for index, request in enumerate(data)]
 
-    @staticmethod
-    def _decode(image, index):
-        if isinstance(image, torch.Tensor):  # v2 UINT8 pixels: already (3, 32, 32)
-            return image
+    def _prepare(self, index, request):
+        explain = self._header(index, "explain") == "True"  # set by /explanations (and :explain)
+        row = new_row("explain" if explain else "predict")
         try:
-            return image_tensor(decode_image(image))
-        except ValueError as err:
-            raise bad_request(f"image {index}: {err}" if index is not None else str(err)) from err
+            if not request and self._header(index, "describe") == "True":
+                row.kind = "describe"  # the management API's GET /models/cifar10?customized=true
+                return row
+            if self._enveloped and self._rows > self._limit(row):
+                raise _too_many(self._rows, self._limit(row))
+            row.images, row.reply, row.request_id = request_images(
+                request, self._limit(row), self.limits["max_id_length"])
+            self._decode(row)
+        except PredictionException as err:
+            row.error = (err.error_code, err.message)
+        except Exception:  # noqa: BLE001  (ours, not the client's: this request's 500)
+            logger.exception("preparing request %d of the batch failed", index)
+            row.error = (500, "the server failed while reading this request (logged)")
+        row.images = [] if row.error else row.images
+        return row
+
+    def _limit(self, row):
+        return self.limits["max_explain_images" if row.kind == "explain" else "max_images"]
+
+    def _decode(self, row):
+        """Decode the row's images in place, within the per-image and per-request pixel limits."""
+        budget, decoded, several = self.limits["max_request_pixels"], [], len(row.images) > 1
+        for i, image in enumerate(row.images):
+            where = f"image {i}: " if several else ""
+            if isinstance(image, torch.Tensor):  # v2 UINT8 pixels: already (3, 32, 32)
+                decoded.append(image)
+                continue
+            try:
+                opened = open_image(image, self.limits["max_image_pixels"])
+                budget -= decoded_pixels(opened)
+                if budget < 0:
+                    raise bad_request(
+                        f"{where}the request's images decode to more than "
+                        f"{self.limits['max_request_pixels']:,} pixels; send fewer or smaller "
+                        f"images per request", 413)
+                decoded.append(image_tensor(to_rgb32(opened)))
+            except ValueError as err:
+                raise bad_request(f"{where}{err}") from err
+        row.images = decoded
 
     @timed
-    def inference(self, data, *args, **kwargs):
-        batch, shapes = data
-        if not len(batch):
-            return torch.empty(0, len(self.classes)), shapes
+    def inference(self, rows, *args, **kwargs):
+        """Predictions for every predict row, Integrated Gradients for every explain row."""
+        for kind, run in (("predict", self._predict), ("explain", self._explain)):
+            group = [row for row in rows if row.kind == kind and row.error is None]
+            if group:
+                self._run_isolated(group, run)
+        for row in rows:
+            if row.kind == "describe":
+                row.answer = self.describe_handle()
+
+    def _run_isolated(self, group, run):
+        """Run the group together; if that fails, each row alone, so a failure stays its own."""
+        try:
+            run(group)
+            return
+        except Exception:  # noqa: BLE001
+            logger.exception("a %s batch of %d requests failed; retrying them one by one",
+                             group[0].kind, len(group))
+        for row in group:
+            try:
+                run([row])
+            except Exception:  # noqa: BLE001
+                logger.exception("a %s request failed", row.kind)
+                row.error = (500, f"the server failed while answering this {row.kind} "
+                                  f"request (logged)")
+
+    def to_batch(self, images):
+        """Decoded uint8 images -> the normalised channels-last batch the forward takes."""
+        batch = self.transform(torch.stack(images).to(self.device))  # uint8 crosses: 4x fewer bytes
+        return batch.contiguous(memory_format=torch.channels_last)
+
+    def _predict(self, rows):
+        images = [image for row in rows for image in row.images]
+        parts = []
         with torch.inference_mode():
-            probs = predict_logits(self.forward, batch, self.tta).softmax(dim=1)
-        return probs.float().cpu(), shapes
+            for start in range(0, len(images), self.chunk):
+                logits = predict_logits(self.forward, self.to_batch(images[start:start + self.chunk]),
+                                        self.tta)
+                parts.append(logits.float().softmax(dim=1).cpu())
+        probs = torch.cat(parts)
+        for row, row_probs in zip(rows, torch.split(probs, [len(r.images) for r in rows])):
+            row.answer = self._prediction(row, row_probs)
 
-    @timed
-    def postprocess(self, data):
-        """Per request: its top-k dict, a list of them, or a 400 set through the context."""
-        probs, shapes = data
+    def _prediction(self, row, probs):
+        if row.reply == "v2":
+            return self._v2_response(probs, row.request_id)
+        if row.reply == "tensor":  # under the kservev2 envelope, which names and shapes it
+            return probs.reshape(-1).tolist()
         values, indices = probs.topk(min(self.topk, probs.shape[1]), dim=1)
         answers = [{self.classes[i]: p for i, p in zip(idx, val)}
                    for idx, val in zip(indices.tolist(), values.tolist())]
-        return self._per_request(shapes, answers, lambda start, n, request_id:
-                                 self._v2_response(probs[start:start + n], request_id))
+        return _shaped(row.reply, answers, "predictions")
 
-    def _per_request(self, shapes, answers, v2_reply):
-        """Group per-image answers by request: one, a list, a v2 response, or the request's 400."""
-        out, start = [], 0
-        for request, shape in enumerate(shapes):
-            if isinstance(shape, PredictionException):
-                self.context.set_response_status(shape.error_code, shape.message, request)
-                out.append({"code": shape.error_code, "type": "BadRequest",
-                            "message": shape.message})
-                continue
-            reply, n = shape
-            if reply == "one":
-                out.append(answers[start])
-            elif reply == "list":
-                out.append(answers[start:start + n])
-            else:
-                out.append(v2_reply(start, n, reply[1]))
-            start += n
-        return out
-
-    def explain_handle(self, data_preprocess, raw_data):
-        """POST /explanations/cifar10: per image, the predicted class and a 32x32 map of Captum
-        Integrated Gradients attributions (summed over colour channels) for it. Captum is
-        imported here, so predictions never pay for it."""
+    def _explain(self, rows):
+        """Per image, the predicted class and a 32x32 map of Captum Integrated Gradients
+        attributions (summed over colour channels) for it. Captum is imported here, so
+        predictions never pay for it."""
         from captum.attr import IntegratedGradients
 
-        batch, shapes = data_preprocess
-        answers = []
-        if len(batch):
-            with torch.no_grad():
-                target = self.model(batch).argmax(dim=1)
-            attributions = IntegratedGradients(self.model).attribute(
-                batch, target=target, n_steps=self.ig_steps, internal_batch_size=256)
-            answers = [{"class": self.classes[t], "attributions": a.tolist()}
-                       for t, a in zip(target.tolist(), attributions.sum(dim=1))]
-        return self._per_request(shapes, answers,
-                                 lambda start, n, request_id: answers[start:start + n])
+        for row in rows:
+            answers = []
+            for start in range(0, len(row.images), self.chunk):
+                batch = self.to_batch(row.images[start:start + self.chunk])
+                with torch.no_grad():
+                    target = self.model(batch).argmax(dim=1)
+                attributions = IntegratedGradients(self.model).attribute(
+                    batch, target=target, n_steps=self.ig_steps, internal_batch_size=256)
+                answers += [{"class": self.classes[t], "attributions": a.tolist()}
+                            for t, a in zip(target.tolist(), attributions.sum(dim=1))]
+            row.answer = _shaped("list" if row.reply in ("v2", "tensor") else row.reply, answers,
+                                 "explanations")
+
+    def describe_handle(self):
+        """The management API's customized describe: what this model answers and its limits."""
+        return {"classes": self.classes, "runtime": self.runtime, "tta": self.tta,
+                "topk": self.topk, "limits": self.limits}
+
+    @timed
+    def postprocess(self, rows):
+        """Per request: its answer, or its error set through the context."""
+        errors = {}
+        for index, row in enumerate(rows):
+            if row.error is not None:
+                code, message = row.error
+                if self._request_index(index) != index:  # instances of one enveloped request
+                    message = f"instance {index}: {message}"
+                errors.setdefault(self._request_index(index), (code, message))
+                row.answer = {"code": code, "type": "BadRequest" if code < 500 else
+                              "InternalServerError", "message": message}
+        for index, (code, message) in errors.items():
+            self.context.set_response_status(code, message, index)
+        return [row.answer for row in rows]
 
     def _v2_response(self, probs, request_id):
         """Open Inference Protocol v2: labels, and every class probability in class-index order."""
@@ -326,3 +381,166 @@ class Cifar10Handler(BaseHandler):
         if request_id is not None:
             response["id"] = request_id
         return response
+
+
+def _shaped(reply, answers, kserve_key):
+    if reply == "one":
+        return answers[0]
+    if reply == "kserve":
+        return {kserve_key: answers}
+    return answers
+
+
+# --- reading a request ---------------------------------------------------------------------------
+
+def request_images(row, max_images, max_id_length=LIMITS["max_id_length"]):
+    """(encoded images or uint8 tensors of one request row in order, reply shape, v2 request id).
+
+    Counts the images against ``max_images`` before decoding anything.
+    """
+    if isinstance(row, str):  # a bare base64 instance, from TorchServe's KServe v1 envelope
+        row = {"data": row}
+    if not isinstance(row, dict):
+        raise bad_request(f"an instance must be {{\"data\": \"<base64>\"}}, got "
+                          f"{type(row).__name__}")
+    if not row:
+        raise bad_request("the request is empty")
+    if _is_v2_tensor(row):  # one tensor, from TorchServe's kservev2 envelope
+        return _v2_images({"inputs": [_envelope_tensor(row)]}, max_images), "tensor", None
+    if len(row) > max_images:
+        raise _too_many(len(row), max_images)
+    images, as_list = [], False
+    for name, value in row.items():
+        if isinstance(value, (bytes, bytearray)) and JSON_START.match(value):
+            value = _parse_json(value)  # a JSON body whose Content-Type was not application/json
+        if isinstance(value, dict) and len(row) == 1 and "inputs" in value:
+            return _v2_images(value, max_images), "v2", _v2_id(value, max_id_length)
+        if isinstance(value, dict) and len(row) == 1 and "instances" in value:
+            return _kserve_images(value, max_images), "kserve", None
+        if isinstance(value, (dict, list)):
+            images += _json_images(value, len(images), max_images)
+            as_list = as_list or isinstance(value.get("data"), list)
+        elif isinstance(value, (bytes, bytearray)):
+            if not value:
+                raise bad_request(f"the body or field '{_shown(name)}' is empty")
+            images.append(bytes(value))
+        else:  # text: base64, as a TorchServe KServe v1 envelope passes {"data": "..."}
+            images.append(_decode_base64(value, f"the body or field '{_shown(name)}' (text)"))
+    return images, "list" if as_list or len(images) > 1 else "one", None
+
+
+def _too_many(count, max_images):
+    return bad_request(f"the request carries {count} images; at most {max_images} are accepted "
+                       f"per request: split it into several requests", 413)
+
+
+def _is_v2_tensor(row):
+    """A row that is one v2 tensor: what TorchServe's kservev2 envelope passes the handler."""
+    return {"datatype", "shape", "data"} <= set(row)
+
+
+def _envelope_tensor(row):
+    """The kservev2 envelope keeps only data[0] of a BYTES tensor: put it back in a list, so a
+    tensor of several images fails its shape check instead of losing images."""
+    data = row["data"]
+    return {**row, "data": [data] if isinstance(data, str) else data}
+
+
+def _v2_id(request, limit):
+    request_id = request.get("id")
+    if request_id is not None and not (isinstance(request_id, str) and len(request_id) <= limit):
+        raise bad_request(f"a v2 \"id\" must be a string of at most {limit} characters")
+    return request_id
+
+
+def _v2_images(request, max_images):
+    """The images of an Open Inference Protocol v2 request: one BYTES input of base64 images,
+    shape [N], or one UINT8 input of pixels, shape [N, 32, 32, 3]; shapes are checked against
+    the limits and the data sent before anything is allocated."""
+    inputs = request.get("inputs")
+    if not (isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0], dict)):
+        raise bad_request("a v2 request needs \"inputs\": [one tensor]")
+    tensor = inputs[0]
+    datatype, shape, data = tensor.get("datatype"), tensor.get("shape"), tensor.get("data")
+    if not isinstance(data, list) or not data:
+        raise bad_request("v2 inputs[0].data must be a non-empty list")
+    if not (isinstance(shape, list) and shape and all(type(n) is int for n in shape)):
+        raise bad_request(f"v2 inputs[0].shape must be a list of integers, got {_shown(shape)}")
+    if not 1 <= shape[0] <= max_images:
+        raise _too_many(shape[0], max_images) if shape[0] > 0 else \
+            bad_request(f"v2 inputs[0].shape[0] must be at least 1, got {shape[0]}")
+    if datatype == "BYTES":
+        if shape != [len(data)]:
+            raise bad_request(f"v2 BYTES input: shape {shape} does not match {len(data)} items")
+        return [_decode_base64(item, f"v2 inputs[0].data[{i}]") for i, item in enumerate(data)]
+    if datatype == "UINT8":
+        return _v2_pixels(shape, data)
+    raise bad_request(f"v2 inputs[0].datatype must be BYTES (base64 images) or UINT8 (pixels), "
+                      f"got {_shown(datatype)!r}")
+
+
+def _v2_pixels(shape, data):
+    n = shape[0]
+    wanted = f"integers 0-255 of shape [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], flat or nested"
+    if shape != [n, IMAGE_SIZE, IMAGE_SIZE, 3] or len(data) not in (n * PIXELS_PER_IMAGE, n):
+        raise bad_request(f"v2 UINT8 input must be {wanted}, got shape {shape} with "
+                          f"{len(data)} items")
+    try:
+        pixels = np.asarray(data)
+    except ValueError as err:
+        raise bad_request(f"v2 UINT8 input: data is not a regular array ({err})") from err
+    if (pixels.size != n * PIXELS_PER_IMAGE or pixels.dtype.kind not in "iu"
+            or pixels.min() < 0 or pixels.max() > 255):
+        raise bad_request(f"v2 UINT8 input must be {wanted}, got {pixels.size} values of "
+                          f"type {pixels.dtype}")
+    batch = torch.from_numpy(pixels.astype(np.uint8).reshape(n, IMAGE_SIZE, IMAGE_SIZE, 3))
+    return list(batch.permute(0, 3, 1, 2))
+
+
+def _kserve_images(request, max_images):
+    """KServe v1: {"instances": [{"data": "<base64>"}, ...]} ("b64" is taken for "data" too)."""
+    instances = request.get("instances")
+    if set(request) - {"instances", "parameters"} or not isinstance(instances, list) \
+            or not instances:
+        raise bad_request("a KServe v1 request needs \"instances\": [{\"data\": \"<base64>\"}, "
+                          "...] and nothing else but \"parameters\"")
+    if len(instances) > max_images:
+        raise _too_many(len(instances), max_images)
+    images = []
+    for i, instance in enumerate(instances):
+        value = instance.get("data", instance.get("b64")) if isinstance(instance, dict) \
+            else instance
+        images.append(_decode_base64(value, f"instance {i}"))
+    return images
+
+
+def _parse_json(raw):
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise bad_request(f"the body is not valid JSON ({err})") from err
+
+
+def _json_images(value, already, max_images):
+    if not isinstance(value, dict) or set(value) != {"data"}:
+        fields = [_shown(k) for k in sorted(value)[:5]] if isinstance(value, dict) \
+            else type(value).__name__
+        raise bad_request(f"JSON must be an object with the one field \"data\", got {fields}")
+    data = value["data"]
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise bad_request("\"data\" is an empty list")
+    if already + len(items) > max_images:
+        raise _too_many(already + len(items), max_images)
+    return [_decode_base64(item, f"\"data\" item {i}") for i, item in enumerate(items)]
+
+
+def _decode_base64(item, where):
+    if not isinstance(item, str):
+        raise bad_request(f"{where} is {type(item).__name__}, not a base64 string")
+    if item.startswith("data:") and "," in item:  # a data URL, as browsers produce
+        item = item.split(",", 1)[1]
+    try:
+        return base64.b64decode(item.strip(), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise bad_request(f"{where} is not valid base64 ({err})") from err

@@ -10,7 +10,7 @@ Run it to print the default net's parameter count and FLOPs per image:
     python handler/cifar10_net.py
 """
 import io
-import struct
+import warnings
 
 import numpy as np
 import torch
@@ -23,12 +23,16 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGE_SIZE = 32
-# Refuse images whose header claims more pixels than this, before any pixel is decoded
-# (decompression bombs). 25 M px is a 5000x5000 photo; CIFAR-style inputs are far smaller.
-MAX_IMAGE_PIXELS = 25_000_000
-# What PIL raises on truncated or corrupt data (a bad header field, a tile outside the image...).
-CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, IndexError, struct.error,
-                        ZeroDivisionError)
+# The image formats served and trained on (PIL format names). A closed list: PIL reads dozens more
+# (DDS, BLP, SPIDER, ...), rarely used for photos and a larger surface for hostile files.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG includes MPO
+# Refuse images whose header claims more pixels than this, before any pixel is decoded. A 32x32
+# classifier needs photos, not posters: 4096x4096 (16.8 M px) admits a 12 M px phone photo.
+MAX_IMAGE_PIXELS = 4096 * 4096
+# A progressive JPEG decodes every scan at full size (draft mode cannot skip them): libjpeg writes
+# 10 scans, optimisers ~20. Thousands of near-empty scans are a decode-time bomb, refused unread.
+MAX_JPEG_SCANS = 64
+JPEG_SOS = b"\xff\xda"  # start-of-scan marker; entropy-coded data never holds it (0xFF is stuffed)
 
 
 class Cifar10Net(nn.Module):
@@ -141,28 +145,48 @@ def onnx_mismatch(net, forward, n=8):
     return (forward(x) - net.eval()(x)).abs().max().item()
 
 
-def decode_image(data):
-    """Bytes of any PIL-readable image -> 32x32 RGB PIL image, as training and serving see it.
+def open_image(data, max_pixels=MAX_IMAGE_PIXELS):
+    """Bytes -> a PIL image whose header passed the checks, no pixel decoded yet (a JPEG is set
+    to decode at the smallest scale that still gives 32x32). Raises ValueError fit for the client
+    when the bytes are no accepted image or would cost too much to decode."""
+    too_large = f"at most {max_pixels:,} pixels are accepted: resize it first"
+    with warnings.catch_warnings():  # PIL's DecompressionBombWarning: our own cap is lower
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        except Image.DecompressionBombError as err:  # PIL's own guard, for the largest headers
+            raise ValueError(f"the image is too large ({err}); {too_large}") from err
+        except UnidentifiedImageError as err:
+            raise ValueError(f"cannot decode the image: the bytes are no image in an accepted "
+                             f"format ({', '.join(IMAGE_FORMATS)})") from err
+        except Exception as err:  # noqa: BLE001  (any plugin error on hostile bytes is theirs)
+            raise ValueError(f"cannot decode the image: {_describe(err)}") from err
+    width, height = image.size
+    if width * height > max_pixels:  # checked on the header, before any pixel is decoded
+        raise ValueError(f"the image is {width}x{height} pixels; {too_large}")
+    if image.format in ("JPEG", "MPO"):
+        scans = data.count(JPEG_SOS)
+        if scans > MAX_JPEG_SCANS:
+            raise ValueError(f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted "
+                             f"(re-save it as a baseline or ordinary progressive JPEG)")
+        image.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # decode straight at a reduced scale
+    return image
+
+
+def decoded_pixels(image):
+    """How many pixels decoding ``open_image``'s result costs (a JPEG's at its draft scale)."""
+    width, height = image.size
+    return width * height
+
+
+def to_rgb32(image):
+    """An opened image -> 32x32 RGB PIL image, as training and serving see it.
 
     Honours EXIF orientation, takes the first frame of animations, scales 16-bit greyscale to
-    8 bits and squashes any aspect ratio to 32x32. Raises ValueError with a message fit for the
-    client when the bytes are not a usable image.
+    8 bits and squashes any aspect ratio to 32x32. Raises ValueError for the client when the
+    pixel data is corrupt.
     """
-    too_large = f"at most {MAX_IMAGE_PIXELS:,} pixels are accepted"
     try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:  # PIL's own guard, for the largest headers
-        raise ValueError(f"the image is too large ({err}); {too_large}") from err
-    except UnidentifiedImageError as err:
-        raise ValueError("cannot decode the image: the bytes are in no image format PIL "
-                         "reads") from err
-    except CORRUPT_IMAGE_ERRORS as err:
-        raise ValueError(f"cannot decode the image: {err}") from err
-    width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:  # checked on the header, before any pixel is decoded
-        raise ValueError(f"the image is {width}x{height} pixels; {too_large}")
-    try:
-        image.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # JPEG: decode straight at a reduced scale
         image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I;16") or image.mode in ("I", "F"):
             array = np.asarray(image, dtype=np.float64)
@@ -170,9 +194,22 @@ def decode_image(data):
         image = image.convert("RGB")
         if image.size != (IMAGE_SIZE, IMAGE_SIZE):
             image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-    except CORRUPT_IMAGE_ERRORS as err:
-        raise ValueError(f"cannot decode the image: {err}") from err
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001  (PIL's plugins raise many types on corrupt data)
+        raise ValueError(f"cannot decode the image: {_describe(err)}") from err
     return image
+
+
+def decode_image(data):
+    """Bytes of an accepted image -> 32x32 RGB PIL image (``open_image`` then ``to_rgb32``)."""
+    return to_rgb32(open_image(data))
+
+
+def _describe(err):
+    """A decoder error for the client: its message, or its type where it has none; bounded."""
+    text = str(err) or type(err).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def image_tensor(image):
@@ -180,14 +217,15 @@ def image_tensor(image):
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
-def eval_transform():
-    """The one eval transform: uint8 (N, 3, 32, 32) -> normalised float32, for training and serving.
+def eval_transform(mean=CIFAR10_MEAN, std=CIFAR10_STD):
+    """The one eval transform: uint8 (N, 3, 32, 32) -> normalised float32, for training and serving
+    (serving passes the checkpoint's own ``normalization``).
 
     Plain tensor arithmetic over the whole batch: the worker never imports torchvision (seconds
     of cold start) and normalises once per batch, not once per image.
     """
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def transform(batch):
         return (batch.to(torch.float32) / 255 - mean.to(batch.device)) / std.to(batch.device)

@@ -71,6 +71,50 @@ def constant_checkpoint(tiny_checkpoint, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def colour_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """A fixed-weight net whose answer is a fixed linear map of each colour channel's level, so
+    different images get clearly different answers (crossed, reordered or dropped answers show).
+
+    The whitening conv averages each colour channel over its 2x2 patch (plus 3, to stay where GELU
+    is nearly the identity), every conv passes channels 0-2 through (a centred 1 on the diagonal),
+    BatchNorm is the identity, and the head maps the three channels to ten logits by a fixed
+    matrix. For a solid-colour image the features are a monotone function of its colour; for any
+    image, of each channel's maximum (the net max-pools).
+    """
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    state = {k: torch.zeros_like(v) if v.is_floating_point() else v
+             for k, v in checkpoint["state_dict"].items()}
+    for key, value in state.items():
+        if key.endswith("running_var") or (key.endswith("weight") and value.dim() == 1):
+            state[key] = torch.ones_like(value)  # BatchNorm: the identity
+        elif key.endswith("weight") and value.dim() == 4:
+            centre = (value.shape[2] // 2, value.shape[3] // 2) if value.shape[2] == 3 else None
+            for c in range(3):
+                if centre:
+                    value[c, c, centre[0], centre[1]] = 1.0
+                else:
+                    value[c, c] = 0.25  # the 2x2 whitening conv: the patch mean
+    state["whiten.bias"][:3] = 3.0
+    mix = torch.tensor(np.random.default_rng(7).integers(-9, 10, (10, 3)), dtype=torch.float32)
+    state["head.weight"][:, :3] = 3 * mix
+    out = tmp_path_factory.mktemp("colour") / "colour.pt"
+    torch.save({**checkpoint, "state_dict": state}, out)
+    return out
+
+
+def solid_png(rgb, size=(32, 32)):
+    """A one-colour PNG: the colour net answers each colour differently."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, tuple(rgb)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# Ten colours whose answers from the colour net differ clearly (tests check that they do).
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255),
+           (40, 40, 40), (230, 230, 230), (128, 64, 0), (0, 128, 192)]
+
+
 def make_context(model_dir, gpu_id=None, config=None):
     return Context("cifar10", str(model_dir), {"model": {"serializedFile": "weights.pt"}},
                    batch_size=16, gpu=gpu_id, mms_version="0.12.0",

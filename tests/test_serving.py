@@ -1,24 +1,32 @@
 """The real served path: `make archive` builds a .mar of a tiny model, the repo's config.properties
 (on free ports) serves it with TorchServe, and requests go over HTTP with the tokens it wrote.
 The server is started once for this module and always stopped, by its pid, also on failure."""
+import base64
 import contextlib
+import io
 import json
 import os
 import re
 import signal
 import socket
 import subprocess
+import threading
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
 import requests
-from conftest import FIXTURES, ROOT
+from conftest import COLOURS, FIXTURES, ROOT, image_bytes, solid_png
+from PIL import Image
+
+from cifar10_net import CIFAR10_CLASSES
 
 from client import TorchServeClient, read_properties
 
 BIN = ROOT / ".venv" / "bin"
+IMAGES = [solid_png(colour) for colour in COLOURS]
 
 
 def free_port():
@@ -42,11 +50,11 @@ def test_archive_holds_what_the_handler_needs(tiny_checkpoint, tmp_path):
 
 
 @contextlib.contextmanager
-def torchserve(checkpoint, run, extra_config="", swap_weights=None):
+def torchserve(checkpoint, run, extra_config="", swap_weights=None, probe=None):
     """A TorchServe in ``run`` on free loopback ports (the repo's config.properties plus
     ``extra_config`` lines) serving ``checkpoint``'s archive (with ``swap_weights``' bytes put in
-    place of the checkpoint's, if given); yields a TorchServeClient and always stops the server,
-    by its pid."""
+    place of the checkpoint's, if given), ready once ``probe`` (a body; default a PNG) is
+    answered; yields a TorchServeClient and always stops the server, by its pid."""
     store = run / "store"
     mar = build_archive(checkpoint, store)
     if swap_weights is not None:
@@ -68,7 +76,7 @@ def torchserve(checkpoint, run, extra_config="", swap_weights=None):
     java = psutil.Process(int((run / ".model_server.pid").read_text()))
     client = TorchServeClient(run / "config.properties", run / "key_file.json")
     try:
-        client.wait_ready(timeout=180, worker_log=run / "logs" / "model_log.log")
+        client.wait_ready(timeout=180, worker_log=run / "logs" / "model_log.log", probe=probe)
         client.run_dir = run
         yield client
     finally:
@@ -76,9 +84,10 @@ def torchserve(checkpoint, run, extra_config="", swap_weights=None):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    """A TorchServe on free loopback ports serving the tiny model; yields a TorchServeClient."""
-    with torchserve(tiny_checkpoint, tmp_path_factory.mktemp("torchserve")) as client:
+def server(colour_checkpoint, tmp_path_factory):
+    """A TorchServe on free loopback ports serving the colour net (its answers tell images
+    apart, so crossed answers show); yields a TorchServeClient."""
+    with torchserve(colour_checkpoint, tmp_path_factory.mktemp("torchserve")) as client:
         yield client
 
 
@@ -243,3 +252,221 @@ def test_explanations_endpoint_returns_attribution_maps(server):
     answer = response.json()
     assert answer["class"] == next(iter(server.predict(FIXTURES / "cat.jpg").json()))
     assert len(answer["attributions"]) == 32 and {len(r) for r in answer["attributions"]} == {32}
+
+
+# --- mixed and hostile traffic through the real server (issue: trustworthy batches) -------------
+
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
+def worker_pids(server):
+    return sorted(w["pid"] for w in server.describe().json()[0]["workers"])
+
+
+def send(server, kind, n):
+    """One request of ``kind`` about test image n: (status, answer)."""
+    image = IMAGES[n % len(IMAGES)]
+    token = server._token("inference")
+    url = f"{server.inference}/predictions/cifar10"
+    if kind == "predict":
+        response = requests.post(url, data=image, headers=token, timeout=60)
+    elif kind == "multi":
+        files = [("data", (f"{i}.png", IMAGES[(n + i) % len(IMAGES)])) for i in range(3)]
+        response = requests.post(url, files=files, headers=token, timeout=60)
+    elif kind == "v2":
+        body = {"id": f"req-{n}", "inputs": [{"name": "x", "datatype": "BYTES", "shape": [2],
+                "data": [b64(image), b64(IMAGES[(n + 1) % len(IMAGES)])]}]}
+        response = requests.post(f"{server.inference}/v2/models/cifar10/infer", json=body,
+                                 headers=token, timeout=60)
+    elif kind == "kserve":
+        response = requests.post(url, json={"instances": [{"data": b64(image)}]}, headers=token,
+                                 timeout=60)
+    elif kind == "explain":
+        response = requests.post(f"{server.inference}/explanations/cifar10", data=image,
+                                 headers=token, timeout=120)
+    elif kind == "describe-header":
+        response = requests.post(url, data=image, headers={**token, "describe": "True"},
+                                 timeout=60)
+    else:  # "bad"
+        response = requests.post(url, data=b"junk" * 10, headers=token, timeout=60)
+    return response.status_code, response.json()
+
+
+def check(kind, n, status, answer, singles):
+    """Does the answer have its own kind, and equal the images' answers alone (1e-4)?"""
+    want = [singles[(n + i) % len(IMAGES)] for i in range(3)]
+    if kind in ("predict", "describe-header"):
+        return status == 200 and answer == pytest.approx(want[0], abs=1e-4)
+    if kind == "multi":
+        return status == 200 and answer == [pytest.approx(w, abs=1e-4) for w in want]
+    if kind == "v2":
+        probs = answer["outputs"][1]["data"]
+        rows = [dict(zip(CIFAR10_CLASSES, probs[10 * i:10 * i + 10])) for i in range(2)]
+        return (status == 200 and answer["id"] == f"req-{n}"
+                and all({k: row[k] for k in w} == pytest.approx(w, abs=1e-4)
+                        for row, w in zip(rows, want)))
+    if kind == "kserve":
+        return status == 200 and answer == {"predictions": [pytest.approx(want[0], abs=1e-4)]}
+    if kind == "explain":
+        return (status == 200 and set(answer) == {"class", "attributions"}
+                and answer["class"] == next(iter(want[0])))
+    return status == 400 and "cannot decode" in answer["message"]
+
+
+KINDS = ["predict", "multi", "v2", "kserve", "explain", "describe-header", "bad", "predict"]
+
+
+def test_concurrent_mixed_traffic_gets_its_own_answers(server):
+    singles = [server.predict(image).json() for image in IMAGES]
+    pids = worker_pids(server)
+    jobs = [(KINDS[i % len(KINDS)], i) for i in range(240)]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda job: (*job, *send(server, *job)), jobs))
+    wrong = [(kind, n, status, str(answer)[:120]) for kind, n, status, answer in results
+             if not check(kind, n, status, answer, singles)]
+    assert not wrong, f"{len(wrong)} of {len(results)} wrong: {wrong[:5]}"
+    assert worker_pids(server) == pids  # no worker died or was restarted
+
+
+def top5(answer):
+    return isinstance(answer, dict) and len(answer) == 5 and set(answer) <= set(CIFAR10_CLASSES)
+
+
+def attacks():
+    """(name, request kwargs, expected status, fragment of the answer) that once hurt others."""
+    webp = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (1, 2, 3)).save(webp, format="WEBP", lossless=True)
+    scans = image_bytes("RGB", (64, 64), "JPEG", progressive=True)
+    scan_bomb = scans[:-2] + scans[scans.rindex(b"\xff\xda"):-2] * 2000 + b"\xff\xd9"
+    dds = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(dds, format="DDS")
+    tiny = b64(solid_png((1, 2, 3), (1, 1)))
+    v2 = {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": [tiny]}]}
+    return [
+        ("12000 images", dict(json={"data": [tiny] * 12000}), 413, "at most 64"),
+        ("3 MB v2 id", dict(data=json.dumps({"id": "é" * 1_500_000, **v2}, ensure_ascii=False)
+                            .encode(), headers={"Content-Type": "application/json"}, path="v2"),
+         400, "must be a string of at most 256"),
+        ("JPEG scan bomb", dict(data=scan_bomb), 400, "scans"),
+        ("DDS file", dict(data=dds.getvalue()), 400, "accepted format"),
+        ("3 lossless WebP at the cap", dict(files=[("f", ("a.webp", webp.getvalue()))] * 3),
+         413, "decode to more than"),
+        ("5 explanations", dict(json={"data": [tiny] * 5}, path="explain"), 413, "at most 4"),
+        # Headers the endpoints set, sent by a client: the request is still a prediction.
+        ("describe header", dict(data=IMAGES[0], headers={"describe": "True"}), 200, top5),
+        ("explain header", dict(data=IMAGES[0], headers={"explain": "True"}), 200, top5),
+    ]
+
+
+def test_attacks_get_their_own_answer_and_hurt_no_one(server):
+    pids, stop, good = worker_pids(server), threading.Event(), []
+    url = f"{server.inference}/predictions/cifar10"
+    expected = server.predict(IMAGES[2]).json()
+
+    def good_traffic():
+        with requests.Session() as session:
+            while not stop.is_set():
+                response = session.post(url, data=IMAGES[2], headers=server._token("inference"),
+                                        timeout=60)
+                good.append(response.status_code == 200 and response.json()
+                            == pytest.approx(expected, abs=1e-4))
+
+    def attack(case):
+        name, kwargs, status, fragment = case
+        kwargs = dict(kwargs)  # each case runs twice
+        path = {"v2": "/v2/models/cifar10/infer", "explain": "/explanations/cifar10"}.get(
+            kwargs.pop("path", None), "/predictions/cifar10")
+        headers = {**server._token("inference"), **kwargs.pop("headers", {})}
+        started = time.monotonic()
+        response = requests.post(f"{server.inference}{path}", headers=headers, timeout=60,
+                                 **kwargs)
+        named = fragment(response.json()) if callable(fragment) else fragment in response.text
+        return name, response.status_code, status, named, \
+            time.monotonic() - started, response.text[:300]
+
+    threads = [threading.Thread(target=good_traffic) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(attack, attacks() * 2))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    for name, got, want, named, seconds, text in outcomes:
+        assert (got, named) == (want, True), f"{name}: {text}"
+        assert seconds < 10, f"{name}: {seconds:.1f} s"
+    assert len(good) > 20 and all(good), f"{good.count(False)} of {len(good)} good requests failed"
+    assert worker_pids(server) == pids
+
+
+def test_management_describe_reaches_the_handler(server):
+    response = server.session.get(f"{server.management}/models/cifar10",
+                                  params={"customized": "true"},
+                                  headers=server._token("management"), timeout=30)
+    assert response.status_code == 200, response.text
+    custom = response.json()[0]["customizedMetadata"]
+    custom = json.loads(custom) if isinstance(custom, str) else custom
+    assert custom["classes"] == list(CIFAR10_CLASSES) and custom["limits"]["max_images"] == 64
+
+
+@pytest.mark.parametrize("envelope", ["kserve", "kservev2"])
+def test_torchserve_kserve_envelopes(colour_checkpoint, tmp_path, envelope):
+    """TorchServe's own KServe envelopes (service_envelope), as KServe's runtime sets them:
+    several instances, and a bad one after the first, get answers, not a dead worker."""
+    if envelope == "kserve":
+        good = {"instances": [{"data": b64(IMAGES[1])}, {"data": b64(IMAGES[2])}]}
+        bad = {"instances": [{"data": b64(IMAGES[1])}, {"data": "%%%"}]}
+    else:
+        good = {"inputs": [{"name": "a", "shape": [1], "datatype": "BYTES",
+                            "data": [b64(IMAGES[1])]}]}
+        bad = {"inputs": [{"name": "a", "shape": [2], "datatype": "BYTES",
+                           "data": [b64(IMAGES[1]), b64(IMAGES[2])]}]}
+    # The envelopes parse every body as JSON (a raw image fails in the envelope, before the
+    # handler), so the readiness probe is one of their own requests.
+    with torchserve(colour_checkpoint, tmp_path, f"\nservice_envelope={envelope}\n",
+                    probe=json.dumps(good).encode()) as client:
+        url = f"{client.inference}/predictions/cifar10"
+        token = client._token("inference")
+        answer = requests.post(url, json=good, headers=token, timeout=60)
+        refused = requests.post(url, json=bad, headers=token, timeout=60)
+        again = requests.post(url, json=good, headers=token, timeout=60)
+    body = answer.json()
+    assert answer.status_code == 200 and again.json()["outputs" if "outputs" in body else
+                                                      "predictions"] == body.get(
+        "outputs", body.get("predictions"))
+    assert refused.status_code == 400
+    if envelope == "kserve":
+        assert len(body["predictions"]) == 2 and "instance 1" in refused.text
+    else:
+        assert body["outputs"][0]["name"] == "a" and len(body["outputs"][0]["data"]) == 10
+        assert "does not match" in refused.text
+
+
+@pytest.mark.parametrize("workers", [-1, 0, 5, "2"])
+def test_scale_refuses_counts_torchserve_would_mishandle(server, workers):
+    """TorchServe answers min_worker=-1 with a 500 and zero workers; 5 passes maxWorkers 4."""
+    before = worker_pids(server)
+    with pytest.raises(ValueError, match="from 1 to 4"):
+        server.scale(workers)
+    assert worker_pids(server) == before
+
+
+def test_client_resends_inference_on_503_and_507(monkeypatch, tmp_path):
+    """A worker that dies mid-request gets its requests a 507: the client sends them again."""
+    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "k"}}))
+    client = TorchServeClient(tmp_path / "none.properties", tmp_path / "key_file.json")
+    answers = iter([507, 503, 200, 507, 507, 507])
+    sent = []
+
+    def request(method, url, **kwargs):
+        sent.append(url)
+        response = requests.Response()
+        response.status_code = next(answers)
+        return response
+    monkeypatch.setattr(client.session, "request", request)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    assert client.predict(b"image").status_code == 200 and len(sent) == 3
+    assert client.predict(b"image").status_code == 507 and len(sent) == 6  # gives up after 2

@@ -1,0 +1,317 @@
+"""Every request of a dynamic batch gets its own answer, and no request can hurt another: the
+handler called directly with mixed batches, hostile rows, every Pillow format and every limit.
+
+The colour net (conftest) answers different images differently, so a crossed, reordered or dropped
+answer fails these tests; each answer is compared with the same request answered alone.
+"""
+import base64
+import io
+import json
+import random
+import time
+
+import pytest
+import torch
+from conftest import COLOURS, FIXTURES, handle, image_bytes, solid_png
+from PIL import Image, features
+from ts.context import RequestProcessor
+from ts.torch_handler.request_envelope.kserve import KServeEnvelope
+from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
+
+import cifar10_handler
+from cifar10_handler import LIMITS, _keep_repeated_fields
+from cifar10_net import IMAGE_FORMATS, MAX_JPEG_SCANS
+
+IMAGES = [solid_png(colour) for colour in COLOURS]
+
+
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
+def handle_with_headers(handler, rows, headers):
+    """Like conftest.handle, with each row's request headers (as TorchServe's frontend sets them)."""
+    context = handler.context
+    context.request_processor = [RequestProcessor(dict(h)) for h in headers]
+    outputs = handler.handle(rows, context)
+    json.dumps(outputs)
+    return outputs, [p.get_response_status_code() for p in context.request_processor]
+
+
+@pytest.fixture
+def colour_handler(make_handler, colour_checkpoint):
+    return make_handler(colour_checkpoint, tta=1, ig_steps=4)
+
+
+def alone(handler, image):
+    (answer,), [(status, _)] = handle(handler, [{"body": image}])
+    assert status == 200
+    return answer
+
+
+def test_the_colour_net_tells_the_test_images_apart(colour_handler):
+    answers = [list(alone(colour_handler, image).values()) for image in IMAGES]
+    for i in range(len(answers)):
+        for j in range(i):
+            assert max(abs(a - b) for a, b in zip(answers[i], answers[j])) > 1e-3, (i, j)
+
+
+def test_a_mixed_batch_answers_each_request_by_its_own_kind(colour_handler):
+    """predict, explain, v2, KServe v1, multi-image, a bad body and a client's describe header in
+    one batch, in an order where an explanation leads: each answered as if it came alone."""
+    singles = [alone(colour_handler, image) for image in IMAGES]
+    v2 = {"id": "v2-req", "inputs": [{"name": "x", "datatype": "BYTES", "shape": [2],
+                                      "data": [b64(IMAGES[3]), b64(IMAGES[4])]}]}
+    rows = [{"body": IMAGES[0]},                                   # explanation (header below)
+            {"body": IMAGES[1]},                                   # prediction
+            {"body": v2},                                          # v2
+            {"a": IMAGES[5], "b": IMAGES[6], "c": IMAGES[7]},      # multi-image
+            {"body": b"junk"},                                     # the client's mistake
+            {"body": {"instances": [{"data": b64(IMAGES[8])}, {"b64": b64(IMAGES[9])}]}},
+            {"body": IMAGES[2]}]                                   # describe header: ignored
+    headers = [{"explain": "True"}, {}, {}, {}, {}, {}, {"describe": "True"}]
+    out, statuses = handle_with_headers(colour_handler, rows, headers)
+    assert statuses == [200, 200, 200, 200, 400, 200, 200]
+    assert set(out[0]) == {"class", "attributions"} and out[0]["class"] == next(iter(singles[0]))
+    assert out[1] == pytest.approx(singles[1], abs=1e-5)
+    assert out[2]["id"] == "v2-req" and out[2]["outputs"][0]["data"] == [
+        next(iter(singles[3])), next(iter(singles[4]))]
+    assert [a for a in out[3]] == [pytest.approx(singles[i], abs=1e-5) for i in (5, 6, 7)]
+    assert out[4]["code"] == 400 and "cannot decode" in out[4]["message"]
+    assert out[5] == {"predictions": [pytest.approx(singles[8], abs=1e-5),
+                                      pytest.approx(singles[9], abs=1e-5)]}
+    assert out[6] == pytest.approx(singles[2], abs=1e-5)
+
+
+def test_management_describe_is_answered_alone(colour_handler):
+    out, statuses = handle_with_headers(colour_handler, [{}, {"body": IMAGES[0]}],
+                                        [{"describe": "True"}, {}])
+    assert statuses == [200, 200]
+    assert out[0]["classes"][0] == "airplane" and out[0]["limits"] == LIMITS
+    assert out[1] == pytest.approx(alone(colour_handler, IMAGES[0]), abs=1e-5)
+
+
+def test_the_forward_runs_in_chunks_of_batch_size(colour_handler):
+    colour_handler.chunk = 3
+    calls = []
+    forward = colour_handler.forward
+    colour_handler.forward = lambda x: calls.append(len(x)) or forward(x)
+    (answers,), _ = handle(colour_handler, [{"body": {"data": [b64(i) for i in IMAGES]}}])
+    assert calls == [6, 6, 6, 2]  # 3, 3, 3, 1 images, each with its mirror (tta 1)
+    colour_handler.forward = forward
+    for got, image in zip(answers, IMAGES):
+        assert got == pytest.approx(alone(colour_handler, image), abs=1e-5)
+
+
+def test_an_exception_of_ours_fails_only_its_own_request(colour_handler, monkeypatch, caplog):
+    """A forward that breaks on one image: that request gets a 500 (logged), the rest answers."""
+    poisoned = cifar10_handler.image_tensor(cifar10_handler.to_rgb32(
+        cifar10_handler.open_image(IMAGES[4])))
+    forward = colour_handler.forward
+
+    def fragile(x):
+        if any(torch.equal(view, colour_handler.to_batch([poisoned])[0]) for view in x):
+            raise RuntimeError("boom")
+        return forward(x)
+    colour_handler.forward = fragile
+    rows = [{"body": image} for image in IMAGES[:6]]
+    out, statuses = handle(colour_handler, rows)
+    assert [s for s, _ in statuses] == [200, 200, 200, 200, 500, 200]
+    assert out[4]["code"] == 500 and "logged" in out[4]["message"]
+    assert "boom" in caplog.text
+    colour_handler.forward = forward
+    for i in (0, 1, 2, 3, 5):
+        assert out[i] == pytest.approx(alone(colour_handler, IMAGES[i]), abs=1e-5)
+
+
+def test_repeated_and_hostile_multipart_names_keep_every_image_in_order():
+    """data, data#2, data: the client's own "data#2" must not collide with a renamed repeat."""
+    seen = []
+    wrapped = _keep_repeated_fields(lambda batch: seen.append(batch)).__func__
+    names = ["data", "data#2", "data", "explain", "data#3"]
+    wrapped([{"parameters": [{"name": n, "value": i} for i, n in enumerate(names)]}])
+    renamed = [p["name"] for p in seen[0][0]["parameters"]]
+    assert len(set(renamed)) == len(names) and [p["value"] for p in seen[0][0]["parameters"]] \
+        == list(range(len(names)))
+    single = [{"parameters": [{"name": "body", "value": 0}]}]
+    wrapped(single)
+    assert single[0]["parameters"][0]["name"] == "body"  # a lone field keeps its name
+
+
+# --- limits, each checked before the work it bounds -----------------------------------------------
+
+def progressive_jpeg_with_scans(extra):
+    """A valid progressive JPEG with its last scan repeated ``extra`` times (a scan bomb)."""
+    data = image_bytes("RGB", (64, 64), "JPEG", quality=90, progressive=True)
+    last = data.rindex(b"\xff\xda")
+    return data[:-2] + data[last:-2] * extra + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("row,code,fragment", [
+    ({"body": {"data": [b64(IMAGES[0])] * (LIMITS["max_images"] + 1)}}, 413,
+     f"carries {LIMITS['max_images'] + 1} images; at most {LIMITS['max_images']}"),
+    ({f"f{i}": IMAGES[0] for i in range(LIMITS["max_images"] + 1)}, 413, "at most 64 are"),
+    ({"body": {"data": ["1x1-not-even-decoded"] * 12000}}, 413, "carries 12000 images"),
+    ({"body": {"inputs": [{"datatype": "BYTES", "shape": [65], "data": ["x"]}]}}, 413,
+     "carries 65 images"),
+    ({"body": {"inputs": [{"datatype": "UINT8", "shape": [10 ** 9, 32, 32, 3], "data": [0]}]}},
+     413, "carries 1000000000 images"),
+    ({"body": {"instances": [{"data": "x"}] * 65}}, 413, "carries 65 images"),
+    ({"body": {"id": "é" * 1_000_000, "inputs": [{"datatype": "BYTES", "shape": [1],
+                                                    "data": [b64(IMAGES[0])]}]}},
+     400, "\"id\" must be a string of at most 256 characters"),
+    ({"body": {"id": 7, "inputs": [{"datatype": "BYTES", "shape": [1],
+                                     "data": [b64(IMAGES[0])]}]}}, 400, "\"id\" must be a string"),
+    ({"body": {"inputs": [{"datatype": "UINT8", "shape": "[1]", "data": [0]}]}}, 400,
+     "shape must be a list of integers"),
+    ({"body": progressive_jpeg_with_scans(MAX_JPEG_SCANS)}, 400,
+     f"scans; at most {MAX_JPEG_SCANS} are accepted"),
+    ({"a": solid_png((9, 9, 9), (64, 64)), "b": solid_png((9, 9, 9), (4096, 4096))}, 413,
+     "image 1: the request's images decode to more"),
+    ({"x" * 100_000: b"junk"}, 400, "cannot decode"),
+], ids=["json-65", "multipart-65", "json-12000", "v2-bytes-65", "v2-uint8-huge-shape",
+        "kserve-65", "v2-id-3MB", "v2-id-int", "v2-shape-text", "jpeg-scan-bomb",
+        "request-pixels", "huge-field-name"])
+def test_each_limit_is_a_clear_4xx_before_the_work(colour_handler, row, code, fragment):
+    started = time.monotonic()
+    (answer,), [(status, phrase)] = handle(colour_handler, [row])
+    assert (status, answer["code"]) == (code, code) and fragment in phrase, phrase
+    assert len(phrase) < 1000  # nothing the client sent is echoed at length
+    assert time.monotonic() - started < 5
+
+
+def test_a_progressive_jpeg_with_few_scans_is_still_answered(colour_handler):
+    ordinary = progressive_jpeg_with_scans(2)
+    assert ordinary.count(b"\xff\xda") < MAX_JPEG_SCANS
+    (answer,), [(status, _)] = handle(colour_handler, [{"body": ordinary}])
+    assert status == 200 and len(answer) == 5
+
+
+def test_explanations_take_fewer_images_per_request(colour_handler):
+    many = {"body": {"data": [b64(IMAGES[0])] * (LIMITS["max_explain_images"] + 1)}}
+    out, statuses = handle_with_headers(colour_handler, [many, many], [{"explain": "True"}, {}])
+    assert statuses == [413, 200]  # the same request is fine as a prediction
+    assert f"at most {LIMITS['max_explain_images']} are accepted" in out[0]["message"]
+
+
+def test_a_gif_of_many_frames_is_answered_from_its_first_quickly(colour_handler):
+    frames = [Image.new("P", (64, 64), i % 256) for i in range(3000)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    started = time.monotonic()
+    (answer,), [(status, _)] = handle(colour_handler, [{"body": buffer.getvalue()}])
+    assert status == 200 and time.monotonic() - started < 2
+
+
+def test_limits_come_from_model_config(make_handler, colour_checkpoint):
+    handler = make_handler(colour_checkpoint, max_images=2)
+    (answer,), [(status, phrase)] = handle(handler, [{"body": {"data": [b64(IMAGES[0])] * 3}}])
+    assert status == 413 and "at most 2 are accepted" in phrase
+    with pytest.raises(ValueError, match="unknown settings \\['max_imags'\\]"):
+        make_handler(colour_checkpoint, max_imags=2)
+
+
+# --- every Pillow format, broken in many ways -----------------------------------------------------
+
+def _saved(fmt):
+    """A 16x16 image in ``fmt``, in the first mode its writer takes (None: none of them)."""
+    for mode in ("RGB", "P", "L", "1", "RGBA"):
+        buffer = io.BytesIO()
+        try:
+            Image.open(io.BytesIO(image_bytes("RGB", (16, 16)))).convert(mode).save(
+                buffer, format=fmt)
+            return buffer.getvalue()
+        except Exception:  # noqa: BLE001  (a writer that needs another mode)
+            continue
+    return None
+
+
+def pillow_samples():
+    """A small image saved by every Pillow plugin that can write, with mutations of each."""
+    Image.init()
+    rng = random.Random(0)
+    for fmt in sorted(Image.SAVE):
+        data = _saved(fmt)
+        if data is None:
+            continue
+        yield fmt, data
+        for n in range(20):
+            mutated = bytearray(data)
+            if n % 2:
+                mutated = mutated[:rng.randrange(1, len(mutated))]
+            for _ in range(rng.randint(1, 6)):
+                i = rng.randrange(len(mutated))
+                mutated[i] ^= 1 << rng.randrange(8)
+            yield fmt, bytes(mutated)
+
+
+def test_every_pillow_format_and_its_corruptions_fail_only_themselves(colour_handler):
+    anchor = IMAGES[0]
+    expected = alone(colour_handler, anchor)
+    samples = list(pillow_samples())
+    formats = {fmt for fmt, _ in samples}
+    assert {"DDS", "BLP", "SPIDER", "ICO", "PCX", "TGA"} <= formats  # really every plugin
+    for start in range(0, len(samples), 15):
+        chunk = samples[start:start + 15]
+        rows = [{"body": anchor}] + [{"body": data} for _, data in chunk]
+        out, statuses = handle(colour_handler, rows)
+        assert statuses[0][0] == 200 and out[0] == pytest.approx(expected, abs=1e-5)
+        for (fmt, _), answer, (status, phrase) in zip(chunk, out[1:], statuses[1:]):
+            if status == 200:
+                assert fmt in IMAGE_FORMATS + ("MPO",) and len(answer) == 5, fmt
+            else:
+                assert status == 400 and phrase.startswith(("cannot decode", "the image is")), \
+                    (fmt, phrase)
+    unaccepted = dict(s for s in samples[::21] if s[0] not in IMAGE_FORMATS + ("MPO",))
+    for fmt, data in unaccepted.items():
+        (answer,), [(status, phrase)] = handle(colour_handler, [{"body": data}])
+        assert status == 400 and "no image in an accepted format" in phrase, fmt
+
+
+@pytest.mark.skipif(not features.check("webp"), reason="Pillow without WebP")
+def test_a_lossless_webp_at_the_pixel_cap_costs_what_the_request_budget_allows(colour_handler):
+    big = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (1, 2, 3)).save(big, format="WEBP", lossless=True)
+    rows = [{f"f{i}": big.getvalue() for i in range(3)}]
+    (answer,), [(status, phrase)] = handle(colour_handler, rows)
+    assert status == 413 and "image 1" in phrase  # one fits in 16.8 M px, the second does not
+
+
+# --- TorchServe's KServe envelopes (service_envelope=kserve / kservev2) --------------------------
+
+def enveloped(envelope_class, handler, body):
+    """One request through a TorchServe envelope, as its worker runs it."""
+    context = handler.context
+    context.request_processor = [RequestProcessor({})]
+    out = envelope_class(handler.handle).handle([{"body": body}], context)
+    json.dumps(out)
+    processor = context.request_processor[0]
+    return out, processor.get_response_status_code(), processor.get_response_status_phrase()
+
+
+def test_kserve_v1_envelope_with_a_bad_instance_after_the_first(colour_handler):
+    good = {"instances": [{"data": b64(IMAGES[1])}, {"data": b64(IMAGES[2])}]}
+    (out,), status, _ = enveloped(KServeEnvelope, colour_handler, good)
+    assert status == 200
+    assert out["predictions"] == [pytest.approx(alone(colour_handler, IMAGES[i]), abs=1e-5)
+                                  for i in (1, 2)]
+    bad = {"instances": [{"data": b64(IMAGES[1])}, {"data": "%%%"}, {"data": b64(IMAGES[2])}]}
+    (out,), status, phrase = enveloped(KServeEnvelope, colour_handler, bad)
+    assert status == 400 and phrase.startswith("instance 1: ") and "base64" in phrase
+    too_many = {"instances": [{"data": b64(IMAGES[1])}] * 65}
+    assert enveloped(KServeEnvelope, colour_handler, too_many)[1] == 413
+
+
+def test_kserve_v2_envelope_answers_or_refuses_what_it_would_drop(colour_handler):
+    one = {"inputs": [{"name": "img", "shape": [1], "datatype": "BYTES",
+                       "data": [b64(IMAGES[3])]}]}
+    (out,), status, _ = enveloped(KServev2Envelope, colour_handler, one)
+    assert status == 200 and out["outputs"][0]["name"] == "img"
+    probs = out["outputs"][0]["data"]
+    expected = alone(colour_handler, IMAGES[3])
+    assert {k: probs[colour_handler.classes.index(k)] for k in expected} == \
+        pytest.approx(expected, abs=1e-5)
+    two = {"inputs": [{"name": "img", "shape": [2], "datatype": "BYTES",
+                       "data": [b64(IMAGES[3]), b64(IMAGES[4])]}]}
+    _, status, phrase = enveloped(KServev2Envelope, colour_handler, two)
+    assert status == 400 and "shape [2] does not match 1 items" in phrase
