@@ -3,7 +3,7 @@
 Either a weights file in-process (the training eval path), or a running TorchServe over REST (the
 served path, preprocessing included), one request per image:
 
-    python evaluate.py path/to/test --weights weights/cifar10.pt [--tta 0]
+    python evaluate.py path/to/test --weights weights/cifar10.pt [--tta 0] [--precision fp32]
     python evaluate.py path/to/test --url http://127.0.0.1:8080     # token from key_file.json
 
 Folder names must be class names (airplane, automobile, ...), as in torchvision's ImageFolder.
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import train
 from client import TorchServeClient
-from cifar10_net import build_net
+from cifar10_net import build_net, cpu_has_bf16
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,15 @@ def load_net(weights, device="cpu"):
     return net, checkpoint["classes"]
 
 
-def predict_offline(root, weights, tta=0, device="cpu", holdout=0):
-    """(predicted class names, true class names) for every image under root, in-process."""
+def predict_offline(root, weights, tta=0, device="cpu", holdout=0, precision="fp32"):
+    """(predicted class names, true class names) for every image under root, in-process, with
+    the forward in ``precision`` (fp32, or bf16 autocast as the handler's `runtime: bf16`)."""
     images, labels, folder_classes, _ = train.load_image_folder(root)
     if holdout:
         _, _, images, labels = train.split(images, labels, holdout)
     net, classes = load_net(weights, device)
-    preds, _ = train.evaluate(net, images, labels, torch.device(device), tta=tta)
+    preds, _ = train.evaluate(net, images, labels, torch.device(device), tta=tta,
+                              precision=precision)
     return [classes[i] for i in preds.tolist()], [folder_classes[i] for i in labels.tolist()]
 
 
@@ -91,6 +93,9 @@ def main(argv=None):
     p.add_argument("--tta", type=int, default=served_tta(), choices=[0, 1, 2],
                    help="test-time augmentation for --weights; by default model-config.yaml's, "
                         "as served")
+    p.add_argument("--precision", choices=["fp32", "bf16"], action="append",
+                   help="forward precision for --weights, repeatable; by default fp32, and bf16 "
+                        "too where the CPU has bf16 units (the served default)")
     p.add_argument("--key-file", default="key_file.json", help="TorchServe's token file")
     p.add_argument("--concurrency", type=int, default=8, help="parallel requests for --url")
     p.add_argument("--holdout", type=int, default=0,
@@ -99,12 +104,18 @@ def main(argv=None):
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = p.parse_args(argv)
     if args.weights:
-        preds, truth = predict_offline(args.data_dir, args.weights, args.tta, holdout=args.holdout)
+        precisions = args.precision or (["fp32", "bf16"] if cpu_has_bf16() else ["fp32"])
+        result = {}
+        for precision in precisions:
+            print(f"{args.weights}, {precision}, tta {args.tta}:")
+            preds, truth = predict_offline(args.data_dir, args.weights, args.tta,
+                                           holdout=args.holdout, precision=precision)
+            result[precision] = report(preds, truth)
     else:
         client = TorchServeClient(key_file=args.key_file)
         client.inference = args.url.rstrip("/")
         preds, truth = predict_served(args.data_dir, client, args.concurrency, args.holdout)
-    result = report(preds, truth)
+        result = report(preds, truth)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -70,6 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="autocast precision of the training steps: auto is bf16 on CUDA and on "
+                        "CPUs with bf16 units (avx512_bf16 or amx_bf16: ~1.8x faster here), fp32 "
+                        "elsewhere; the final validation always runs in fp32")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads, 0 for torch's default")
     p.add_argument("--dry-run", action="store_true",
@@ -179,32 +183,40 @@ class Lookahead:
 
 
 @torch.no_grad()
-def evaluate(net, images, labels, device, tta=0, batch_size=1000):
+def evaluate(net, images, labels, device, tta=0, batch_size=1000, precision="fp32"):
     """Predicted labels for uint8 images, through the same transform the handler uses."""
     net.eval()
     transform = eval_transform()
     preds = []
     for i in range(0, len(images), batch_size):
         x = transform(images[i:i + batch_size]).to(device, memory_format=torch.channels_last)
-        with autocast(device):
+        with autocast(device, precision):
             preds.append(predict_logits(net, x, tta).argmax(1).cpu())
     preds = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
     return preds, (preds == labels).float().mean().item() if len(labels) else float("nan")
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def resolve_precision(precision, device):
+    """--precision auto -> bf16 where the device computes it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or cifar10_net.cpu_has_bf16() else "fp32"
 
 
 def train(args):
     device = torch.device(args.device)
+    precision = resolve_precision(args.precision, device)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     images, labels, classes, source = load_images(args)
     train_x, train_y, val_x, val_y = split(images, labels, args.val_size)
-    log.info("data: %s, %d train / %d validation images, %d classes, device %s",
-             source, len(train_x), len(val_x), len(classes), device)
+    log.info("data: %s, %d train / %d validation images, %d classes, device %s, %s",
+             source, len(train_x), len(val_x), len(classes), device, precision)
 
     transform = eval_transform()
     train_x = transform(train_x).to(device)
@@ -233,7 +245,7 @@ def train(args):
         for i in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False):
             idx = order[i * args.batch_size:(i + 1) * args.batch_size].to(device)
             x = epoch_x[idx].contiguous(memory_format=torch.channels_last)
-            with autocast(device):
+            with autocast(device, precision):
                 logits = net(x)
                 loss = loss_fn(logits.float(), train_y[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -251,7 +263,7 @@ def train(args):
             loss_sum += loss.item()
         if lookahead is not None:
             lookahead.update(net, decay=1.0)
-        _, val_acc = evaluate(net, val_x, val_y, device)
+        _, val_acc = evaluate(net, val_x, val_y, device, precision=precision)
         row = dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen,
                    val_acc=val_acc, seconds=time.perf_counter() - start)
         history.append(row)
@@ -270,7 +282,7 @@ def train(args):
         normalization=dict(mean=list(cifar10_net.CIFAR10_MEAN), std=list(cifar10_net.CIFAR10_STD)),
         val_accuracy=val_acc, val_tta=args.tta, val_size=len(val_y),
         per_class_val_accuracy=per_class, history=history, train_seconds=train_seconds,
-        train_images=len(train_x), data_source=source, device=str(device),
+        train_images=len(train_x), data_source=source, device=str(device), precision=precision,
         machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         command=args.command, args={k: str(v) for k, v in vars(args).items()},
         versions=dict(torch=str(torch.__version__), torchvision=str(torchvision.__version__),

@@ -36,13 +36,18 @@ from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from cifar10_net import (IMAGE_SIZE, MAX_IMAGE_PIXELS, build_net, decoded_pixels, eval_transform,
-                         image_tensor, onnx_forward, onnx_mismatch, open_image, predict_logits,
-                         to_rgb32)
+from cifar10_net import (IMAGE_SIZE, MAX_IMAGE_PIXELS, bf16_forward, build_net, cpu_has_bf16,
+                         image_pixels, eval_transform, image_tensor, onnx_forward, onnx_mismatch,
+                         open_image, precision_drift, predict_logits, to_rgb32)
 
 logger = logging.getLogger(__name__)
 ONNX_FILE = "cifar10.onnx"  # what `make archive` adds to the .mar (export_onnx.py)
 ONNX_TOLERANCE = 1e-4  # largest accepted |ONNX - eager| logit difference
+RUNTIMES = ("bf16", "onnx", "torch")
+# A bf16 forward must give fp32's top-1 on this share of the start-up check's images, and move
+# no class probability by more than this (bf16 keeps ~3 significant digits).
+BF16_MIN_AGREEMENT = 0.95
+BF16_MAX_DRIFT = 0.05
 # A body that starts like JSON (checked without copying the body, unlike bytes.lstrip()).
 JSON_START = re.compile(rb"\s*[\[{]")
 PIXELS_PER_IMAGE = IMAGE_SIZE * IMAGE_SIZE * 3
@@ -87,10 +92,18 @@ def _text(name):
     return name.decode("utf-8", "replace") if isinstance(name, (bytes, bytearray)) else str(name)
 
 
-def _shown(name, limit=40):
-    """A client-chosen name as echoed in a message: bounded."""
-    name = str(name)
-    return name if len(name) <= limit else name[:limit] + "..."
+def _shown(value, limit=40):
+    """Something the client sent, as echoed in a message: bounded (``_safe`` escapes it)."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _safe(message):
+    """A message as TorchServe sends it, in the HTTP reason phrase too: printable ASCII only.
+    A lone surrogate kills the worker when TorchServe encodes the phrase, and CR or LF makes the
+    frontend drop the worker; everything else outside printable ASCII is escaped as well."""
+    escaped = message.encode("ascii", "backslashreplace").decode("ascii")
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", escaped)
 
 
 def select_device(gpu_id):
@@ -148,7 +161,7 @@ class Cifar10Handler(BaseHandler):
         self.classes = self._class_names(model_dir, checkpoint["classes"])
         self.model = build_net(checkpoint)
         self.model.to(self.device, memory_format=torch.channels_last).eval()
-        self.forward = self._runtime(config.get("runtime", "torch"), model_dir)
+        self.forward, self.runtime = self._runtime(config.get("runtime", "torch"), model_dir)
         self.transform = eval_transform(**checkpoint.get("normalization", {}))
         self.initialized = True
         logger.info("cifar10 model loaded on %s (runtime %s, tta=%d, top-%d, %d threads, "
@@ -156,17 +169,40 @@ class Cifar10Handler(BaseHandler):
                     torch.get_num_threads(), self.limits)
 
     def _runtime(self, runtime, model_dir):
-        """The forward pass predictions use: the torch net, or (on the CPU) ONNX Runtime running
-        the archive's cifar10.onnx, checked against the torch net before it is trusted."""
-        if runtime not in ("torch", "onnx"):
-            raise ValueError(f"model-config.yaml handler.runtime must be torch or onnx, "
+        """(the forward pass predictions use, its name). On the CPU: "bf16" (the torch net under
+        bf16 autocast, where the CPU has bf16 units, else fp32 ONNX Runtime), "onnx" (ONNX Runtime
+        on the archive's cifar10.onnx) or "torch"; each low-precision or exported forward is
+        checked against the fp32 torch net before it is trusted. On a GPU: the torch net."""
+        if runtime not in RUNTIMES:
+            raise ValueError(f"model-config.yaml handler.runtime must be one of {RUNTIMES}, "
                              f"got {runtime!r}")
         if runtime == "torch" or self.device.type != "cpu":
-            return self.model
+            return self.model, "torch"
+        if runtime == "bf16":
+            if cpu_has_bf16():
+                return self._checked_bf16(), "bf16"
+            logger.warning("handler.runtime bf16: this CPU has no avx512_bf16 or amx_bf16 "
+                           "(/proc/cpuinfo), where bf16 would be slower than fp32: running the "
+                           "fp32 ONNX Runtime forward instead")
+        return self._checked_onnx(model_dir)
+
+    def _checked_bf16(self):
+        forward = bf16_forward(self.model)
+        agree, drift = precision_drift(self.model, forward)
+        if agree < BF16_MIN_AGREEMENT or drift > BF16_MAX_DRIFT:
+            raise RuntimeError(f"the bf16 forward drifts from fp32 on the start-up check: top-1 "
+                               f"agrees on {agree:.1%} (needs {BF16_MIN_AGREEMENT:.0%}), largest "
+                               f"probability difference {drift:.3f} (allowed {BF16_MAX_DRIFT}); "
+                               f"set runtime: onnx")
+        logger.info("bf16 forward: top-1 agrees with fp32 on %.1f%% of the check, largest "
+                    "probability difference %.4f", 100 * agree, drift)
+        return forward
+
+    def _checked_onnx(self, model_dir):
         if importlib.util.find_spec("onnxruntime") is None:  # e.g. a stock TorchServe image
             logger.warning("handler.runtime onnx: onnxruntime is not installed, running the torch "
                            "net (the same answers, slower; pip install onnxruntime)")
-            return self.model
+            return self.model, "torch"
         path = model_dir / ONNX_FILE
         if not path.exists():
             raise FileNotFoundError(f"handler.runtime onnx needs {ONNX_FILE} in the archive "
@@ -176,12 +212,7 @@ class Cifar10Handler(BaseHandler):
         if error > ONNX_TOLERANCE:
             raise RuntimeError(f"{ONNX_FILE} does not hold these weights: its logits differ by "
                                f"{error:.2e} (> {ONNX_TOLERANCE:.0e}); rebuild with `make archive`")
-        return forward
-
-    @property
-    def runtime(self):
-        """What runs the forward pass: "onnx" (ONNX Runtime) or "torch"."""
-        return "torch" if self.forward is self.model else "onnx"
+        return forward, "onnx"
 
     @staticmethod
     def _class_names(model_dir, trained_classes):
@@ -266,7 +297,7 @@ class Cifar10Handler(BaseHandler):
                 continue
             try:
                 opened = open_image(image, self.limits["max_image_pixels"])
-                budget -= decoded_pixels(opened)
+                budget -= image_pixels(opened)
                 if budget < 0:
                     raise bad_request(
                         f"{where}the request's images decode to more than "
@@ -361,7 +392,7 @@ class Cifar10Handler(BaseHandler):
         errors = {}
         for index, row in enumerate(rows):
             if row.error is not None:
-                code, message = row.error
+                code, message = row.error[0], _safe(row.error[1])
                 if self._request_index(index) != index:  # instances of one enveloped request
                     message = f"instance {index}: {message}"
                 errors.setdefault(self._request_index(index), (code, message))

@@ -132,7 +132,7 @@ def make_handler(tmp_path):
         model_dir = tmp_path / f"model-{uuid.uuid4().hex[:8]}"
         model_dir.mkdir()
         shutil.copy(checkpoint, model_dir / "weights.pt")
-        if config.get("runtime") == "onnx":
+        if config.get("runtime") in ("onnx", "bf16"):  # bf16 falls back to onnx
             source = torch.load(onnx_from or checkpoint, weights_only=True)
             export_onnx(build_net(source), model_dir / "cifar10.onnx")
         shutil.copy(ROOT / "handler" / "index_to_name.json", model_dir)

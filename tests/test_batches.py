@@ -140,6 +140,17 @@ def test_repeated_and_hostile_multipart_names_keep_every_image_in_order():
 
 # --- limits, each checked before the work it bounds -----------------------------------------------
 
+# 99 KB that decodes 16.8 M px through every scan: draft mode shrinks the output, not the work.
+def _flat_jpeg(size=4096):
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (120, 30, 200)).save(buffer, format="JPEG", quality=95,
+                                                          progressive=True)
+    return buffer.getvalue()
+
+
+FLAT_JPEG_4096 = _flat_jpeg()
+
+
 def progressive_jpeg_with_scans(extra):
     """A valid progressive JPEG with its last scan repeated ``extra`` times (a scan bomb)."""
     data = image_bytes("RGB", (64, 64), "JPEG", quality=90, progressive=True)
@@ -168,10 +179,12 @@ def progressive_jpeg_with_scans(extra):
      f"scans; at most {MAX_JPEG_SCANS} are accepted"),
     ({"a": solid_png((9, 9, 9), (64, 64)), "b": solid_png((9, 9, 9), (4096, 4096))}, 413,
      "image 1: the request's images decode to more"),
+    ({"a": FLAT_JPEG_4096, "b": FLAT_JPEG_4096}, 413,
+     "image 1: the request's images decode to more"),
     ({"x" * 100_000: b"junk"}, 400, "cannot decode"),
 ], ids=["json-65", "multipart-65", "json-12000", "v2-bytes-65", "v2-uint8-huge-shape",
         "kserve-65", "v2-id-3MB", "v2-id-int", "v2-shape-text", "jpeg-scan-bomb",
-        "request-pixels", "huge-field-name"])
+        "request-pixels", "progressive-jpegs-count-at-full-size", "huge-field-name"])
 def test_each_limit_is_a_clear_4xx_before_the_work(colour_handler, row, code, fragment):
     started = time.monotonic()
     (answer,), [(status, phrase)] = handle(colour_handler, [row])
@@ -315,3 +328,14 @@ def test_kserve_v2_envelope_answers_or_refuses_what_it_would_drop(colour_handler
                        "data": [b64(IMAGES[3]), b64(IMAGES[4])]}]}
     _, status, phrase = enveloped(KServev2Envelope, colour_handler, two)
     assert status == 400 and "shape [2] does not match 1 items" in phrase
+
+
+@pytest.mark.parametrize("shape", ["\ud800", "a\r\nX-Injected: 1", "\x00\x7f\u2028"])
+def test_messages_echo_client_text_as_printable_ascii(colour_handler, shape):
+    """TorchServe sends the message as the HTTP reason phrase: a lone surrogate there killed the
+    worker, CR/LF made the frontend drop it. Both are escaped, as is all non-ASCII text."""
+    body = {"inputs": [{"name": "x", "datatype": "BYTES", "shape": shape, "data": ["AAAA"]}]}
+    (answer,), [(status, phrase)] = handle(colour_handler, [{"body": body}])
+    assert status == 400 and answer["message"] == phrase
+    assert phrase.isascii() and phrase.isprintable() and "shape must be a list" in phrase
+    phrase.encode("utf-8")

@@ -1,6 +1,9 @@
-"""The handler's `runtime: onnx` forward (ONNX Runtime on the archive's cifar10.onnx): it answers as
-the torch net does, and a missing, stale or unknown runtime file fails the worker's start loudly."""
+"""The handler's CPU runtimes. `runtime: onnx` (ONNX Runtime on the archive's cifar10.onnx) answers
+as the torch net does, and a missing, stale or unknown runtime file fails the worker's start
+loudly. `runtime: bf16` (the default: torch under bf16 autocast) answers within bf16's precision,
+is refused when it drifts, and falls back to onnx on a CPU without bf16 units."""
 import importlib.util
+import logging
 import subprocess
 import sys
 
@@ -8,7 +11,9 @@ import pytest
 import torch
 from conftest import FIXTURES, ROOT, handle
 
-from cifar10_net import build_net, onnx_forward, onnx_mismatch
+import cifar10_handler
+import train
+from cifar10_net import build_net, cpu_has_bf16, onnx_forward, onnx_mismatch
 
 IMAGES = [{"body": (FIXTURES / f"{name}.jpg").read_bytes()}
           for name in ("airplane", "cat", "dog", "ship", "truck")]
@@ -66,7 +71,7 @@ def test_onnx_file_of_other_weights_fails_loudly(make_handler, tiny_checkpoint,
 
 
 def test_unknown_runtime_fails_loudly(make_handler, tiny_checkpoint):
-    with pytest.raises(ValueError, match="must be torch or onnx"):
+    with pytest.raises(ValueError, match="must be one of"):
         make_handler(tiny_checkpoint, runtime="tensorrt")
 
 
@@ -75,3 +80,59 @@ def test_gpu_worker_runs_the_torch_net(make_handler, tiny_checkpoint):
         pytest.skip("no CUDA device on this machine")
     handler = make_handler(tiny_checkpoint, gpu_id=0, runtime="onnx")
     assert handler.runtime == "torch" and handler.forward is handler.model
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """Pretend the CPU has bf16 units (autocast emulates them where it has not: same answers)."""
+    monkeypatch.setattr(cifar10_handler, "cpu_has_bf16", lambda: True)
+
+
+@pytest.mark.parametrize("tta", [0, 1])
+def test_bf16_answers_as_fp32_within_its_precision(make_handler, colour_checkpoint, bf16_cpu,
+                                                   tta):
+    fp32, _ = handle(make_handler(colour_checkpoint, tta=tta), IMAGES)
+    handler = make_handler(colour_checkpoint, tta=tta, runtime="bf16")
+    bf16, statuses = handle(handler, IMAGES)
+    assert handler.runtime == "bf16" and {code for code, _ in statuses} == {200}
+    for expected, got in zip(fp32, bf16):
+        assert next(iter(got)) == next(iter(expected))  # the same top-1
+        assert max(abs(got[k] - p) for k, p in expected.items() if k in got) < 0.02
+
+
+def test_bf16_that_drifts_from_fp32_stops_the_worker(make_handler, colour_checkpoint, bf16_cpu,
+                                                     monkeypatch):
+    monkeypatch.setattr(cifar10_handler, "bf16_forward",
+                        lambda net: lambda x: net(x).flip(1))  # a broken low-precision forward
+    with pytest.raises(RuntimeError, match="drifts from fp32"):
+        make_handler(colour_checkpoint, runtime="bf16")
+
+
+def test_bf16_on_a_cpu_without_bf16_units_falls_back_to_onnx(make_handler, colour_checkpoint,
+                                                             monkeypatch, caplog):
+    monkeypatch.setattr(cifar10_handler, "cpu_has_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        handler = make_handler(colour_checkpoint, runtime="bf16")
+    assert handler.runtime == "onnx" and "no avx512_bf16 or amx_bf16" in caplog.text
+    assert {code for code, _ in handle(handler, IMAGES)[1]} == {200}
+
+
+def test_cpu_bf16_check_reads_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse avx512f avx512_vnni\n")
+    assert not cpu_has_bf16(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu sse avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_bf16(cpuinfo)
+    assert not cpu_has_bf16(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_precision_is_chosen_and_recorded(tiny_checkpoint, tmp_path, precision):
+    from conftest import TINY_ARGS
+    data = tiny_checkpoint.parent / "data"
+    out = tmp_path / f"{precision}.pt"
+    train.train(train.parse_args(["--data-dir", str(data), "--out", str(out), "--precision",
+                                  precision] + TINY_ARGS))
+    assert torch.load(out, weights_only=True)["precision"] == precision
+    assert train.resolve_precision("auto", torch.device("cpu")) == \
+        ("bf16" if cpu_has_bf16() else "fp32")

@@ -21,7 +21,7 @@ import requests
 from conftest import COLOURS, FIXTURES, ROOT, image_bytes, solid_png
 from PIL import Image
 
-from cifar10_net import CIFAR10_CLASSES
+from cifar10_net import CIFAR10_CLASSES, cpu_has_bf16
 
 from client import TorchServeClient, read_properties
 
@@ -113,12 +113,13 @@ def stop(java):
         process.kill()
 
 
-def test_a_worker_that_cannot_load_stops_the_start_with_its_message(
-        tiny_checkpoint, constant_checkpoint, tmp_path):
-    """An archive whose ONNX file does not match its weights: the worker refuses to load, and the
-    wait (`make serve`'s too) ends with that message instead of TorchServe's minutes of retries."""
-    with pytest.raises(RuntimeError, match="does not hold these weights"):
-        with torchserve(tiny_checkpoint, tmp_path, swap_weights=constant_checkpoint):
+def test_a_worker_that_cannot_load_stops_the_start_with_its_message(tiny_checkpoint, tmp_path):
+    """An archive whose weights file is corrupt: the worker refuses to load, and the wait
+    (`make serve`'s too) ends with that message instead of TorchServe's minutes of retries."""
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint" * 100)
+    with pytest.raises(RuntimeError, match="cannot load the weights"):
+        with torchserve(tiny_checkpoint, tmp_path, swap_weights=junk):
             pass
 
 
@@ -171,11 +172,14 @@ def test_predict_returns_top5(server):
     assert len(answer) == 5 and list(answer.values()) == sorted(answer.values(), reverse=True)
 
 
-def test_served_workers_run_the_onnx_forward(server):
-    """model-config.yaml's runtime: onnx reaches the workers (the log line of each start)."""
+def test_served_workers_run_the_configured_forward(server):
+    """model-config.yaml's runtime: bf16 reaches the workers (the log line of each start): bf16
+    where the CPU has bf16 units, the fp32 ONNX Runtime forward elsewhere."""
     assert server.predict(FIXTURES / "cat.jpg").status_code == 200
     log = (server.run_dir / "logs" / "model_log.log").read_text()
-    assert "(runtime onnx," in log and "(runtime torch," not in log
+    expected, other = ("bf16", "onnx") if cpu_has_bf16() else ("onnx", "bf16")
+    assert f"(runtime {expected}," in log and f"(runtime {other}," not in log
+    assert "(runtime torch," not in log
 
 
 def test_several_images_in_one_multipart_request(server):
@@ -343,8 +347,20 @@ def attacks():
     Image.new("RGB", (16, 16)).save(dds, format="DDS")
     tiny = b64(solid_png((1, 2, 3), (1, 1)))
     v2 = {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": [tiny]}]}
+    flat = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (120, 30, 200)).save(flat, format="JPEG", quality=95,
+                                                        progressive=True)
     return [
         ("12000 images", dict(json={"data": [tiny] * 12000}), 413, "at most 64"),
+        ("64 progressive 4096x4096 JPEGs", dict(files=[("f", ("a.jpg", flat.getvalue()))] * 64),
+         413, "decode to more than"),
+        ("surrogate in a message", dict(json={"inputs": [{"name": "x", "datatype": "BYTES",
+                                                          "shape": "\ud800", "data": [tiny]}]},
+                                        path="v2"), 400, "shape must be a list"),
+        ("CR LF in a message", dict(json={"inputs": [{"name": "x", "datatype": "BYTES",
+                                                      "shape": "a\r\nX-Injected: 1",
+                                                      "data": [tiny]}]}, path="v2"),
+         400, "shape must be a list"),
         ("3 MB v2 id", dict(data=json.dumps({"id": "é" * 1_500_000, **v2}, ensure_ascii=False)
                             .encode(), headers={"Content-Type": "application/json"}, path="v2"),
          400, "must be a string of at most 256"),
