@@ -8,11 +8,14 @@ MODEL_STORE ?= model_store
 MAR         ?= $(MODEL_STORE)/cifar10.mar
 ONNX        ?= $(MODEL_STORE)/build/cifar10.onnx
 TS_CONFIG   ?= config.properties
+MODEL_CONFIG ?= handler/model-config.yaml
 RUN_DIR     ?= .run
 IMG         ?= tests/fixtures/cat.jpg
 WORKERS     ?= 2
 TESTS       ?= tests
 BENCH_ARGS  ?=
+# make bench serves the archive again with this handler.runtime and compares (empty: skip)
+BENCH_COMPARE ?= onnx
 IMAGE       ?= cifar10-torchserve
 IMAGE_TAG   ?= cpu
 TS_BASE     ?= pytorch/torchserve:0.12.0-$(IMAGE_TAG)
@@ -26,7 +29,7 @@ CHECK_JAVA = java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])' \
   || { echo "$(JAVA_MSG); found: $$(java -version 2>&1 | head -n 1 || echo no java)"; exit 1; }
 PY  := $(BIN)/python
 HANDLER_FILES := handler/cifar10_handler.py handler/cifar10_net.py \
-                 handler/index_to_name.json handler/model-config.yaml
+                 handler/index_to_name.json $(MODEL_CONFIG)
 
 .DEFAULT_GOAL := help
 .PHONY: help install train archive serve stop status predict scale test evaluate bench clean \
@@ -55,7 +58,7 @@ $(MAR): $(WEIGHTS) $(ONNX) $(HANDLER_FILES) | $(BIN)/torchserve
 	$(BIN)/torch-model-archiver --force --model-name cifar10 --version 1.0 \
 	  --model-file handler/cifar10_net.py --serialized-file $(WEIGHTS) \
 	  --handler handler/cifar10_handler.py --extra-files handler/index_to_name.json,$(ONNX) \
-	  --config-file handler/model-config.yaml --export-path $(MODEL_STORE)
+	  --config-file $(MODEL_CONFIG) --export-path $(MODEL_STORE)
 
 $(WEIGHTS):
 	@echo "$(WEIGHTS) is missing: \`make train\` writes it (or pass WEIGHTS=path/to/checkpoint.pt)"; exit 1
@@ -93,7 +96,8 @@ evaluate: $(BIN)/torchserve ## score WEIGHTS (or URL=http://127.0.0.1:8080, the 
 
 bench: $(MAR) ## load-test a TorchServe started here with wrk, beside the handler in-process; writes bench/results/
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian/Ubuntu: apt-get install wrk)"; exit 1; }
-	$(PY) bench/bench.py --start --config $(TS_CONFIG) --mar $(MAR) $(BENCH_ARGS)
+	$(PY) bench/bench.py --start --config $(TS_CONFIG) --mar $(MAR) \
+	  $(if $(BENCH_COMPARE),--compare-runtime $(BENCH_COMPARE)) $(BENCH_ARGS)
 
 docker: $(MAR) ## build IMAGE:IMAGE_TAG on pytorch/torchserve (IMAGE_TAG=gpu: the GPU base)
 	docker build --build-arg BASE=$(TS_BASE) -t $(IMAGE):$(IMAGE_TAG) .

@@ -36,6 +36,8 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "handler")]  # client.py; the modules TorchServe imports
 
@@ -89,6 +91,9 @@ def parse_args(argv=None):
     a("--device", choices=("auto", "cpu", "cuda"), default="auto",
       help="in-process device; auto: cuda:0 when there is one, as a TorchServe worker "
            "(default: auto)")
+    a("--compare-runtime", choices=("onnx", "torch", "bf16"), default=None,
+      help="with --start: also serve the same archive with this handler.runtime, one server after "
+           "the other, and compare (default: none)")
     a("--in-process-only", action="store_true",
       help="skip the server and wrk, run only the in-process part (default: off)")
     a("--out", type=Path, default=ROOT / "bench" / "results",
@@ -96,6 +101,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if min(args.concurrency + [args.duration, args.wrk_threads, args.multi_images, args.batch]) < 1:
         p.error("--concurrency, --duration, --wrk-threads, --multi-images, --batch must be >= 1")
+    if args.compare_runtime and not args.start:
+        p.error("--compare-runtime needs --start (bench.py starts both servers)")
     if not args.in_process_only and shutil.which("wrk") is None:
         p.error("wrk not found: apt-get install -y wrk (or pass --in-process-only)")
     return args
@@ -147,8 +154,10 @@ def make(target, make_vars):
 
 
 @contextlib.contextmanager
-def server(args):
-    """Yields (client, cold-start seconds or None); with --start, `make serve` ... `make stop`."""
+def server(args, make_vars=None):
+    """Yields (client, cold-start seconds or None); with --start, `make serve` ... `make stop`
+    (with ``make_vars``, by default --make-var's)."""
+    make_vars = args.make_var if make_vars is None else make_vars
     client = TorchServeClient(args.config, args.key_file)
     for address in (client.inference, client.management):
         host = urlparse(address).hostname or ""
@@ -161,20 +170,20 @@ def server(args):
     if _answers(client):
         sys.exit("a TorchServe already answers at these addresses; `make stop` it first, or drop "
                  "--start to benchmark it as it is")
-    if make("archive", args.make_var).returncode:  # untimed, so `make serve` only starts
+    if make("archive", make_vars).returncode:  # untimed, so `make serve` only starts
         sys.exit("`make archive` failed")
     started = False
     try:
         log.info("cold start: timing `make serve` (archive up to date)")
         t0 = time.perf_counter()
         started = True
-        if make("serve", args.make_var).returncode:
+        if make("serve", make_vars).returncode:
             sys.exit("`make serve` failed (its output above)")
         yield client, time.perf_counter() - t0
     finally:
         if started:
             log.info("stopping the TorchServe bench.py started: `make stop`")
-            make("stop", args.make_var)
+            make("stop", make_vars)
 
 
 def _is_loopback(host):
@@ -189,6 +198,27 @@ def _answers(client):
         return client.ping().ok
     except Exception:  # noqa: BLE001 - nothing listening, no key file yet, ...: not running
         return False
+
+
+def compare_runtime(args, folder):
+    """Serve the archive again with model-config.yaml's handler.runtime set to
+    --compare-runtime (its own model store), measured as the first: {runtime, cold start, rows}."""
+    config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+    config["handler"]["runtime"] = args.compare_runtime
+    config_file = folder / "model-config.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    make_vars = [*args.make_var, f"MODEL_CONFIG={config_file}",
+                 f"MODEL_STORE={folder / 'store'}", f"ONNX={folder / 'store' / 'cifar10.onnx'}"]
+    with server(args, make_vars) as (client, cold):
+        return {"runtime": args.compare_runtime, "cold_start_s": cold,
+                "served": served(client, args, folder)}
+
+
+def served_runtime(args):
+    """handler.runtime of the served archive's model-config.yaml (--make-var MODEL_CONFIG=...)."""
+    path = next((v.split("=", 1)[1] for v in args.make_var if v.startswith("MODEL_CONFIG=")),
+                ROOT / "handler" / "model-config.yaml")
+    return yaml.safe_load(Path(path).read_text()).get("handler", {}).get("runtime", "torch")
 
 
 def describe(client):
@@ -279,7 +309,6 @@ def load_handler(args, folder, threads):
     """The served handler class, initialised on a ts Context as a TorchServe worker would, with
     ``threads`` torch (and ONNX Runtime) threads; also the threads a served worker gets."""
     import torch
-    import yaml
     from ts.context import Context
     from ts.metrics.metrics_store import MetricsStore
     from cifar10_handler import Cifar10Handler
@@ -431,6 +460,8 @@ def markdown(report):
                   "| what | batch | img/s | ms per batch |", "|---|--:|--:|--:|"]
         lines += [f"| {r['what']} | {r['batch']} | {r['img_s']:.1f} | {r['ms_per_batch']:.3f} |"
                   for r in report["in_process"]]
+    if report.get("compare"):
+        lines += compare_table(report)
     ratio = report.get("ratio")
     if report.get("served") and not ratio:
         lines += ["", "Served / in-process: n/a (no 1-image run at --ratio-connections)"]
@@ -440,6 +471,30 @@ def markdown(report):
                   f"{ratio['handler_img_s']:.1f} img/s of the handler in-process at batch "
                   f"{ratio['batch']}."]
     return "\n".join(lines) + "\n"
+
+
+def compare_table(report):
+    """Markdown rows: the default runtime beside --compare-runtime's, and their ratios."""
+    default, other = report["server"].get("runtime", "default"), report["compare"]
+    def pick(rows, images, connections):
+        return next((r for r in rows if r["images"] == images and r["connections"] == connections),
+                    None)
+    rows = [("cold start, s", report.get("cold_start_s"), other["cold_start_s"])]
+    for r in report["served"]:
+        twin = pick(other["served"], r["images"], r["connections"])
+        if twin:
+            rows.append((f"img/s, {r['kind']}, {r['connections']} conn", r["img_s"],
+                         twin["img_s"]))
+            if r["images"] == 1 and r["connections"] == 1:
+                rows.append(("p50 ms, 1 image, 1 conn", r["latency_us"]["p50"] / 1e3,
+                             twin["latency_us"]["p50"] / 1e3))
+    lines = ["", f"## Runtime {default} beside runtime {other['runtime']} (same run, one server "
+             "after the other)", "", f"| | {default} | {other['runtime']} | {default} / "
+             f"{other['runtime']} |", "|---|--:|--:|--:|"]
+    for what, mine, theirs in rows:
+        if mine is not None and theirs:
+            lines.append(f"| {what} | {mine:.1f} | {theirs:.1f} | {mine / theirs:.2f} |")
+    return lines
 
 
 def plot(report):
@@ -454,7 +509,13 @@ def plot(report):
     rows = [r for r in report["served"] if r["images"] == 1]
     x = [r["connections"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.plot(x, [r["img_s"] for r in rows], "o-", label="served, 1-image requests")
+    runtime = report["server"].get("runtime", "")
+    left.plot(x, [r["img_s"] for r in rows], "o-", label=f"served {runtime}, 1-image requests")
+    other = report.get("compare")
+    other_rows = [r for r in other["served"] if r["images"] == 1] if other else []
+    if other_rows:
+        left.plot([r["connections"] for r in other_rows], [r["img_s"] for r in other_rows], "o--",
+                  label=f"served {other['runtime']}, 1-image requests")
     for r in report["served"]:
         if r["images"] > 1:
             left.plot([r["connections"]], [r["img_s"]], "s", label=f"served, {r['kind']}")
@@ -463,8 +524,14 @@ def plot(report):
         left.axhline(handler["img_s"], ls="--", c="grey",
                      label=f"handler in-process, batch {handler['batch']}")
     left.set(xscale="log", xlabel="wrk connections", ylabel="images/s", title="Throughput")
-    right.plot(x, [r["latency_us"]["p50"] / 1e3 for r in rows], "o-", label="p50")
-    right.plot(x, [r["latency_us"]["p99"] / 1e3 for r in rows], "o-", label="p99")
+    right.plot(x, [r["latency_us"]["p50"] / 1e3 for r in rows], "o-", label=f"p50 {runtime}")
+    right.plot(x, [r["latency_us"]["p99"] / 1e3 for r in rows], "o-", label=f"p99 {runtime}")
+    if other_rows:
+        ox = [r["connections"] for r in other_rows]
+        right.plot(ox, [r["latency_us"]["p50"] / 1e3 for r in other_rows], "o--",
+                   label=f"p50 {other['runtime']}")
+        right.plot(ox, [r["latency_us"]["p99"] / 1e3 for r in other_rows], "o--",
+                   label=f"p99 {other['runtime']}")
     right.set(xscale="log", yscale="log", xlabel="wrk connections", ylabel="ms",
               title="Latency, 1-image requests")
     right.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
@@ -518,8 +585,10 @@ def main(argv=None):
         if not args.in_process_only:
             with server(args) as (client, cold):
                 report["cold_start_s"] = cold
-                report["server"] = describe(client)
+                report["server"] = dict(describe(client), runtime=served_runtime(args))
                 report["served"] = served(client, args, folder)
+            if args.compare_runtime:
+                report["compare"] = compare_runtime(args, folder)
         report["in_process"], report["in_process_meta"] = in_process(args, folder)
     served_at = [r for r in report.get("served", [])
                  if r["images"] == 1 and r["connections"] == args.ratio_connections]
