@@ -7,6 +7,10 @@ WEIGHTS     ?= weights/cifar10.pt
 MODEL_STORE ?= model_store
 MAR         ?= $(MODEL_STORE)/cifar10.mar
 ONNX        ?= $(MODEL_STORE)/build/cifar10.onnx
+INT8        ?= $(MODEL_STORE)/build/cifar10.int8.onnx
+# Real images the int8 export is calibrated on (any folder of images; the fixtures if DATA_DIR
+# is not there): 512 of them, a fixed random subset.
+CALIB_DIR   ?= $(if $(wildcard $(DATA_DIR)),$(DATA_DIR),tests/fixtures)
 TS_CONFIG   ?= config.properties
 MODEL_CONFIG ?= handler/model-config.yaml
 RUN_DIR     ?= .run
@@ -50,20 +54,20 @@ train: $(BIN)/torchserve ## train on the ImageFolder DATA_DIR (DATA_DIR= downloa
 	$(PY) train.py $(if $(DATA_DIR),--data-dir $(DATA_DIR),--download-root data) \
 	  --epochs $(EPOCHS) --out $(WEIGHTS)
 
-$(ONNX): $(WEIGHTS) handler/cifar10_net.py export_onnx.py | $(BIN)/torchserve
-	$(PY) export_onnx.py $(WEIGHTS) $(ONNX)
+$(ONNX) $(INT8) &: $(WEIGHTS) handler/cifar10_net.py export_onnx.py | $(BIN)/torchserve
+	$(PY) export_onnx.py $(WEIGHTS) $(ONNX) --int8 $(INT8) --calibration-dir $(CALIB_DIR)
 
-$(MAR): $(WEIGHTS) $(ONNX) $(HANDLER_FILES) | $(BIN)/torchserve
+$(MAR): $(WEIGHTS) $(ONNX) $(INT8) $(HANDLER_FILES) | $(BIN)/torchserve
 	@mkdir -p $(MODEL_STORE)
 	$(BIN)/torch-model-archiver --force --model-name cifar10 --version 1.0 \
 	  --model-file handler/cifar10_net.py --serialized-file $(WEIGHTS) \
-	  --handler handler/cifar10_handler.py --extra-files handler/index_to_name.json,$(ONNX) \
+	  --handler handler/cifar10_handler.py --extra-files handler/index_to_name.json,$(ONNX),$(INT8) \
 	  --config-file $(MODEL_CONFIG) --export-path $(MODEL_STORE)
 
 $(WEIGHTS):
 	@echo "$(WEIGHTS) is missing: \`make train\` writes it (or pass WEIGHTS=path/to/checkpoint.pt)"; exit 1
 
-archive: $(MAR) ## export the ONNX forward, package it with weights, model, handler, configs into MAR
+archive: $(MAR) ## export the ONNX forwards (fp32, int8), package them with weights, model, handler, configs
 
 serve: $(MAR) ## start TorchServe in the background; returns once a prediction succeeds
 	@$(CHECK_JAVA)
@@ -116,4 +120,4 @@ test: $(BIN)/torchserve ## run the test suite (handler, training, archive, a rea
 	$(PY) -m pytest $(TESTS)
 
 clean: ## remove build outputs (the archive, logs, run files)
-	rm -rf $(MAR) $(ONNX) logs $(RUN_DIR) .pytest_cache dist
+	rm -rf $(MAR) $(ONNX) $(INT8) logs $(RUN_DIR) .pytest_cache dist

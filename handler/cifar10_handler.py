@@ -36,18 +36,15 @@ from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from cifar10_net import (IMAGE_SIZE, MAX_IMAGE_PIXELS, bf16_forward, build_net, cpu_has_bf16,
-                         image_pixels, eval_transform, image_tensor, onnx_forward, onnx_mismatch,
-                         open_image, precision_drift, predict_logits, to_rgb32)
+from cifar10_net import (IMAGE_SIZE, MAX_IMAGE_PIXELS, bf16_forward, build_net, check_precision,
+                         cpu_has_bf16, cpu_has_vnni, eval_transform, image_pixels, image_tensor,
+                         onnx_forward, onnx_mismatch, open_image, predict_logits, to_rgb32)
 
 logger = logging.getLogger(__name__)
 ONNX_FILE = "cifar10.onnx"  # what `make archive` adds to the .mar (export_onnx.py)
 ONNX_TOLERANCE = 1e-4  # largest accepted |ONNX - eager| logit difference
-RUNTIMES = ("bf16", "onnx", "torch")
-# A bf16 forward must give fp32's top-1 on this share of the start-up check's images, and move
-# no class probability by more than this (bf16 keeps ~3 significant digits).
-BF16_MIN_AGREEMENT = 0.95
-BF16_MAX_DRIFT = 0.05
+INT8_FILE = "cifar10.int8.onnx"  # the same, quantized (export_onnx.py --int8)
+RUNTIMES = ("int8", "bf16", "onnx", "torch")
 # A body that starts like JSON (checked without copying the body, unlike bytes.lstrip()).
 JSON_START = re.compile(rb"\s*[\[{]")
 PIXELS_PER_IMAGE = IMAGE_SIZE * IMAGE_SIZE * 3
@@ -169,45 +166,55 @@ class Cifar10Handler(BaseHandler):
                     torch.get_num_threads(), self.limits)
 
     def _runtime(self, runtime, model_dir):
-        """(the forward pass predictions use, its name). On the CPU: "bf16" (the torch net under
-        bf16 autocast, where the CPU has bf16 units, else fp32 ONNX Runtime), "onnx" (ONNX Runtime
-        on the archive's cifar10.onnx) or "torch"; each low-precision or exported forward is
-        checked against the fp32 torch net before it is trusted. On a GPU: the torch net."""
+        """(the forward pass predictions use, its name). On the CPU: "int8" (ONNX Runtime on the
+        archive's int8 cifar10.int8.onnx, where the CPU has VNNI), "bf16" (the torch net under
+        bf16 autocast, where it has bf16 units), "onnx" (fp32 ONNX Runtime) or "torch"; without
+        the units a low-precision runtime needs, the worker logs why and runs "onnx". Each
+        exported or low-precision forward is checked against the fp32 torch net first. On a GPU:
+        the torch net."""
         if runtime not in RUNTIMES:
             raise ValueError(f"model-config.yaml handler.runtime must be one of {RUNTIMES}, "
                              f"got {runtime!r}")
         if runtime == "torch" or self.device.type != "cpu":
             return self.model, "torch"
-        if runtime == "bf16":
-            if cpu_has_bf16():
-                return self._checked_bf16(), "bf16"
-            logger.warning("handler.runtime bf16: this CPU has no avx512_bf16 or amx_bf16 "
-                           "(/proc/cpuinfo), where bf16 would be slower than fp32: running the "
-                           "fp32 ONNX Runtime forward instead")
-        return self._checked_onnx(model_dir)
+        has_units, units = {"int8": (cpu_has_vnni, "avx512_vnni, avx_vnni or amx_int8"),
+                            "bf16": (cpu_has_bf16, "avx512_bf16 or amx_bf16")}.get(
+            runtime, (None, None))
+        if has_units is None:
+            return self._checked_onnx(model_dir)
+        if not has_units():
+            logger.warning("handler.runtime %s: this CPU has no %s (/proc/cpuinfo), where %s "
+                           "would be slower than fp32: running the fp32 ONNX Runtime forward "
+                           "instead", runtime, units, runtime)
+            return self._checked_onnx(model_dir)
+        if runtime == "int8":
+            if importlib.util.find_spec("onnxruntime") is None:
+                return self._checked_onnx(model_dir)  # which says why and runs torch
+            forward = self._onnx_file(model_dir / INT8_FILE, "export_onnx.py --int8")
+        else:
+            forward = bf16_forward(self.model)
+        try:
+            agree, drift = check_precision(self.model, forward, runtime)
+        except ValueError as err:
+            raise RuntimeError(f"{err}; rebuild with `make archive`, or set runtime: onnx") \
+                from err
+        logger.info("%s forward: top-1 agrees with fp32 on %.1f%% of the start-up check, largest "
+                    "probability difference %.4f", runtime, 100 * agree, drift)
+        return forward, runtime
 
-    def _checked_bf16(self):
-        forward = bf16_forward(self.model)
-        agree, drift = precision_drift(self.model, forward)
-        if agree < BF16_MIN_AGREEMENT or drift > BF16_MAX_DRIFT:
-            raise RuntimeError(f"the bf16 forward drifts from fp32 on the start-up check: top-1 "
-                               f"agrees on {agree:.1%} (needs {BF16_MIN_AGREEMENT:.0%}), largest "
-                               f"probability difference {drift:.3f} (allowed {BF16_MAX_DRIFT}); "
-                               f"set runtime: onnx")
-        logger.info("bf16 forward: top-1 agrees with fp32 on %.1f%% of the check, largest "
-                    "probability difference %.4f", 100 * agree, drift)
-        return forward
+    def _onnx_file(self, path, made_by):
+        if not path.exists():
+            raise FileNotFoundError(f"handler.runtime needs {path.name} in the archive "
+                                    f"(`make archive` writes it with {made_by}), or set "
+                                    f"runtime: torch")
+        return onnx_forward(path, torch.get_num_threads())
 
     def _checked_onnx(self, model_dir):
         if importlib.util.find_spec("onnxruntime") is None:  # e.g. a stock TorchServe image
             logger.warning("handler.runtime onnx: onnxruntime is not installed, running the torch "
                            "net (the same answers, slower; pip install onnxruntime)")
             return self.model, "torch"
-        path = model_dir / ONNX_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"handler.runtime onnx needs {ONNX_FILE} in the archive "
-                                    f"(`make archive` exports it), or set runtime: torch")
-        forward = onnx_forward(path, torch.get_num_threads())
+        forward = self._onnx_file(model_dir / ONNX_FILE, "export_onnx.py")
         error = onnx_mismatch(self.model, forward)
         if error > ONNX_TOLERANCE:
             raise RuntimeError(f"{ONNX_FILE} does not hold these weights: its logits differ by "

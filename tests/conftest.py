@@ -14,7 +14,8 @@ from ts.metrics.metrics_store import MetricsStore
 
 import train
 from cifar10_handler import Cifar10Handler
-from cifar10_net import CIFAR10_CLASSES, build_net, export_onnx
+import export_onnx as export_script
+from cifar10_net import CIFAR10_CLASSES, build_net, export_onnx, quantize_int8
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -126,15 +127,20 @@ def make_context(model_dir, gpu_id=None, config=None):
 def make_handler(tmp_path):
     """make_handler(checkpoint, gpu_id=None, **handler_config) -> an initialised handler.
 
-    With runtime="onnx" the model directory also gets the checkpoint's ONNX export, as the .mar
-    does (or onnx_from's, a different checkpoint's)."""
+    With runtime="onnx" (or bf16, int8) the model directory also gets the checkpoint's ONNX export
+    (with int8, its quantized copy too), as the .mar does (or onnx_from's, another checkpoint's)."""
     def make(checkpoint, gpu_id=None, onnx_from=None, **config):
         model_dir = tmp_path / f"model-{uuid.uuid4().hex[:8]}"
         model_dir.mkdir()
         shutil.copy(checkpoint, model_dir / "weights.pt")
-        if config.get("runtime") in ("onnx", "bf16"):  # bf16 falls back to onnx
+        if config.get("runtime") in ("onnx", "bf16", "int8"):  # bf16, int8 fall back to onnx
             source = torch.load(onnx_from or checkpoint, weights_only=True)
             export_onnx(build_net(source), model_dir / "cifar10.onnx")
+            if config.get("runtime") == "int8":  # calibrated on the fixtures, as make archive can
+                calibration, _ = export_script.calibration_batch(
+                    FIXTURES, 64, source.get("normalization", {}))
+                quantize_int8(model_dir / "cifar10.onnx", model_dir / "cifar10.int8.onnx",
+                              calibration)
         shutil.copy(ROOT / "handler" / "index_to_name.json", model_dir)
         handler = Cifar10Handler()
         handler.initialize(make_context(model_dir, gpu_id, config))

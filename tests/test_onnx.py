@@ -13,7 +13,8 @@ from conftest import FIXTURES, ROOT, handle
 
 import cifar10_handler
 import train
-from cifar10_net import build_net, cpu_has_bf16, onnx_forward, onnx_mismatch
+from cifar10_net import (build_net, check_precision, cpu_has_bf16, onnx_forward,
+                         onnx_mismatch)
 
 IMAGES = [{"body": (FIXTURES / f"{name}.jpg").read_bytes()}
           for name in ("airplane", "cat", "dog", "ship", "truck")]
@@ -136,3 +137,45 @@ def test_training_precision_is_chosen_and_recorded(tiny_checkpoint, tmp_path, pr
     assert torch.load(out, weights_only=True)["precision"] == precision
     assert train.resolve_precision("auto", torch.device("cpu")) == \
         ("bf16" if cpu_has_bf16() else "fp32")
+
+
+@pytest.fixture
+def vnni_cpu(monkeypatch):
+    """Pretend the CPU has VNNI (ONNX Runtime's int8 kernels run either way: same answers)."""
+    monkeypatch.setattr(cifar10_handler, "cpu_has_vnni", lambda: True)
+
+
+def test_int8_answers_as_fp32_within_its_precision(make_handler, colour_checkpoint, vnni_cpu):
+    fp32, _ = handle(make_handler(colour_checkpoint, tta=1), IMAGES)
+    handler = make_handler(colour_checkpoint, tta=1, runtime="int8")
+    int8, statuses = handle(handler, IMAGES)
+    assert handler.runtime == "int8" and {code for code, _ in statuses} == {200}
+    for expected, got in zip(fp32, int8):
+        assert next(iter(got)) == next(iter(expected))  # the same top-1
+        assert max(abs(got[k] - p) for k, p in expected.items() if k in got) < 0.1
+
+
+def test_int8_file_of_other_weights_stops_the_worker(make_handler, colour_checkpoint,
+                                                     constant_checkpoint, vnni_cpu):
+    with pytest.raises(RuntimeError, match="int8 forward drifts from fp32"):
+        make_handler(colour_checkpoint, runtime="int8", onnx_from=constant_checkpoint)
+
+
+def test_int8_on_a_cpu_without_vnni_falls_back_to_onnx(make_handler, colour_checkpoint,
+                                                       monkeypatch, caplog):
+    monkeypatch.setattr(cifar10_handler, "cpu_has_vnni", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        handler = make_handler(colour_checkpoint, runtime="int8")
+    assert handler.runtime == "onnx" and "no avx512_vnni, avx_vnni or amx_int8" in caplog.text
+
+
+def test_int8_export_is_calibrated_and_checked(colour_checkpoint, tmp_path):
+    """export_onnx.py --int8, as `make archive` runs it, on the fixtures as calibration images."""
+    out, int8 = tmp_path / "cifar10.onnx", tmp_path / "cifar10.int8.onnx"
+    result = subprocess.run([sys.executable, ROOT / "export_onnx.py", colour_checkpoint, out,
+                             "--int8", int8, "--calibration-dir", FIXTURES],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "calibrated on 10 images" in result.stdout and int8.exists()
+    net = build_net(torch.load(colour_checkpoint, weights_only=True))
+    assert check_precision(net, onnx_forward(int8), "int8")[0] >= 0.9

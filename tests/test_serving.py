@@ -21,7 +21,7 @@ import requests
 from conftest import COLOURS, FIXTURES, ROOT, image_bytes, solid_png
 from PIL import Image
 
-from cifar10_net import CIFAR10_CLASSES, cpu_has_bf16
+from cifar10_net import CIFAR10_CLASSES, cpu_has_vnni
 
 from client import TorchServeClient, read_properties
 
@@ -38,14 +38,16 @@ def free_port():
 def build_archive(weights, store):
     """`make archive` with this weights file and model store, as a user would run it."""
     subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "archive",
-                    f"WEIGHTS={weights}", f"MODEL_STORE={store}"], check=True)
+                    f"WEIGHTS={weights}", f"MODEL_STORE={store}", f"CALIB_DIR={FIXTURES}"],
+                   check=True)
     return store / "cifar10.mar"
 
 
 def test_archive_holds_what_the_handler_needs(tiny_checkpoint, tmp_path):
     mar = build_archive(tiny_checkpoint, tmp_path / "store")
     names = set(zipfile.ZipFile(mar).namelist())
-    assert {"cifar10_handler.py", "cifar10_net.py", "tiny.pt", "cifar10.onnx", "index_to_name.json",
+    assert {"cifar10_handler.py", "cifar10_net.py", "tiny.pt", "cifar10.onnx", "cifar10.int8.onnx",
+            "index_to_name.json",
             "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
 
 
@@ -173,13 +175,13 @@ def test_predict_returns_top5(server):
 
 
 def test_served_workers_run_the_configured_forward(server):
-    """model-config.yaml's runtime: bf16 reaches the workers (the log line of each start): bf16
-    where the CPU has bf16 units, the fp32 ONNX Runtime forward elsewhere."""
+    """model-config.yaml's runtime: int8 reaches the workers (the log line of each start): int8
+    where the CPU has VNNI, the fp32 ONNX Runtime forward elsewhere."""
     assert server.predict(FIXTURES / "cat.jpg").status_code == 200
     log = (server.run_dir / "logs" / "model_log.log").read_text()
-    expected, other = ("bf16", "onnx") if cpu_has_bf16() else ("onnx", "bf16")
-    assert f"(runtime {expected}," in log and f"(runtime {other}," not in log
-    assert "(runtime torch," not in log
+    expected = "int8" if cpu_has_vnni() else "onnx"
+    runtimes = set(re.findall(r"\(runtime (\w+),", log))
+    assert runtimes == {expected}
 
 
 def test_several_images_in_one_multipart_request(server):
