@@ -67,6 +67,7 @@ def main(argv=None):
 def write_int8(net, checkpoint, args):
     calibration, count = calibration_batch(args.calibration_dir, args.calibration_images,
                                            checkpoint.get("normalization", {}))
+    args.int8.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.int8.with_suffix(".tmp")
     quantize_int8(args.out, tmp, calibration)
     try:  # the check the handler repeats at start

@@ -208,7 +208,8 @@ def compare_runtime(args, folder):
     config_file = folder / "model-config.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     make_vars = [*args.make_var, f"MODEL_CONFIG={config_file}",
-                 f"MODEL_STORE={folder / 'store'}", f"ONNX={folder / 'store' / 'cifar10.onnx'}"]
+                 f"MODEL_STORE={folder / 'store'}", f"ONNX={folder / 'store' / 'cifar10.onnx'}",
+                 f"INT8={folder / 'store' / 'cifar10.int8.onnx'}"]
     with server(args, make_vars) as (client, cold):
         return {"runtime": args.compare_runtime, "cold_start_s": cold,
                 "served": served(client, args, folder)}
