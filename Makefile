@@ -93,9 +93,10 @@ demo: $(BIN)/torchserve ## serve the browser demo on 127.0.0.1:DEMO_PORT (after 
 scale: ## set the number of workers to WORKERS (management API)
 	$(PY) client.py scale $(WORKERS)
 
-evaluate: $(BIN)/torchserve ## score WEIGHTS (or URL=http://127.0.0.1:8080, the server) on the ImageFolder EVAL_DIR
+evaluate: $(BIN)/torchserve ## score WEIGHTS in fp32 and int8 (or URL=http://127.0.0.1:8080, the server) on the ImageFolder EVAL_DIR
 	@test -n "$(EVAL_DIR)" || { echo "usage: make evaluate EVAL_DIR=path/to/imagefolder [URL=http://127.0.0.1:8080]"; exit 2; }
-	$(PY) evaluate.py $(EVAL_DIR) $(if $(URL),--url $(URL),--weights $(WEIGHTS)) \
+	$(PY) evaluate.py $(EVAL_DIR) $(if $(URL),--url $(URL),--weights $(WEIGHTS) \
+	  $(if $(wildcard $(INT8)),--int8 $(INT8))) \
 	  $(if $(HOLDOUT),--holdout $(HOLDOUT))
 
 bench: $(MAR) ## load-test a TorchServe started here with wrk, beside the handler in-process; writes bench/results/

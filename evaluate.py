@@ -4,6 +4,7 @@ Either a weights file in-process (the training eval path), or a running TorchSer
 served path, preprocessing included), one request per image:
 
     python evaluate.py path/to/test --weights weights/cifar10.pt [--tta 0] [--precision fp32]
+    python evaluate.py path/to/test --weights weights/cifar10.pt --int8 model_store/build/cifar10.int8.onnx
     python evaluate.py path/to/test --url http://127.0.0.1:8080     # token from key_file.json
 
 Folder names must be class names (airplane, automobile, ...), as in torchvision's ImageFolder.
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 import train
 from client import TorchServeClient
-from cifar10_net import build_net, cpu_has_bf16
+from cifar10_net import build_net, onnx_forward
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,16 @@ def load_net(weights, device="cpu"):
     return net, checkpoint["classes"]
 
 
-def predict_offline(root, weights, tta=0, device="cpu", holdout=0, precision="fp32"):
+def predict_offline(root, weights, tta=0, device="cpu", holdout=0, precision="fp32", int8=None):
     """(predicted class names, true class names) for every image under root, in-process, with
-    the forward in ``precision`` (fp32, or bf16 autocast as the handler's `runtime: bf16`)."""
+    the forward in ``precision``: fp32, bf16 autocast (the handler's `runtime: bf16`), or int8,
+    ONNX Runtime on the quantized export ``int8`` (`runtime: int8`)."""
     images, labels, folder_classes, _ = train.load_image_folder(root)
     if holdout:
         _, _, images, labels = train.split(images, labels, holdout)
     net, classes = load_net(weights, device)
+    if precision == "int8":
+        net, precision = onnx_forward(int8, torch.get_num_threads()), "fp32"
     preds, _ = train.evaluate(net, images, labels, torch.device(device), tta=tta,
                               precision=precision)
     return [classes[i] for i in preds.tolist()], [folder_classes[i] for i in labels.tolist()]
@@ -93,9 +97,11 @@ def main(argv=None):
     p.add_argument("--tta", type=int, default=served_tta(), choices=[0, 1, 2],
                    help="test-time augmentation for --weights; by default model-config.yaml's, "
                         "as served")
-    p.add_argument("--precision", choices=["fp32", "bf16"], action="append",
-                   help="forward precision for --weights, repeatable; by default fp32, and bf16 "
-                        "too where the CPU has bf16 units (the served default)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], action="append",
+                   help="forward precision for --weights, repeatable; by default fp32, and int8 "
+                        "with --int8 (the served default)")
+    p.add_argument("--int8", type=Path,
+                   help="the int8 ONNX file `make archive` wrote, for --precision int8")
     p.add_argument("--key-file", default="key_file.json", help="TorchServe's token file")
     p.add_argument("--concurrency", type=int, default=8, help="parallel requests for --url")
     p.add_argument("--holdout", type=int, default=0,
@@ -104,12 +110,15 @@ def main(argv=None):
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = p.parse_args(argv)
     if args.weights:
-        precisions = args.precision or (["fp32", "bf16"] if cpu_has_bf16() else ["fp32"])
+        precisions = args.precision or (["fp32", "int8"] if args.int8 else ["fp32"])
+        if "int8" in precisions and not args.int8:
+            p.error("--precision int8 needs --int8 FILE")
         result = {}
         for precision in precisions:
             print(f"{args.weights}, {precision}, tta {args.tta}:")
             preds, truth = predict_offline(args.data_dir, args.weights, args.tta,
-                                           holdout=args.holdout, precision=precision)
+                                           holdout=args.holdout, precision=precision,
+                                           int8=args.int8)
             result[precision] = report(preds, truth)
     else:
         client = TorchServeClient(key_file=args.key_file)

@@ -184,8 +184,10 @@ class Lookahead:
 
 @torch.no_grad()
 def evaluate(net, images, labels, device, tta=0, batch_size=1000, precision="fp32"):
-    """Predicted labels for uint8 images, through the same transform the handler uses."""
-    net.eval()
+    """Predicted labels for uint8 images, through the same transform the handler uses. ``net``
+    may also be any forward callable (an ONNX Runtime session's, as the handler's)."""
+    if isinstance(net, nn.Module):
+        net.eval()
     transform = eval_transform()
     preds = []
     for i in range(0, len(images), batch_size):

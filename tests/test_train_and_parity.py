@@ -1,11 +1,14 @@
 """train.py's output, and that training-eval, offline evaluation and the handler agree."""
+import json
 import shutil
 
 import pytest
 import torch
-from conftest import FIXTURES, ROOT, handle
+from conftest import FIXTURES, ROOT, handle, make_context
 
+import cifar10_handler
 import evaluate
+import export_onnx as export_script
 import train
 from cifar10_net import CIFAR10_CLASSES, Cifar10Net, eval_transform
 
@@ -99,3 +102,38 @@ def test_augment_translates_flips_and_cuts_out_as_asked(pad, cutout):
         assert found
     flipped = train.augment(images, 1, no_flip, torch.Generator().manual_seed(0), 0, 0)
     assert torch.equal(flipped, images.flip(-1))  # odd epochs mirror the images that were not
+
+
+def test_evaluate_reports_fp32_and_the_served_int8(colour_checkpoint, tmp_path, monkeypatch):
+    """`make evaluate` on weights: fp32 and the int8 export the archive serves, side by side; the
+    int8 answers equal the handler's (runtime int8) on the same images."""
+    folder = fixture_folder(tmp_path / "folder")
+    onnx, int8 = tmp_path / "cifar10.onnx", tmp_path / "cifar10.int8.onnx"
+    export_script.main([str(colour_checkpoint), str(onnx), "--int8", str(int8),
+                        "--calibration-dir", str(FIXTURES)])
+    out = tmp_path / "result.json"
+    assert evaluate.main([str(folder), "--weights", str(colour_checkpoint), "--int8", str(int8),
+                          "--tta", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {"fp32", "int8"} and result["fp32"]["images"] == 10
+    offline, _ = evaluate.predict_offline(folder, colour_checkpoint, tta=1, precision="int8",
+                                          int8=int8)
+    monkeypatch.setattr(cifar10_handler, "cpu_has_vnni", lambda: True)
+    handler = load_int8_handler(colour_checkpoint, onnx, int8, tmp_path)
+    served, _ = handle(handler, [{"body": (FIXTURES / f"{n}.jpg").read_bytes()}
+                                 for n in CIFAR10_CLASSES])
+    assert offline == [next(iter(answer)) for answer in served]
+
+
+def load_int8_handler(checkpoint, onnx, int8, tmp_path):
+    """The handler on a model directory holding exactly these export files, runtime int8."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for source, name in ((checkpoint, "weights.pt"), (onnx, "cifar10.onnx"),
+                         (int8, "cifar10.int8.onnx"),
+                         (ROOT / "handler" / "index_to_name.json", "index_to_name.json")):
+        shutil.copy(source, model_dir / name)
+    handler = cifar10_handler.Cifar10Handler()
+    handler.initialize(make_context(model_dir, config={"runtime": "int8", "tta": 1}))
+    assert handler.runtime == "int8"
+    return handler
