@@ -21,10 +21,13 @@ torch, in chunks of at most batchSize images.
 """
 import base64
 import binascii
+import contextlib
 import importlib.util
 import json
 import logging
 import re
+import signal
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,6 +62,7 @@ LIMITS = {
     "max_image_pixels": MAX_IMAGE_PIXELS,  # pixels an image's header may claim
     "max_request_pixels": 4096 * 4096,  # pixels decoded per request (JPEGs at draft scale)
     "max_id_length": 256,          # characters of a v2 request "id", echoed in the answer
+    "max_decode_ms": 1000,         # wall time to open and decode one request's images
 }
 
 
@@ -113,6 +117,40 @@ def select_device(gpu_id):
 def bad_request(message, code=400):
     """The client's mistake: answered with a 4xx for that request alone."""
     return PredictionException(f"{message}; {ACCEPTED}", code)
+
+
+@contextlib.contextmanager
+def deadline(milliseconds):
+    """Raise TimeoutError from the block once ``milliseconds`` of wall time have passed.
+
+    Pillow parses file structure (JPEG markers, PNG chunks, TIFF strips, GIF sub-blocks, BMP runs)
+    in Python, at a cost that grows with the body's bytes rather than its pixels: 8 MiB of
+    one-row TIFF strips took 21 s. A SIGALRM timer interrupts that Python code between bytecodes
+    with an exception no `except Exception` inside a plugin can swallow (a BaseException, local:
+    TorchServe wants exactly one class in a handler module). It works in the main thread only,
+    where TorchServe's worker runs the handler; elsewhere the block runs unbounded.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    class Expired(BaseException):
+        pass
+    armed = [True]
+
+    def expire(signum, frame):
+        if armed[0]:
+            raise Expired
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, milliseconds / 1000)
+    try:
+        yield
+    except Expired:
+        raise TimeoutError(f"ran past {milliseconds} ms") from None
+    finally:
+        armed[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def new_row(kind):
@@ -295,7 +333,18 @@ class Cifar10Handler(BaseHandler):
         return self.limits["max_explain_images" if row.kind == "explain" else "max_images"]
 
     def _decode(self, row):
-        """Decode the row's images in place, within the per-image and per-request pixel limits."""
+        """Decode the row's images in place, within the per-image and per-request pixel limits
+        and the request's decoding deadline."""
+        milliseconds = self.limits["max_decode_ms"]
+        try:
+            with deadline(milliseconds):
+                self._decode_within_budget(row)
+        except TimeoutError:
+            raise bad_request(f"decoding the request's images took more than {milliseconds} ms; "
+                              f"send images re-saved by a common encoder, or fewer per request",
+                              413) from None
+
+    def _decode_within_budget(self, row):
         budget, decoded, several = self.limits["max_request_pixels"], [], len(row.images) > 1
         for i, image in enumerate(row.images):
             where = f"image {i}: " if several else ""

@@ -2,6 +2,7 @@
 import io
 import json
 import shutil
+import struct
 import uuid
 from pathlib import Path
 
@@ -157,3 +158,24 @@ def handle(handler, rows):
     statuses = [(p.get_response_status_code(), p.get_response_status_phrase())
                 for p in context.request_processor]
     return outputs, statuses
+
+
+def tiff_of_strips(rows):
+    """A valid 1-pixel-wide grey TIFF of ``rows`` rows, one strip per row (every strip the same
+    byte): ~4 bytes a row that Pillow parses in Python, a decode-time bomb within the pixel caps."""
+    def entry(tag, kind, count, value):
+        return struct.pack("<HHII", tag, kind, count, value)
+    offsets, counts = 10, 10 + 2 * rows
+    ifd = counts + 2 * rows
+    entries = [entry(256, 4, 1, 1), entry(257, 4, 1, rows), entry(258, 3, 1, 8),
+               entry(259, 3, 1, 1), entry(262, 3, 1, 1), entry(273, 3, rows, offsets),
+               entry(277, 3, 1, 1), entry(278, 4, 1, 1), entry(279, 3, rows, counts)]
+    return (b"II*\x00" + struct.pack("<I", ifd) + b"\x80\x00" + struct.pack("<H", 8) * rows
+            + struct.pack("<H", 1) * rows + struct.pack("<H", len(entries)) + b"".join(entries)
+            + b"\x00\x00\x00\x00")
+
+
+def jpeg_with_markers(count):
+    """A 32x32 JPEG with ``count`` empty APP0 segments after its start: parsed one by one."""
+    jpeg = image_bytes("RGB", (32, 32), "JPEG")
+    return jpeg[:2] + b"\xff\xe0\x00\x02" * count + jpeg[2:]

@@ -12,7 +12,8 @@ import time
 
 import pytest
 import torch
-from conftest import COLOURS, FIXTURES, handle, image_bytes, solid_png
+from conftest import (COLOURS, FIXTURES, handle, image_bytes, jpeg_with_markers, solid_png,
+                      tiff_of_strips)
 from PIL import Image, features
 from ts.context import RequestProcessor
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
@@ -339,3 +340,16 @@ def test_messages_echo_client_text_as_printable_ascii(colour_handler, shape):
     assert status == 400 and answer["message"] == phrase
     assert phrase.isascii() and phrase.isprintable() and "shape must be a list" in phrase
     phrase.encode("utf-8")
+
+
+@pytest.mark.parametrize("body", [tiff_of_strips(100_000), jpeg_with_markers(200_000)],
+                         ids=["tiff-100k-strips", "jpeg-200k-markers"])
+def test_decoding_past_its_deadline_is_the_requests_413(make_handler, colour_checkpoint, body):
+    """Structure Pillow parses in Python costs time by the byte, not the pixel: the request's
+    decoding deadline (max_decode_ms) ends it, and the next request decodes as usual."""
+    handler = make_handler(colour_checkpoint, max_decode_ms=50)
+    started = time.monotonic()
+    out, statuses = handle(handler, [{"body": body}, {"body": IMAGES[0]}])
+    assert time.monotonic() - started < 2
+    assert statuses[0][0] == 413 and "took more than 50 ms" in statuses[0][1]
+    assert statuses[1][0] == 200 and out[1] == pytest.approx(alone(handler, IMAGES[0]), abs=1e-5)

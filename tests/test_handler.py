@@ -308,3 +308,9 @@ print(handler.runtime, sorted({{m.split(".")[0] for m in sys.modules}} & {{"capt
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True).stdout.strip().splitlines()
     assert out[0].startswith("[{") and out[-1] == "onnx []"
+
+
+def test_the_handler_module_holds_exactly_one_class():
+    """TorchServe's worker refuses a handler module with more than one class in it."""
+    from ts.utils.util import list_classes_from_module
+    assert list_classes_from_module(cifar10_handler) == [cifar10_handler.Cifar10Handler]
