@@ -21,7 +21,7 @@ from cifar10_net import CIFAR10_CLASSES, build_net, export_onnx, quantize_int8
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TINY_ARGS = ["--epochs", "1", "--batch-size", "16", "--widths", "8", "16", "16",
-             "--val-size", "20", "--tta", "0", "--seed", "0"]
+             "--val-size", "20", "--tta", "0", "--seed", "0", "--cache-dir", ""]
 
 
 def image_bytes(mode="RGB", size=(32, 32), fmt="PNG", seed=0, **save_args):

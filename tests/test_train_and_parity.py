@@ -137,3 +137,29 @@ def load_int8_handler(checkpoint, onnx, int8, tmp_path):
     handler.initialize(make_context(model_dir, config={"runtime": "int8", "tta": 1}))
     assert handler.runtime == "int8"
     return handler
+
+
+def test_decoded_images_are_cached_until_a_file_changes(tmp_path, monkeypatch):
+    folder = fixture_folder(tmp_path / "folder")
+    cache = tmp_path / "cache"
+    first = train.load_image_folder(folder, cache_dir=cache)
+    assert len(list(cache.glob("*.pt"))) == 1
+    monkeypatch.setattr(train.cifar10_net, "decode_image",
+                        lambda data: pytest.fail("decoded again despite the cache"))
+    again = train.load_image_folder(folder, cache_dir=cache)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    shutil.copy(FIXTURES / "dog.jpg", folder / "cat" / "0.jpg")  # a file changes: a new key
+    monkeypatch.undo()
+    changed = train.load_image_folder(folder, cache_dir=cache)
+    assert len(list(cache.glob("*.pt"))) == 2 and not torch.equal(changed[0], first[0])
+
+
+def test_val_size_0_trains_on_every_image(tiny_checkpoint, tmp_path):
+    from conftest import TINY_ARGS
+    args = TINY_ARGS[:TINY_ARGS.index("--val-size")] + TINY_ARGS[TINY_ARGS.index("--val-size") + 2:]
+    out = tmp_path / "all.pt"
+    train.train(train.parse_args(["--data-dir", str(tiny_checkpoint.parent / "data"), "--out",
+                                  str(out), "--val-size", "0"] + args))
+    checkpoint = torch.load(out, weights_only=True)
+    assert checkpoint["train_images"] == 40 and checkpoint["val_size"] == 0
+    assert out.with_suffix(".confusion.png").exists()
