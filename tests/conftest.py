@@ -4,6 +4,7 @@ import json
 import shutil
 import struct
 import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,25 @@ def jpeg_with_markers(count):
     """A 32x32 JPEG with ``count`` empty APP0 segments after its start: parsed one by one."""
     jpeg = image_bytes("RGB", (32, 32), "JPEG")
     return jpeg[:2] + b"\xff\xe0\x00\x02" * count + jpeg[2:]
+
+
+def tiff_of_shared_strips(rows, blob_bytes, width=32):
+    """A deflate TIFF whose ``rows`` one-row strips all point at one zlib stream of
+    ``blob_bytes`` (empty stored blocks, then the row): libtiff inflates the stream once per strip,
+    in one C call, while the file stays small."""
+    row = b"\x40" * width
+    stream = b"\x78\x01" + b"\x00\x00\x00\xff\xff" * (blob_bytes // 5) \
+        + b"\x01" + struct.pack("<HH", len(row), 0xFFFF ^ len(row)) + row \
+        + struct.pack(">I", zlib.adler32(row))
+    offsets = 8 + len(stream) + (8 + len(stream)) % 2
+    counts, ifd = offsets + 4 * rows, offsets + 8 * rows
+
+    def entry(tag, kind, count, value):
+        return struct.pack("<HHII", tag, kind, count, value)
+    entries = [entry(256, 4, 1, width), entry(257, 4, 1, rows), entry(258, 3, 1, 8),
+               entry(259, 3, 1, 8), entry(262, 3, 1, 1), entry(273, 4, rows, offsets),
+               entry(277, 3, 1, 1), entry(278, 4, 1, 1), entry(279, 4, rows, counts)]
+    head = b"II*\x00" + struct.pack("<I", ifd) + stream
+    head += b"\x00" * (offsets - len(head))
+    return (head + struct.pack("<I", 8) * rows + struct.pack("<I", len(stream)) * rows
+            + struct.pack("<H", len(entries)) + b"".join(entries) + b"\x00\x00\x00\x00")

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 from conftest import (COLOURS, FIXTURES, handle, image_bytes, jpeg_with_markers, solid_png,
-                      tiff_of_strips)
+                      tiff_of_shared_strips, tiff_of_strips)
 from PIL import Image, features
 from ts.context import RequestProcessor
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
@@ -182,10 +182,12 @@ def progressive_jpeg_with_scans(extra):
      "image 1: the request's images decode to more"),
     ({"a": FLAT_JPEG_4096, "b": FLAT_JPEG_4096}, 413,
      "image 1: the request's images decode to more"),
+    ({"body": tiff_of_shared_strips(40_000, 1_000_000)}, 400, "they overlap"),
     ({"x" * 100_000: b"junk"}, 400, "cannot decode"),
 ], ids=["json-65", "multipart-65", "json-12000", "v2-bytes-65", "v2-uint8-huge-shape",
         "kserve-65", "v2-id-3MB", "v2-id-int", "v2-shape-text", "jpeg-scan-bomb",
-        "request-pixels", "progressive-jpegs-count-at-full-size", "huge-field-name"])
+        "request-pixels", "progressive-jpegs-count-at-full-size", "tiff-overlapping-strips",
+        "huge-field-name"])
 def test_each_limit_is_a_clear_4xx_before_the_work(colour_handler, row, code, fragment):
     started = time.monotonic()
     (answer,), [(status, phrase)] = handle(colour_handler, [row])
@@ -353,3 +355,10 @@ def test_decoding_past_its_deadline_is_the_requests_413(make_handler, colour_che
     assert time.monotonic() - started < 2
     assert statuses[0][0] == 413 and "took more than 50 ms" in statuses[0][1]
     assert statuses[1][0] == 200 and out[1] == pytest.approx(alone(handler, IMAGES[0]), abs=1e-5)
+
+
+@pytest.mark.parametrize("compression", ["tiff_deflate", "tiff_lzw", "packbits", "jpeg"])
+def test_compressed_tiffs_from_an_ordinary_encoder_are_answered(colour_handler, compression):
+    body = image_bytes("RGB", (300, 200), "TIFF", compression=compression)
+    (answer,), [(status, phrase)] = handle(colour_handler, [{"body": body}])
+    assert status == 200 and len(answer) == 5, phrase

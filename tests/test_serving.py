@@ -19,7 +19,7 @@ import psutil
 import pytest
 import requests
 from conftest import (COLOURS, FIXTURES, ROOT, image_bytes, jpeg_with_markers, solid_png,
-                      tiff_of_strips)
+                      tiff_of_shared_strips, tiff_of_strips)
 from PIL import Image
 
 from cifar10_net import CIFAR10_CLASSES, cpu_has_vnni
@@ -357,6 +357,8 @@ def attacks():
         ("12000 images", dict(json={"data": [tiny] * 12000}), 413, "at most 64"),
         ("8 MiB TIFF of one-row strips", dict(data=tiff_of_strips(2_000_000)), 413,
          "took more than"),
+        ("TIFF strips sharing one zlib stream", dict(data=tiff_of_shared_strips(40_000, 1_000_000)),
+         400, "they overlap"),
         ("8 MiB of empty JPEG markers", dict(data=jpeg_with_markers(2_000_000)), 413,
          "took more than"),
         ("64 progressive 4096x4096 JPEGs", dict(files=[("f", ("a.jpg", flat.getvalue()))] * 64),
