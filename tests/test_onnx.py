@@ -109,12 +109,15 @@ def test_bf16_that_drifts_from_fp32_stops_the_worker(make_handler, colour_checkp
         make_handler(colour_checkpoint, runtime="bf16")
 
 
-def test_bf16_on_a_cpu_without_bf16_units_falls_back_to_onnx(make_handler, colour_checkpoint,
-                                                             monkeypatch, caplog):
-    monkeypatch.setattr(cifar10_handler, "cpu_has_bf16", lambda: False)
+@pytest.mark.parametrize("runtime,check,units", [
+    ("bf16", "cpu_has_bf16", "avx512_bf16 or amx_bf16"),
+    ("int8", "cpu_has_vnni", "avx512_vnni, avx_vnni or amx_int8")])
+def test_a_cpu_without_the_units_falls_back_to_onnx(make_handler, colour_checkpoint, monkeypatch,
+                                                    caplog, runtime, check, units):
+    monkeypatch.setattr(cifar10_handler, check, lambda: False)
     with caplog.at_level(logging.WARNING):
-        handler = make_handler(colour_checkpoint, runtime="bf16")
-    assert handler.runtime == "onnx" and "no avx512_bf16 or amx_bf16" in caplog.text
+        handler = make_handler(colour_checkpoint, runtime=runtime)
+    assert handler.runtime == "onnx" and f"no {units}" in caplog.text
     assert {code for code, _ in handle(handler, IMAGES)[1]} == {200}
 
 
@@ -159,14 +162,6 @@ def test_int8_file_of_other_weights_stops_the_worker(make_handler, colour_checkp
                                                      constant_checkpoint, vnni_cpu):
     with pytest.raises(RuntimeError, match="int8 forward drifts from fp32"):
         make_handler(colour_checkpoint, runtime="int8", onnx_from=constant_checkpoint)
-
-
-def test_int8_on_a_cpu_without_vnni_falls_back_to_onnx(make_handler, colour_checkpoint,
-                                                       monkeypatch, caplog):
-    monkeypatch.setattr(cifar10_handler, "cpu_has_vnni", lambda: False)
-    with caplog.at_level(logging.WARNING):
-        handler = make_handler(colour_checkpoint, runtime="int8")
-    assert handler.runtime == "onnx" and "no avx512_vnni, avx_vnni or amx_int8" in caplog.text
 
 
 def test_int8_export_is_calibrated_and_checked(colour_checkpoint, tmp_path):
