@@ -112,21 +112,21 @@ def predict_logits(net, x, tta=0):
 def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
     """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 or AMX), which make a bf16
     forward ~1.6-1.8x faster than fp32 for this net; without them bf16 is emulated and slower."""
-    try:
-        flags = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+    return _cpu_has(r"avx512_bf16|amx_bf16", cpuinfo)
 
 
 def cpu_has_vnni(cpuinfo="/proc/cpuinfo"):
     """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), which
     ONNX Runtime's int8 kernels need to beat fp32 (3.5x for this net on one thread here)."""
+    return _cpu_has(r"avx512_vnni|avx_vnni|amx_int8", cpuinfo)
+
+
+def _cpu_has(flags, cpuinfo):
     try:
-        flags = Path(cpuinfo).read_text()
+        text = Path(cpuinfo).read_text()
     except OSError:
         return False
-    return re.search(r"\b(avx512_vnni|avx_vnni|amx_int8)\b", flags) is not None
+    return re.search(rf"\b({flags})\b", text) is not None
 
 
 def quantize_int8(onnx_path, out, calibration):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import (COLOURS, FIXTURES, handle, image_bytes, jpeg_with_markers, solid_png,
+from conftest import (COLOURS, handle, image_bytes, jpeg_with_markers, solid_png,
                       tiff_of_shared_strips, tiff_of_strips)
 from PIL import Image, features
 from ts.context import RequestProcessor
