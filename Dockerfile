@@ -15,7 +15,7 @@ WORKDIR /home/model-server
 COPY requirements.txt /tmp/requirements.txt
 RUN python -c "import yaml" 2>/dev/null \
     || python -m pip install --no-cache-dir "$(grep -i '^pyyaml==' /tmp/requirements.txt)"
-# The handler's `runtime: onnx` forward on the CPU (without it the worker falls back to torch).
+# The handler's `runtime: int8` / `onnx` forwards on the CPU (without it the worker falls back to torch).
 RUN python -m pip install --no-cache-dir "$(grep -i '^onnxruntime==' /tmp/requirements.txt)"
 # Fail the build, not the first request, when the handler's imports are missing.
 RUN python -c "import numpy, PIL, torch, yaml, onnxruntime"

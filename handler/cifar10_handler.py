@@ -11,13 +11,14 @@ one object for a single image, a list in request order for several (v2 and KServ
 response shapes). /explanations/cifar10 answers Integrated Gradients maps instead.
 
 A dynamic batch mixes requests of every kind, so the handler owns `handle()`: each request is a
-row record (`new_row`) that carries its own kind, images, reply shape and error from start to end, and is answered
-by its own kind's code. A request the handler cannot use gets a 4xx naming what was wrong and what
+row record (`new_row`) that carries its own kind, images, reply shape and error from start to
+end, and is answered by its own kind's code. A request the handler cannot use gets a 4xx naming what was wrong and what
 is accepted; an exception of ours while serving one request is that request's 500 (logged); the
 other requests of the batch are answered as usual. Every limit (images and pixels per request,
-JPEG scans, echoed ids) is checked before the work it bounds; model-config.yaml sets them.
-On the CPU the forward pass runs in ONNX Runtime (model-config.yaml `runtime: onnx`), on a GPU in
-torch, in chunks of at most batchSize images.
+JPEG scans, decoding time, echoed ids) is checked before the work it bounds; model-config.yaml
+sets them. On the CPU the forward pass runs in ONNX Runtime on the int8 export (model-config.yaml
+`runtime: int8`; bf16, fp32 onnx and torch are the others), on a GPU in torch, in chunks of at
+most batchSize images.
 """
 import base64
 import binascii
@@ -60,7 +61,7 @@ LIMITS = {
     "max_images": 64,              # images per /predictions (or v2, KServe) request
     "max_explain_images": 4,       # images per /explanations request (~0.15 s each on a core)
     "max_image_pixels": MAX_IMAGE_PIXELS,  # pixels an image's header may claim
-    "max_request_pixels": 4096 * 4096,  # pixels decoded per request (JPEGs at draft scale)
+    "max_request_pixels": 4096 * 4096,  # pixels per request, as the headers claim
     "max_id_length": 256,          # characters of a v2 request "id", echoed in the answer
     "max_decode_ms": 1000,         # CPU time to open and decode one request's images
 }
@@ -287,11 +288,15 @@ class Cifar10Handler(BaseHandler):
         context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
         return output
 
+    @property
+    def _enveloped(self):
+        """Whether TorchServe's KServe envelopes (`service_envelope`) turned one request's
+        instances into the batch's rows, all of request 0."""
+        return len(getattr(self.context, "request_processor", None) or ()) != self._rows
+
     def _request_index(self, row_index):
-        """The request a row belongs to. TorchServe's KServe envelopes (`service_envelope`) turn
-        one request's instances into several rows, all of request 0."""
-        processors = getattr(self.context, "request_processor", None) or ()
-        return row_index if len(processors) == self._rows else 0
+        """The request a row belongs to."""
+        return 0 if self._enveloped else row_index
 
     def _header(self, row_index, name):
         processors = getattr(self.context, "request_processor", None) or ()
@@ -300,10 +305,6 @@ class Cifar10Handler(BaseHandler):
             return None
         value = processors[index].get_request_property(name)
         return value if isinstance(value, str) else None  # a multipart field's own headers: a dict
-
-    @property
-    def _enveloped(self):
-        return self._request_index(self._rows - 1) == 0 and self._rows > 1
 
     @timed
     def preprocess(self, data):
