@@ -349,24 +349,32 @@ class Cifar10Handler(BaseHandler):
                               413) from None
 
     def _decode_within_budget(self, row):
-        budget, decoded, several = self.limits["max_request_pixels"], [], len(row.images) > 1
+        """Open every image's header first and refuse the request if their pixels add up past
+        the request's cap, so an over-budget request costs no decoding at all; then decode."""
+        budget, opened, several = self.limits["max_request_pixels"], [], len(row.images) > 1
         for i, image in enumerate(row.images):
-            where = f"image {i}: " if several else ""
             if isinstance(image, torch.Tensor):  # v2 UINT8 pixels: already (3, 32, 32)
-                decoded.append(image)
+                opened.append(image)
                 continue
-            try:
-                opened = open_image(image, self.limits["max_image_pixels"])
-                budget -= image_pixels(opened)
-                if budget < 0:
-                    raise bad_request(
-                        f"{where}the request's images decode to more than "
-                        f"{self.limits['max_request_pixels']:,} pixels; send fewer or smaller "
-                        f"images per request", 413)
-                decoded.append(image_tensor(to_rgb32(opened)))
-            except ValueError as err:
-                raise bad_request(f"{where}{err}") from err
-        row.images = decoded
+            opened.append(self._checked(open_image, i, several, image,
+                                        self.limits["max_image_pixels"]))
+            budget -= image_pixels(opened[-1])
+            if budget < 0:
+                raise bad_request(
+                    f"{'image %d: ' % i if several else ''}the request's images decode to more "
+                    f"than {self.limits['max_request_pixels']:,} pixels; send fewer or smaller "
+                    f"images per request", 413)
+        row.images = [image if isinstance(image, torch.Tensor)
+                      else image_tensor(self._checked(to_rgb32, i, several, image))
+                      for i, image in enumerate(opened)]
+
+    @staticmethod
+    def _checked(step, i, several, *args):
+        """One decoding step for image i; its ValueError becomes the client's 400 naming it."""
+        try:
+            return step(*args)
+        except ValueError as err:
+            raise bad_request(f"{'image %d: ' % i if several else ''}{err}") from err
 
     @timed
     def inference(self, rows, *args, **kwargs):

@@ -196,6 +196,18 @@ def test_each_limit_is_a_clear_4xx_before_the_work(colour_handler, row, code, fr
     assert time.monotonic() - started < 5
 
 
+def test_a_request_over_the_pixel_budget_decodes_nothing(colour_handler, monkeypatch):
+    """Every header is read before any pixel: the costly first image of an over-budget request
+    is never decoded (a busy machine once ran that decoding past the CPU-time deadline)."""
+    decoded, to_rgb32 = [], cifar10_handler.to_rgb32
+    monkeypatch.setattr(cifar10_handler, "to_rgb32",
+                        lambda image: decoded.append(image) or to_rgb32(image))
+    row = {"a": solid_png((9, 9, 9), (2048, 2048)), "b": solid_png((9, 9, 9), (4096, 4096))}
+    (answer,), [(status, phrase)] = handle(colour_handler, [row])
+    assert status == 413 and "image 1: the request's images decode to more" in phrase
+    assert decoded == []
+
+
 def test_a_progressive_jpeg_with_few_scans_is_still_answered(colour_handler):
     ordinary = progressive_jpeg_with_scans(2)
     assert ordinary.count(b"\xff\xda") < MAX_JPEG_SCANS
