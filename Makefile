@@ -25,6 +25,9 @@ IMAGE_TAG   ?= cpu
 TS_BASE     ?= pytorch/torchserve:0.12.0-$(IMAGE_TAG)
 DOCKER_RUN_ARGS ?=
 KSERVE_DIR  ?= dist/kserve
+# make gpu-check: where its report goes (bench/results/gpu for a real GPU run), extra flags
+GPU_OUT     ?= $(RUN_DIR)/gpu-check
+GPU_CHECK_ARGS ?=
 DEMO_PORT   ?= 8090
 
 BIN := $(VENV)/bin
@@ -37,7 +40,7 @@ HANDLER_FILES := handler/cifar10_handler.py handler/cifar10_net.py \
 
 .DEFAULT_GOAL := help
 .PHONY: help install train archive serve stop status predict scale test evaluate bench clean \
-        docker docker-run kserve-bundle demo
+        docker docker-run kserve-bundle demo gpu-check
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -103,6 +106,9 @@ bench: $(MAR) ## load-test a TorchServe started here with wrk, beside the handle
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian/Ubuntu: apt-get install wrk)"; exit 1; }
 	$(PY) bench/bench.py --start --config $(TS_CONFIG) --mar $(MAR) \
 	  $(if $(BENCH_COMPARE),--compare-runtime $(BENCH_COMPARE)) $(BENCH_ARGS)
+
+gpu-check: $(BIN)/torchserve ## the GPU check: CUDA tests, GPU training, GPU workers, img/s -> GPU_OUT (a dry run without CUDA)
+	$(PY) bench/gpu_check.py $(GPU_OUT) --data-dir $(DATA_DIR) $(GPU_CHECK_ARGS)
 
 docker: $(MAR) ## build IMAGE:IMAGE_TAG on pytorch/torchserve (IMAGE_TAG=gpu: the GPU base)
 	docker build --build-arg BASE=$(TS_BASE) -t $(IMAGE):$(IMAGE_TAG) .

@@ -16,13 +16,20 @@ one with the key file's API key and resends the request once. An inference reque
 """
 import argparse
 import base64
+import contextlib
 import io
 import json
 import logging
+import os
+import re
+import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import requests
 import yaml
 from PIL import Image
@@ -147,6 +154,58 @@ class TorchServeClient:
                 last = repr(err)
             time.sleep(0.25)
         raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s: {last}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_torchserve(store, run, extra_config="", timeout=180, probe=None, env=None):
+    """A TorchServe started in the folder ``run`` on free loopback ports (the repo's
+    config.properties plus ``extra_config`` lines), serving ``store``/cifar10.mar, ready once
+    ``probe`` (a body; default a PNG) is answered; yields a TorchServeClient (its ``run_dir`` is
+    ``run``, its ``server`` the Java process) and always stops the server and its workers, by
+    pid. ``env``: more environment variables (JAVA_HOME picks the Java that TorchServe's launcher
+    runs)."""
+    run = Path(run)
+    config = (Path(__file__).resolve().parent / "config.properties").read_text()
+    for name in ("inference", "management", "metrics"):
+        config = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{free_port()}",
+                        config, flags=re.M)
+    for name in ("grpc_inference", "grpc_management"):  # TorchServe always starts gRPC too
+        config = re.sub(rf"^{name}_port=.*$", f"{name}_port={free_port()}", config, flags=re.M)
+    config = re.sub(r"^model_store=.*$", f"model_store={store}", config, flags=re.M)
+    (run / "config.properties").write_text(config + extra_config)
+    # TMPDIR: the launcher's pid file; TEMP: Java's tmpdir, where the worker sockets live.
+    env = dict(os.environ, TMPDIR=str(run), TEMP=str(run), LOG_LOCATION=str(run / "logs"),
+               METRICS_LOCATION=str(run / "logs"), **(env or {}))
+    torchserve = Path(sys.executable).parent / "torchserve"
+    subprocess.run([str(torchserve), "--start", "--ncs", "--ts-config", "config.properties",
+                    "--model-store", str(store), "--models", "cifar10=cifar10.mar"],
+                   cwd=run, env=env, check=True)
+    java = psutil.Process(int((run / ".model_server.pid").read_text()))
+    client = TorchServeClient(run / "config.properties", run / "key_file.json")
+    try:
+        client.wait_ready(timeout=timeout, worker_log=run / "logs" / "model_log.log", probe=probe)
+        client.run_dir, client.server = run, java
+        yield client
+    finally:
+        stop_torchserve(java)
+
+
+def stop_torchserve(java):
+    """Stop a TorchServe (its Java process) and the workers it spawned, by pid."""
+    try:
+        workers = java.children(recursive=True)
+        java.send_signal(signal.SIGTERM)
+    except psutil.NoSuchProcess:  # it already stopped (a failed start): nothing left to stop
+        return
+    gone, alive = psutil.wait_procs([java] + workers, timeout=30)
+    for process in alive:
+        process.kill()
 
 
 def _raise_on_load_failure(worker_log, start):

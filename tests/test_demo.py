@@ -14,10 +14,11 @@ import psutil
 import pytest
 import requests
 from conftest import FIXTURES, ROOT
-from test_serving import free_port
 from test_serving import torchserve as served
 
 from cifar10_net import CIFAR10_CLASSES
+
+from client import free_port
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright "
                                "(pip install playwright==1.65.2)")

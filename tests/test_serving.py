@@ -5,17 +5,13 @@ import base64
 import contextlib
 import io
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import pytest
 import requests
 from conftest import (COLOURS, FIXTURES, ROOT, image_bytes, jpeg_with_markers, solid_png,
@@ -24,16 +20,10 @@ from PIL import Image
 
 from cifar10_net import CIFAR10_CLASSES, cpu_has_vnni
 
-from client import TorchServeClient, read_properties
+import evaluate
+from client import TorchServeClient, local_torchserve, read_properties
 
-BIN = ROOT / ".venv" / "bin"
 IMAGES = [solid_png(colour) for colour in COLOURS]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_archive(weights, store):
@@ -62,28 +52,8 @@ def torchserve(checkpoint, run, extra_config="", swap_weights=None, probe=None):
     mar = build_archive(checkpoint, store)
     if swap_weights is not None:
         replace_in_zip(mar, checkpoint.name, swap_weights.read_bytes())
-    config = (ROOT / "config.properties").read_text()
-    for name in ("inference", "management", "metrics"):
-        config = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{free_port()}",
-                        config, flags=re.M)
-    for name in ("grpc_inference", "grpc_management"):  # TorchServe always starts gRPC too
-        config = re.sub(rf"^{name}_port=.*$", f"{name}_port={free_port()}", config, flags=re.M)
-    config = re.sub(r"^model_store=.*$", f"model_store={store}", config, flags=re.M)
-    (run / "config.properties").write_text(config + extra_config)
-    # TMPDIR: the launcher's pid file; TEMP: Java's tmpdir, where the worker sockets live.
-    env = dict(os.environ, TMPDIR=str(run), TEMP=str(run), LOG_LOCATION=str(run / "logs"),
-               METRICS_LOCATION=str(run / "logs"))
-    subprocess.run([BIN / "torchserve", "--start", "--ncs", "--ts-config", "config.properties",
-                    "--model-store", str(store), "--models", "cifar10=cifar10.mar"],
-                   cwd=run, env=env, check=True)
-    java = psutil.Process(int((run / ".model_server.pid").read_text()))
-    client = TorchServeClient(run / "config.properties", run / "key_file.json")
-    try:
-        client.wait_ready(timeout=180, worker_log=run / "logs" / "model_log.log", probe=probe)
-        client.run_dir = run
+    with local_torchserve(store, run, extra_config, probe=probe) as client:
         yield client
-    finally:
-        stop(java)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +64,30 @@ def server(colour_checkpoint, tmp_path_factory):
         yield client
 
 
+HOLDOUT = ROOT / "tests" / "holdout"
+
+
+def stated_holdout_accuracy():
+    """The served accuracy on tests/holdout that MODEL_CARD.md states (its "Served accuracy
+    check" line)."""
+    card = (ROOT / "MODEL_CARD.md").read_text()
+    return float(re.search(r"Served accuracy check\*\*.*?\*\*([\d.]+) %\*\*", card, re.S)[1])
+
+
+def test_shipped_weights_served_score_what_the_model_card_states(tmp_path):
+    """The shipped weights through `make archive` and a real TorchServe, on 500 real images that
+    ship with the tests (tests/holdout: 50 per class of train.py's validation split, which the
+    shipped weights never trained on), one REST request each: the accuracy MODEL_CARD.md states,
+    within 1 point either way. Catches what parity tests on random inputs cannot (a colour-order,
+    normalisation, resize, export or quantisation regression), and a card left stale by new
+    weights."""
+    with torchserve(ROOT / "weights" / "cifar10.pt", tmp_path) as client:
+        preds, truth = evaluate.predict_served(HOLDOUT, client, concurrency=4)
+    assert len(truth) == 500 and set(truth) == set(CIFAR10_CLASSES)
+    accuracy = 100 * sum(p == t for p, t in zip(preds, truth)) / len(truth)
+    assert accuracy == pytest.approx(stated_holdout_accuracy(), abs=1.0)
+
+
 def replace_in_zip(path, name, data):
     """Rewrite the zip file at path with the member ``name`` holding ``data``."""
     with zipfile.ZipFile(path) as old:
@@ -102,18 +96,6 @@ def replace_in_zip(path, name, data):
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as new:
         for member, content in members.items():
             new.writestr(member, content)
-
-
-def stop(java):
-    """Stop the TorchServe this module started and the workers it spawned, by pid."""
-    try:
-        workers = java.children(recursive=True)
-        java.send_signal(signal.SIGTERM)
-    except psutil.NoSuchProcess:  # it already stopped (a failed start): nothing left to stop
-        return
-    gone, alive = psutil.wait_procs([java] + workers, timeout=30)
-    for process in alive:
-        process.kill()
 
 
 def test_a_worker_that_cannot_load_stops_the_start_with_its_message(tiny_checkpoint, tmp_path):
