@@ -21,9 +21,17 @@ BENCH_ARGS  ?=
 # make bench serves the archive again with this handler.runtime and compares (empty: skip)
 BENCH_COMPARE ?= onnx
 IMAGE       ?= cifar10-torchserve
+# cpu, or gpu: the archive built with handler/model-config.gpu.yaml in MODEL_STORE/gpu
 IMAGE_TAG   ?= cpu
-TS_BASE     ?= pytorch/torchserve:0.12.0-$(IMAGE_TAG)
+DOCKER_BASE ?= debian:bookworm-slim
 DOCKER_RUN_ARGS ?=
+# docker where its daemon answers, else podman (apt-get install podman runc debootstrap), run
+# with deploy/docker/containers.conf, the runc runtime and the host's network.
+CONTAINER   ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+# A local package index mounted into podman builds (this project's machines keep the pinned
+# torch there); empty where pip's index has every pin. PIP_CERT (pip's own variable), where set,
+# is mounted too: the CA bundle of a proxy between this machine and the package index.
+LOCAL_INDEX ?= $(wildcard /opt/pypi-more)
 KSERVE_DIR  ?= dist/kserve
 # make gpu-check: where its report goes (bench/results/gpu for a real GPU run), extra flags
 GPU_OUT     ?= $(RUN_DIR)/gpu-check
@@ -35,12 +43,22 @@ JAVA_MSG := TorchServe 0.12 needs Java 17+ (Debian/Ubuntu: apt-get install openj
 CHECK_JAVA = java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])' \
   || { echo "$(JAVA_MSG); found: $$(java -version 2>&1 | head -n 1 || echo no java)"; exit 1; }
 PY  := $(BIN)/python
+PODMAN := CONTAINERS_CONF=$(abspath deploy/docker/containers.conf) podman --runtime runc
+RUNTIME = $(if $(filter docker,$(CONTAINER)),docker,$(PODMAN))
+DOCKER_STORE = $(if $(filter gpu,$(IMAGE_TAG)),$(MODEL_STORE)/gpu,$(MODEL_STORE))
+DOCKER_CONFIG = $(if $(filter gpu,$(IMAGE_TAG)),handler/model-config.gpu.yaml,$(MODEL_CONFIG))
+# The container's APIs on the host's loopback: published ports with docker; with podman's host
+# network TorchServe itself listens there (deploy/docker/config.properties reads TS_* variables).
+DOCKER_PORTS = $(if $(filter docker,$(CONTAINER)),-p 127.0.0.1:8080:8080 \
+  -p 127.0.0.1:8081:8081 -p 127.0.0.1:8082:8082,--network host \
+  -e TS_INFERENCE_ADDRESS=http://127.0.0.1:8080 -e TS_MANAGEMENT_ADDRESS=http://127.0.0.1:8081 \
+  -e TS_METRICS_ADDRESS=http://127.0.0.1:8082)
 HANDLER_FILES := handler/cifar10_handler.py handler/cifar10_net.py \
                  handler/index_to_name.json $(MODEL_CONFIG)
 
 .DEFAULT_GOAL := help
 .PHONY: help install train archive serve stop status predict scale test evaluate bench clean \
-        docker docker-run kserve-bundle demo gpu-check
+        docker docker-run docker-stop kserve-bundle demo gpu-check docker-test
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -110,12 +128,27 @@ bench: $(MAR) ## load-test a TorchServe started here with wrk, beside the handle
 gpu-check: $(BIN)/torchserve ## the GPU check: CUDA tests, GPU training, GPU workers, img/s -> GPU_OUT (a dry run without CUDA)
 	$(PY) bench/gpu_check.py $(GPU_OUT) --data-dir $(DATA_DIR) $(GPU_CHECK_ARGS)
 
-docker: $(MAR) ## build IMAGE:IMAGE_TAG on pytorch/torchserve (IMAGE_TAG=gpu: the GPU base)
-	docker build --build-arg BASE=$(TS_BASE) -t $(IMAGE):$(IMAGE_TAG) .
+docker: $(BIN)/torchserve ## build IMAGE:IMAGE_TAG (IMAGE_TAG=gpu: the GPU archive), docker or podman
+	$(MAKE) --no-print-directory archive MODEL_STORE=$(DOCKER_STORE) MODEL_CONFIG=$(DOCKER_CONFIG)
+	$(if $(filter docker,$(CONTAINER)),docker build --build-arg MAR=$(DOCKER_STORE)/cifar10.mar \
+	  -t $(IMAGE):$(IMAGE_TAG) .,{ $(PODMAN) image exists $(DOCKER_BASE) \
+	  || bash deploy/docker/make_base.sh $(DOCKER_BASE); } && \
+	  $(PODMAN) build --isolation chroot --network host --build-arg BASE=$(DOCKER_BASE) \
+	  $(if $(LOCAL_INDEX),-v $(LOCAL_INDEX):$(LOCAL_INDEX):ro \
+	  --build-arg PIP_EXTRA_INDEX_URL=file://$(LOCAL_INDEX)/simple) \
+	  $(if $(PIP_CERT),-v $(PIP_CERT):/run/pip-ca.crt:ro --build-arg PIP_CERT=/run/pip-ca.crt) \
+	  --build-arg MAR=$(DOCKER_STORE)/cifar10.mar -t $(IMAGE):$(IMAGE_TAG) .)
 
-docker-run: ## run IMAGE:IMAGE_TAG, ports on 127.0.0.1 only (DOCKER_RUN_ARGS="--gpus all" on GPUs)
-	docker run --rm --init --name cifar10-torchserve -p 127.0.0.1:8080:8080 \
-	  -p 127.0.0.1:8081:8081 -p 127.0.0.1:8082:8082 $(DOCKER_RUN_ARGS) $(IMAGE):$(IMAGE_TAG)
+docker-run: $(BIN)/torchserve ## run IMAGE:IMAGE_TAG on 127.0.0.1:8080-8082 like make serve; copies its key_file.json here
+	$(RUNTIME) run -d --rm --name $(IMAGE) $(DOCKER_PORTS) $(DOCKER_RUN_ARGS) $(IMAGE):$(IMAGE_TAG)
+	@for i in $$(seq 120); do $(RUNTIME) cp $(IMAGE):/home/model-server/key_file.json \
+	  key_file.json 2>/dev/null && break; sleep 0.5; done; test -s key_file.json
+	$(PY) client.py wait --timeout 180 || { $(RUNTIME) logs $(IMAGE) | tail -n 30; \
+	  $(RUNTIME) exec $(IMAGE) torchserve --stop; $(RUNTIME) rm -f $(IMAGE); exit 1; }
+
+docker-stop: ## stop the container docker-run started (torchserve --stop inside it, then remove it)
+	-$(RUNTIME) exec $(IMAGE) torchserve --stop
+	-$(RUNTIME) rm -f $(IMAGE) >/dev/null 2>&1
 
 kserve-bundle: $(MAR) ## lay out KSERVE_DIR (config/ + model-store/) for KServe's storageUri
 	rm -rf $(KSERVE_DIR)
@@ -125,6 +158,9 @@ kserve-bundle: $(MAR) ## lay out KSERVE_DIR (config/ + model-store/) for KServe'
 
 test: $(BIN)/torchserve ## run the test suite (handler, training, archive, a real TorchServe)
 	$(PY) -m pytest $(TESTS)
+
+docker-test: $(BIN)/torchserve ## build the image, serve from it, check answers and scaling, stop it (minutes)
+	$(PY) -m pytest -m container tests/test_container.py
 
 clean: ## remove build outputs (the archive, logs, run files)
 	rm -rf $(MAR) $(ONNX) $(INT8) logs $(RUN_DIR) .pytest_cache dist

@@ -1,8 +1,10 @@
 """The deployment files agree with each other: deploy/ manifests, their config.properties, Dockerfile.
 
-No cluster and no Docker engine needed: every YAML file under deploy/ is parsed and the fields
-that decide whether a deployment works (kinds, API versions, runtime, storage, GPU, selectors,
-ports, users) are checked against each other and against the TorchServe configs they run.
+No cluster and no Docker engine needed: every Kubernetes manifest under deploy/ is validated
+against the Kubernetes API schemas offline (kubernetes-validate --strict; KServe's
+InferenceService, a custom resource, has its own checks here), and the fields that decide whether
+a deployment works (kinds, API versions, runtime, storage, GPU, selectors, ports, users,
+draining) are checked against each other and against the TorchServe configs they run.
 Run alone with `.venv/bin/python -m pytest tests/test_deploy.py`.
 """
 import fnmatch
@@ -11,6 +13,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -18,9 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 API_VERSIONS = {"InferenceService": "serving.kserve.io/v1beta1", "Deployment": "apps/v1",
                 "Service": "v1", "HorizontalPodAutoscaler": "autoscaling/v2",
-                "NetworkPolicy": "networking.k8s.io/v1"}
+                "NetworkPolicy": "networking.k8s.io/v1", "PodDisruptionBudget": "policy/v1"}
 EXPECTED_KINDS = {"kserve": ["InferenceService", "NetworkPolicy"],
-                  "k8s": ["Deployment", "HorizontalPodAutoscaler", "NetworkPolicy", "Service"]}
+                  "k8s": ["Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
+                          "PodDisruptionBudget", "Service"],
+                  "k8s-gpu": ["Deployment"]}
+CUSTOM_RESOURCES = {"InferenceService"}  # no schema in Kubernetes itself: checked below
 
 
 def properties(path):
@@ -65,7 +71,27 @@ def dockerfile():
 
 
 def instruction_args(keyword):
-    return [arg for kw, arg in dockerfile() if kw == keyword]
+    """Arguments of every `keyword` instruction, with ${ARG}s replaced by their defaults."""
+    defaults = dict(arg.split("=", 1) for kw, arg in dockerfile() if kw == "ARG" and "=" in arg)
+    return [re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m[1], m[0]), arg)
+            for kw, arg in dockerfile() if kw == keyword]
+
+
+@pytest.mark.parametrize("path", sorted(DEPLOY.rglob("*.y*ml")), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_kubernetes_manifest_passes_strict_schema_validation(path):
+    """As `kubernetes-validate --strict`: unknown or misplaced fields fail, not only bad types."""
+    docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    assert docs
+    for doc in docs:
+        if doc["kind"] not in CUSTOM_RESOURCES:
+            kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_strict_validation_catches_a_misplaced_field():
+    deployment = one("k8s", "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["replicas"] = 2
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
 
 
 DOCKER_CONFIG = properties(DEPLOY / "docker" / "config.properties")
@@ -162,9 +188,11 @@ def test_deployment_selects_its_own_pods_and_runs_as_a_non_root_user():
     assert not ctr["image"].endswith(":latest") and ":" in ctr["image"]
 
 
-def test_dockerfile_checks_the_uid_that_the_deployment_runs_as():
+def test_dockerfile_creates_the_uid_that_the_deployment_runs_as():
     run_as = pod(one("k8s", "Deployment"))["spec"]["securityContext"]["runAsUser"]
-    assert any(f'test "$(id -u)" = {run_as}' in arg for arg in instruction_args("RUN"))
+    user = instruction_args("USER")[-1]
+    assert any(re.search(rf"useradd --uid {run_as} .*\b{user}$", arg)
+               for arg in instruction_args("RUN"))
 
 
 def test_deployment_ports_and_probe_agree_with_the_container_config():
@@ -229,12 +257,11 @@ def test_container_config_listens_on_all_interfaces_with_tokens_and_no_model_api
     assert DOCKER_CONFIG["metrics_mode"] == "prometheus"
 
 
-def test_dockerfile_builds_on_torchserve_as_non_root_and_exposes_the_configured_ports():
-    args = dict(arg.split("=", 1) for arg in instruction_args("ARG") if "=" in arg)
-    (base,) = instruction_args("FROM")
-    variable = re.fullmatch(r"\$\{?(\w+)\}?", base)
-    assert variable, f"FROM {base} should be a build argument"
-    assert re.fullmatch(r"pytorch/torchserve:0\.12\.\d+-cpu", args[variable.group(1)])
+def test_dockerfile_builds_on_debian_as_non_root_and_exposes_the_configured_ports():
+    """The tested stack, not a stock image's: Debian bookworm (Python 3.11, as the tests run),
+    its Java 17, non-root."""
+    assert instruction_args("FROM") == ["debian:bookworm-slim"]
+    assert any("openjdk-17-jre-headless" in arg for arg in instruction_args("RUN"))
     assert instruction_args("USER")[-1] not in {"root", "0"}
     exposed = {int(port) for arg in instruction_args("EXPOSE") for port in arg.split()}
     assert exposed == {address(DOCKER_CONFIG, key)[1] for key in
@@ -253,17 +280,19 @@ def test_dockerfile_copies_the_archive_and_config_that_the_command_uses():
     assert command[command.index("--models") + 1] == "cifar10=cifar10.mar"
 
 
-def test_dockerfile_installs_the_pinned_packages_the_stock_image_lacks():
-    """pyyaml (TorchServe forgets it) and onnxruntime (runtime: onnx), at requirements.txt's pins,
-    and a build-time import check of what the handler imports."""
+def test_dockerfile_installs_what_serving_needs_at_the_pins():
+    """Every package the worker imports, at requirements.txt's pins (grepped from it, so they
+    cannot drift), and a build-time import check."""
+    runs = " ".join(instruction_args("RUN"))
+    grep = re.search(r"grep -iE '\^\(([\w|-]+)\)==' /tmp/requirements.txt", runs)
+    assert grep, "the Dockerfile should install its packages from requirements.txt's pins"
     pins = {line.split("==")[0].lower() for line in (ROOT / "requirements.txt").read_text().split()
             if "==" in line}
-    runs = " ".join(instruction_args("RUN"))
-    for package in ("pyyaml", "onnxruntime"):
-        assert package in pins and f"grep -i '^{package}=='" in runs, package
+    wanted = {"torch", "torchserve", "pyyaml", "pillow", "numpy", "psutil", "captum", "onnxruntime"}
+    assert set(grep[1].split("|")) == wanted and wanted <= pins
     checks = [set(names.replace(" ", "").split(","))
               for names in re.findall(r'python -c "import ([\w, ]+)"', runs)]
-    assert any({"yaml", "onnxruntime", "torch", "PIL", "numpy"} <= names for names in checks)
+    assert any({"yaml", "onnxruntime", "torch", "PIL", "numpy", "ts"} <= names for names in checks)
 
 
 def docker_ignored(path, patterns):
@@ -289,3 +318,37 @@ def test_dockerignore_sends_what_the_dockerfile_copies_and_keeps_secrets_out():
     for kept_out in (".venv/bin/python", "data/cifar10/x.png", "logs/model_log.log",
                      "key_file.json", "tests/__pycache__/x.pyc", "weights/cifar10.pt"):
         assert docker_ignored(kept_out, patterns), f"{kept_out} would be in the build context"
+
+
+def test_pods_drain_before_torchserve_stops_and_updates_keep_one_serving():
+    deployment = one("k8s", "Deployment")
+    command = container(deployment)["lifecycle"]["preStop"]["exec"]["command"]
+    pause = re.fullmatch(r"sleep (\d+) && torchserve --stop", command[-1])
+    assert command[:2] == ["/bin/sh", "-c"] and pause, command
+    assert int(pause[1]) + 30 <= pod(deployment)["spec"]["terminationGracePeriodSeconds"]
+    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0 and rolling["maxSurge"] >= 1
+
+
+def test_disruption_budget_covers_the_deployments_pods_and_leaves_one_serving():
+    deployment, pdb = one("k8s", "Deployment"), one("k8s", "PodDisruptionBudget")["spec"]
+    labels = pod(deployment)["metadata"]["labels"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    minimum = one("k8s", "HorizontalPodAutoscaler")["spec"]["minReplicas"]
+    assert pdb["maxUnavailable"] < minimum and deployment["spec"]["replicas"] >= minimum
+
+
+def test_gpu_deployment_differs_from_the_cpu_one_only_where_gpus_need_it():
+    cpu, gpu = one("k8s", "Deployment"), one("k8s-gpu", "Deployment")
+    gpu_container = container(gpu)
+    assert gpu_container["image"] == container(cpu)["image"].replace(":cpu", ":gpu") != \
+        container(cpu)["image"]
+    resources = gpu_container["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
+        pod(gpu)["spec"]["tolerations"]
+    for deployment in (cpu, gpu):  # the rest must be the same Deployment
+        pod(deployment)["spec"].pop("tolerations", None)
+        container(deployment).pop("resources")
+        container(deployment).pop("image")
+    assert gpu == cpu
