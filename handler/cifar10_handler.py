@@ -28,6 +28,7 @@ import json
 import logging
 import re
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -140,10 +141,18 @@ def deadline(milliseconds):
     class Expired(BaseException):
         pass
     armed = [True]
+    # Frames where raising would escape the handling below: this generator's own except/finally,
+    # and contextlib's __exit__ that throws the exception into it.
+    own = {sys._getframe().f_code, contextlib._GeneratorContextManager.__exit__.__code__}
 
     def expire(signum, frame):
         if armed[0]:
-            raise Expired
+            # Raised inside a weakref callback or a __del__ (the garbage collector runs them
+            # anywhere), the exception is swallowed ("Exception ignored in ..."): so the timer
+            # fires again 10 ms later, until the block has ended.
+            signal.setitimer(signal.ITIMER_PROF, 0.01)
+            if frame is None or frame.f_code not in own:
+                raise Expired
     previous = signal.signal(signal.SIGPROF, expire)
     signal.setitimer(signal.ITIMER_PROF, milliseconds / 1000)
     try:

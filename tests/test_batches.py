@@ -369,6 +369,29 @@ def test_decoding_past_its_deadline_is_the_requests_413(make_handler, colour_che
     assert statuses[1][0] == 200 and out[1] == pytest.approx(alone(handler, IMAGES[0]), abs=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_deadline_swallowed_by_a_finalizer_fires_again():
+    """The garbage collector runs weakref callbacks and __del__ anywhere, and an exception raised
+    there is only printed ("Exception ignored in ..."): CI once decoded a 100k-strip TIFF to the
+    end because the one expiry landed in such a callback. The timer fires again until the block
+    ends."""
+    def burn(seconds):
+        start = time.process_time()
+        while time.process_time() - start < seconds:
+            pass
+
+    class Finalizer:
+        def __del__(self):
+            burn(0.05)  # the 10 ms expiry lands in here, and is swallowed
+
+    started = time.process_time()
+    with pytest.raises(TimeoutError):
+        with cifar10_handler.deadline(10):
+            Finalizer()  # dropped at once: its __del__ runs here
+            burn(1.0)
+    assert time.process_time() - started < 0.5
+
+
 @pytest.mark.parametrize("compression", ["tiff_deflate", "tiff_lzw", "packbits", "jpeg"])
 def test_compressed_tiffs_from_an_ordinary_encoder_are_answered(colour_handler, compression):
     body = image_bytes("RGB", (300, 200), "TIFF", compression=compression)
