@@ -51,8 +51,8 @@ def parse_args(argv=None):
                    help="ImageFolder of the training images (a dry run uses tests/holdout)")
     p.add_argument("--recipe", default=GPU_RECIPE, help="train.py flags of the GPU recipe")
     p.add_argument("--dry-run", action="store_true", help="toy size on the CPU, even with CUDA")
-    p.add_argument("--seconds", type=float, default=10.0,
-                   help="seconds of load per concurrency (a dry run: 2)")
+    p.add_argument("--seconds", type=float,
+                   help="seconds of load per concurrency (default: 10, a dry run 2)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--images-per-request", type=int, default=16)
     p.add_argument("--workers", type=int, default=4, help="workers to scale to (management API)")
@@ -164,7 +164,7 @@ def serve_and_measure(args, store, out, dry):
     run = out / "run"
     run.mkdir(exist_ok=True)
     images = [p.read_bytes() for p in sorted(HOLDOUT.rglob("*.jpg"))]
-    seconds = 2.0 if dry else args.seconds
+    seconds = args.seconds or (2.0 if dry else 10.0)
     with local_torchserve(store, run, timeout=300) as client:
         result = {"workers_at_start": workers(client), "java": client.server.exe()}
         preds, truth = evaluate.predict_served(HOLDOUT, client, concurrency=8)

@@ -12,9 +12,9 @@ response shapes). /explanations/cifar10 answers Integrated Gradients maps instea
 
 A dynamic batch mixes requests of every kind, so the handler owns `handle()`: each request is a
 row record (`new_row`) that carries its own kind, images, reply shape and error from start to
-end, and is answered by its own kind's code. A request the handler cannot use gets a 4xx naming what was wrong and what
-is accepted; an exception of ours while serving one request is that request's 500 (logged); the
-other requests of the batch are answered as usual. Every limit (images and pixels per request,
+end, and is answered by its own kind's code. A request the handler cannot use gets a 4xx naming
+what was wrong and what is accepted; an exception of ours while serving one request is that
+request's 500 (logged); the other requests of the batch are answered as usual. Every limit (images and pixels per request,
 JPEG scans, decoding time, echoed ids) is checked before the work it bounds; model-config.yaml
 sets them. On the CPU the forward pass runs in ONNX Runtime on the int8 export (model-config.yaml
 `runtime: int8`; bf16, fp32 onnx and torch are the others), on a GPU in torch, in chunks of at
@@ -360,30 +360,31 @@ class Cifar10Handler(BaseHandler):
     def _decode_within_budget(self, row):
         """Open every image's header first and refuse the request if their pixels add up past
         the request's cap, so an over-budget request costs no decoding at all; then decode."""
-        budget, opened, several = self.limits["max_request_pixels"], [], len(row.images) > 1
-        for i, image in enumerate(row.images):
+        budget, opened = self.limits["max_request_pixels"], []
+        wheres = [f"image {i}: " if len(row.images) > 1 else "" for i in range(len(row.images))]
+        for where, image in zip(wheres, row.images):
             if isinstance(image, torch.Tensor):  # v2 UINT8 pixels: already (3, 32, 32)
                 opened.append(image)
                 continue
-            opened.append(self._checked(open_image, i, several, image,
-                                        self.limits["max_image_pixels"]))
+            opened.append(self._checked(open_image, where, image, self.limits["max_image_pixels"]))
             budget -= image_pixels(opened[-1])
             if budget < 0:
                 raise bad_request(
-                    f"{'image %d: ' % i if several else ''}the request's images decode to more "
-                    f"than {self.limits['max_request_pixels']:,} pixels; send fewer or smaller "
+                    f"{where}the request's images decode to more than "
+                    f"{self.limits['max_request_pixels']:,} pixels; send fewer or smaller "
                     f"images per request", 413)
         row.images = [image if isinstance(image, torch.Tensor)
-                      else image_tensor(self._checked(to_rgb32, i, several, image))
-                      for i, image in enumerate(opened)]
+                      else image_tensor(self._checked(to_rgb32, where, image))
+                      for where, image in zip(wheres, opened)]
 
     @staticmethod
-    def _checked(step, i, several, *args):
-        """One decoding step for image i; its ValueError becomes the client's 400 naming it."""
+    def _checked(step, where, *args):
+        """One decoding step of an image; its ValueError becomes the client's 400, prefixed
+        with ``where`` (which image)."""
         try:
             return step(*args)
         except ValueError as err:
-            raise bad_request(f"{'image %d: ' % i if several else ''}{err}") from err
+            raise bad_request(f"{where}{err}") from err
 
     @timed
     def inference(self, rows, *args, **kwargs):
