@@ -37,6 +37,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from ts.handler_utils.timer import timed
+from ts.protocol import otf_message_handler
 from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
@@ -89,6 +90,38 @@ def _keep_repeated_fields(retrieve):
 
 if not getattr(Service.retrieve_data_for_inference, "keeps_repeated_fields", False):
     Service.retrieve_data_for_inference = _keep_repeated_fields(Service.retrieve_data_for_inference)
+
+
+def json_values_limit(max_images):
+    """The most values (as `json_values` counts them) a JSON body may hold: what the largest
+    request accepted needs, ``max_images`` images as v2 UINT8 pixels nested [N, 32, 32, 3] (per
+    image 3,072 numbers, 1,024 pixel lists, 32 rows and its own list), plus room for keys."""
+    return max_images * (PIXELS_PER_IMAGE + IMAGE_SIZE * IMAGE_SIZE + IMAGE_SIZE + 1) + 1024
+
+
+def json_values(text):
+    """The commas and opening brackets of a JSON text (str or bytes), counted without parsing
+    it: at least the number of values it holds bar one (commas in strings only add)."""
+    marks = (b",", b"[", b"{") if isinstance(text, (bytes, bytearray)) else (",", "[", "{")
+    return sum(text.count(mark) for mark in marks)
+
+
+# What TorchServe's worker may parse of an application/json body before the handler sees it.
+_json_values_allowed = [json_values_limit(LIMITS["max_images"])]
+
+
+def _bounded_loads(text, **kwargs):
+    """json.loads for TorchServe's request reader (ts/protocol/otf_message_handler.py), which
+    parses every application/json body into Python objects before the handler counts images: an
+    8 MiB body of 2.8 M empty objects took ~170 MB and 0.5 s of a worker, a batch of 16 of them
+    3.6 GB. Over the limit it refuses, and TorchServe passes the raw bytes on (logging a warning):
+    the handler then answers that request alone with its 413 (`_parse_json`)."""
+    if json_values(text) > _json_values_allowed[0]:
+        raise ValueError(f"over {_json_values_allowed[0]:,} JSON values: left to the handler")
+    return json.loads(text, **kwargs)
+
+
+otf_message_handler.json = SimpleNamespace(loads=_bounded_loads, dumps=json.dumps)
 
 
 def _text(name):
@@ -192,6 +225,7 @@ class Cifar10Handler(BaseHandler):
         self.tta = int(config.get("tta", 0))
         self.ig_steps = int(config.get("ig_steps", 32))
         self.limits = {key: int(config.get(key, default)) for key, default in LIMITS.items()}
+        _json_values_allowed[0] = json_values_limit(self.limits["max_images"])
         self.chunk = max(1, int(properties.get("batch_size") or 16))
         if config.get("threads"):
             torch.set_num_threads(int(config["threads"]))
@@ -521,7 +555,7 @@ def request_images(row, max_images, max_id_length=LIMITS["max_id_length"]):
     images, as_list = [], False
     for name, value in row.items():
         if isinstance(value, (bytes, bytearray)) and JSON_START.match(value):
-            value = _parse_json(value)  # a JSON body whose Content-Type was not application/json
+            value = _parse_json(value, max_images)  # not parsed by TorchServe: see _bounded_loads
         if isinstance(value, dict) and len(row) == 1 and "inputs" in value:
             return _v2_images(value, max_images), "v2", _v2_id(value, max_id_length)
         if isinstance(value, dict) and len(row) == 1 and "instances" in value:
@@ -598,10 +632,10 @@ def _v2_pixels(shape, data):
         pixels = np.asarray(data)
     except ValueError as err:
         raise bad_request(f"v2 UINT8 input: data is not a regular array ({err})") from err
-    if (pixels.size != n * PIXELS_PER_IMAGE or pixels.dtype.kind not in "iu"
-            or pixels.min() < 0 or pixels.max() > 255):
-        raise bad_request(f"v2 UINT8 input must be {wanted}, got {pixels.size} values of "
-                          f"type {pixels.dtype}")
+    if (pixels.shape not in ((n * PIXELS_PER_IMAGE,), tuple(shape))
+            or pixels.dtype.kind not in "iu" or pixels.min() < 0 or pixels.max() > 255):
+        raise bad_request(f"v2 UINT8 input must be {wanted}, got data of shape "
+                          f"{list(pixels.shape)} and type {pixels.dtype}")
     batch = torch.from_numpy(pixels.astype(np.uint8).reshape(n, IMAGE_SIZE, IMAGE_SIZE, 3))
     return list(batch.permute(0, 3, 1, 2))
 
@@ -623,7 +657,14 @@ def _kserve_images(request, max_images):
     return images
 
 
-def _parse_json(raw):
+def _parse_json(raw, max_images):
+    """A JSON body TorchServe did not parse: its Content-Type was not application/json, or it
+    held more values than the largest request accepted (`_bounded_loads`)."""
+    limit = json_values_limit(max_images)
+    if json_values(raw) > limit:
+        raise bad_request(f"the JSON body holds more than {limit:,} values (commas and brackets); "
+                          f"the largest request accepted is {max_images} images as v2 UINT8 "
+                          f"pixels: send base64 images, or fewer per request", 413)
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as err:

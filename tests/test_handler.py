@@ -256,6 +256,8 @@ def test_open_inference_protocol_v2_bytes_and_uint8(make_handler, tiny_checkpoin
      "integers 0-255"),
     ({"inputs": [{"datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [0] * 100}]},
      "got shape [1, 32, 32, 3] with 100 items"),
+    ({"inputs": [{"datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [[[0]] * 3072]}]},
+     "got data of shape [1, 3072, 1]"),
     ({"inputs": [{"datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}, "not valid base64"),
 ])
 def test_bad_v2_requests_get_a_400(make_handler, tiny_checkpoint, request_body, fragment):

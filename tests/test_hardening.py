@@ -28,8 +28,10 @@ from conftest import FIXTURES, ROOT, handle, image_bytes, make_context
 from PIL import Image
 from test_handler import assert_top5
 from test_serving import server  # noqa: F401  (the module-scoped TorchServe fixture)
+from ts.protocol import otf_message_handler
 
 from client import read_properties
+import cifar10_handler
 from cifar10_handler import ACCEPTED, Cifar10Handler
 from cifar10_net import decode_image, image_tensor
 
@@ -204,6 +206,55 @@ def test_hostile_bodies_get_a_400_naming_the_problem(make_handler, tiny_checkpoi
     (answer,), [(status, phrase)] = handle(handler, [row])
     assert_bad_request(answer, status, phrase)
     assert fragment in phrase
+
+
+class FrontendSocket:
+    """What a worker reads from TorchServe's frontend: the bytes given, in recv-sized pieces."""
+    def __init__(self, data):
+        self.stream = io.BytesIO(data)
+
+    def recv(self, size):
+        return self.stream.read(size)
+
+
+def frontend_frame(content_type, body):
+    """A request's body as TorchServe's frontend frames it for the worker: name, type, value."""
+    return b"".join(struct.pack("!i", len(part)) + part
+                    for part in (b"body", content_type.encode(), body))
+
+
+def test_json_bodies_over_the_largest_request_are_refused_before_the_worker_parses_them(
+        make_handler, tiny_checkpoint):
+    """TorchServe's worker parses every application/json body before the handler runs: 8 MiB of
+    empty objects cost it ~170 MB (3.6 GB for a batch of 16). The largest request accepted (v2
+    UINT8 pixels nested, max_images of them) is still parsed as before; a body with more values
+    reaches the handler unparsed and gets its own 413, its batch neighbour its answer."""
+    handler = make_handler(tiny_checkpoint, max_images=2)
+    limit = cifar10_handler.json_values_limit(2)
+    pixels = np.stack([np.asarray(decode_image((FIXTURES / f"{n}.jpg").read_bytes()))
+                       for n in ("cat", "ship")])
+    largest = json.dumps({"id": "big", "inputs": [{"name": "p", "datatype": "UINT8",
+                                                   "shape": [2, 32, 32, 3],
+                                                   "data": pixels.tolist()}]}).encode()
+    amplified = b'{"data": [' + b"{}," * limit + b"{}]}"
+    assert cifar10_handler.json_values(largest) <= limit < cifar10_handler.json_values(amplified)
+    read = [otf_message_handler._retrieve_input_data(
+        FrontendSocket(frontend_frame("application/json", body))) for body in (largest, amplified)]
+    assert read[0]["value"]["id"] == "big"  # parsed by TorchServe, as before
+    assert read[1]["value"] == amplified  # left as bytes
+    (answer, refused), statuses = handle(handler, [{"body": read[0]["value"]},
+                                                   {"body": read[1]["value"]}])
+    assert statuses[0][0] == 200 and answer["id"] == "big"
+    assert answer["outputs"][0]["data"] == [next(iter(handle(handler, [{"body": image}])[0][0]))
+                                            for image in map(image_bytes_of, pixels)]
+    assert statuses[1][0] == 413 and f"holds more than {limit:,} values" in statuses[1][1]
+
+
+def image_bytes_of(pixels):
+    """A lossless PNG of (32, 32, 3) uint8 pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def encode_png(rgb16):
