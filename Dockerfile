@@ -37,6 +37,10 @@ WORKDIR /home/model-server
 # The archive: model_store/cifar10.mar, or the GPU one (`make docker IMAGE_TAG=gpu` passes it).
 ARG MAR=model_store/cifar10.mar
 COPY --chown=model-server deploy/docker/config.properties /home/model-server/config.properties
+# The repo's logging: each line once, in rotated files under logs/, and at info on standard
+# output, where `docker logs` and `kubectl logs` read it.
+COPY --chown=model-server log4j2.xml /home/model-server/log4j2.xml
+ENV TS_STDOUT_LOG_LEVEL=info
 COPY --chown=model-server ${MAR} /home/model-server/model-store/cifar10.mar
 
 # Inference, management (token-protected), metrics: deploy/docker/config.properties.
@@ -48,4 +52,5 @@ EXPOSE 8080 8081 8082
 # the launcher, PID 1 here, ignores SIGTERM.
 CMD ["torchserve", "--start", "--foreground", "--ncs", \
      "--ts-config", "/home/model-server/config.properties", \
+     "--log-config", "/home/model-server/log4j2.xml", \
      "--models", "cifar10=cifar10.mar"]

@@ -94,7 +94,7 @@ serve: $(MAR) ## start TorchServe in the background; returns once a prediction s
 	@$(CHECK_JAVA)
 	@mkdir -p $(RUN_DIR)
 	@if $(PY) client.py ping --quiet 2>/dev/null; then echo "TorchServe is already running"; \
-	else TMPDIR=$(abspath $(RUN_DIR)) TEMP=$(abspath $(RUN_DIR)) $(BIN)/torchserve --start --ncs --ts-config $(TS_CONFIG) \
+	else TMPDIR=$(abspath $(RUN_DIR)) TEMP=$(abspath $(RUN_DIR)) $(BIN)/torchserve --start --ncs --ts-config $(TS_CONFIG) --log-config $(abspath log4j2.xml) \
 	  --model-store $(MODEL_STORE) --models cifar10=cifar10.mar >$(RUN_DIR)/torchserve.out 2>&1 \
 	  && $(PY) client.py wait --timeout 60 --worker-log logs/model_log.log || { cat $(RUN_DIR)/torchserve.out; \
 	  tail -n 30 logs/model_log.log 2>/dev/null; $(MAKE) --no-print-directory stop; exit 1; }; fi

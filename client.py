@@ -183,9 +183,11 @@ def local_torchserve(store, run, extra_config="", timeout=180, probe=None, env=N
     env = dict(os.environ, TMPDIR=str(run), TEMP=str(run), LOG_LOCATION=str(run / "logs"),
                METRICS_LOCATION=str(run / "logs"), **(env or {}))
     torchserve = Path(sys.executable).parent / "torchserve"
-    subprocess.run([str(torchserve), "--start", "--ncs", "--ts-config", "config.properties",
-                    "--model-store", str(store), "--models", "cifar10=cifar10.mar"],
-                   cwd=run, env=env, check=True)
+    with open(run / "torchserve.out", "wb") as out:  # the launcher's and the server's stdout
+        subprocess.run([str(torchserve), "--start", "--ncs", "--ts-config", "config.properties",
+                        "--log-config", str(Path(__file__).resolve().parent / "log4j2.xml"),
+                        "--model-store", str(store), "--models", "cifar10=cifar10.mar"],
+                       cwd=run, env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
     java = psutil.Process(int((run / ".model_server.pid").read_text()))
     client = TorchServeClient(run / "config.properties", run / "key_file.json")
     try:

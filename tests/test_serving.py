@@ -412,6 +412,21 @@ def test_attacks_get_their_own_answer_and_hurt_no_one(server):
     assert worker_pids(server) == pids
 
 
+def test_each_log_line_is_written_once_and_not_to_standard_output(server):
+    """log4j2.xml: TorchServe's built-in logging writes every server line to ts_log.log twice, at
+    DEBUG, and copies every log to standard output (make serve's unrotated .run/torchserve.out)."""
+    for image in IMAGES[:3]:
+        assert server.predict(image).status_code == 200
+    logs = server.run_dir / "logs"
+    lines = [line for line in (logs / "ts_log.log").read_text().splitlines()
+             if re.match(r"\d{4}-\d\d-\d\dT", line)]  # not a multi-line message's other lines
+    assert len(lines) > 20 and not [a for a, b in zip(lines, lines[1:]) if a == b]
+    assert not [line for line in lines if "[DEBUG]" in line or "ACCESS_LOG" in line]
+    assert "POST /predictions/cifar10" in (logs / "access_log.log").read_text()
+    out = (server.run_dir / "torchserve.out").read_text()  # the server's standard output
+    assert "org.pytorch.serve" not in out and "MODEL_LOG" not in out, out[-2000:]
+
+
 def test_management_describe_reaches_the_handler(server):
     response = server.session.get(f"{server.management}/models/cifar10",
                                   params={"customized": "true"},
