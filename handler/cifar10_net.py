@@ -350,6 +350,10 @@ def count_flops(net):
 
 
 if __name__ == "__main__":
-    net = Cifar10Net()
+    import argparse
+    parser = argparse.ArgumentParser(description="Size and cost of the net.")
+    parser.add_argument("--widths", type=int, nargs=3, default=[64, 256, 256],
+                        help="channels of the three conv groups (train.py --widths)")
+    net = Cifar10Net(widths=parser.parse_args().widths)
     params = sum(p.numel() for p in net.parameters())
     print(f"Cifar10Net: {params:,} parameters, {count_flops(net) / 1e6:.1f} MFLOPs per image")
