@@ -61,8 +61,8 @@ def parse_args(argv=None):
                    help="epochs during which the whitening bias is trained")
     p.add_argument("--lookahead-epoch", type=int, default=3,
                    help="epoch from which the lookahead average of the weights is kept")
-    p.add_argument("--widths", type=int, nargs=3, default=[64, 256, 256],
-                   help="channels of the three conv groups")
+    p.add_argument("--widths", type=int, nargs=3, default=list(cifar10_net.DEFAULT_WIDTHS),
+                   help="channels of the three conv groups (default: %(default)s)")
     p.add_argument("--tta", type=int, default=2, choices=[0, 1, 2],
                    help="test-time augmentation for the final validation report")
     p.add_argument("--val-size", type=int, default=5000,

@@ -37,10 +37,13 @@ MAX_JPEG_SCANS = 64
 JPEG_SOS = b"\xff\xda"  # start-of-scan marker; entropy-coded data never holds it (0xFF is stuffed)
 
 
+DEFAULT_WIDTHS = (64, 256, 256)  # airbench94's conv groups; the shipped net is 128, 384, 384
+
+
 class Cifar10Net(nn.Module):
     """airbench94-shaped CIFAR-10 classifier; input is a normalised float batch (N, 3, 32, 32)."""
 
-    def __init__(self, widths=(64, 256, 256), num_classes=10, batchnorm_momentum=0.6,
+    def __init__(self, widths=DEFAULT_WIDTHS, num_classes=10, batchnorm_momentum=0.6,
                  scaling=1 / 9):
         super().__init__()
         whiten_width = 2 * 3 * 2 * 2  # +/- each eigenvector of the 3x2x2 patch covariance
@@ -352,9 +355,9 @@ def count_flops(net):
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="Size and cost of the net.")
-    parser.add_argument("--widths", type=int, nargs=3, default=[64, 256, 256],
+    parser.add_argument("--widths", type=int, nargs=3, default=list(DEFAULT_WIDTHS),
                         help="channels of the three conv groups, as train.py --widths "
-                             "(default: 64 256 256; the shipped net: 128 384 384)")
+                             "(default: %(default)s; the shipped net: 128 384 384)")
     net = Cifar10Net(widths=parser.parse_args().widths)
     params = sum(p.numel() for p in net.parameters())
     print(f"Cifar10Net: {params:,} parameters, {count_flops(net) / 1e6:.1f} MFLOPs per image")
