@@ -41,7 +41,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data-dir", type=Path,
-                     help="ImageFolder of training images, one folder per class (default: None)")
+                     help="ImageFolder of training images, one folder per class; without it, "
+                          "torchvision downloads CIFAR10")
     src.add_argument("--download-root", type=Path, default=Path("data"),
                      help="where torchvision downloads CIFAR10 when --data-dir is not given")
     p.add_argument("--out", type=Path, default=Path("weights/cifar10.pt"), help="checkpoint path")
