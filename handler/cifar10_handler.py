@@ -23,6 +23,8 @@ most batchSize images.
 import base64
 import binascii
 import contextlib
+import ctypes
+import ctypes.util
 import importlib.util
 import json
 import logging
@@ -154,18 +156,60 @@ def bad_request(message, code=400):
     return PredictionException(f"{message}; {ACCEPTED}", code)
 
 
+def _timer_library():
+    """The C library that has timer_create (glibc >= 2.34 and musl: libc itself; older glibc:
+    librt), or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    for name in (None, ctypes.util.find_library("rt")):
+        library = ctypes.CDLL(name, use_errno=True)
+        if hasattr(library, "timer_create"):
+            return library
+    return None
+
+
+_LIBRT = _timer_library()
+SIGEV_THREAD_ID, CLOCK_THREAD_CPUTIME_ID = 4, 3  # Linux <bits/sigevent-consts.h>, <time.h>
+
+
+def arm_cpu_timer(first, every):
+    """Send SIGPROF once the calling thread has used ``first`` seconds of CPU time, then every
+    ``every`` seconds; return the function that disarms it.
+
+    On Linux the timer counts this thread's CPU alone and signals this thread alone
+    (timer_create on CLOCK_THREAD_CPUTIME_ID with SIGEV_THREAD_ID). A process-wide ITIMER_PROF,
+    the fallback elsewhere, counts torch's and ONNX Runtime's spinning pool threads too, and the
+    kernel sends its SIGPROF to whichever thread used the last tick: CPython before 3.13 then only
+    notes the signal, and the main thread does not run the handler until something else wakes its
+    eval loop (CI once saw a 1-s burn run through a 10-ms deadline that way).
+    """
+    if _LIBRT is None:
+        signal.setitimer(signal.ITIMER_PROF, first, every)
+        return lambda: signal.setitimer(signal.ITIMER_PROF, 0)
+    event = (ctypes.c_int * 16)()  # struct sigevent, 64 bytes: sigval (8), signo, notify, tid
+    event[2], event[3], event[4] = signal.SIGPROF, SIGEV_THREAD_ID, threading.get_native_id()
+    timer = ctypes.c_void_p()
+    if _LIBRT.timer_create(CLOCK_THREAD_CPUTIME_ID, event, ctypes.byref(timer)):
+        raise OSError(ctypes.get_errno(), "timer_create failed")
+    nanoseconds = [divmod(round(seconds * 1e9), 10**9) for seconds in (every, first)]
+    spec = (ctypes.c_long * 4)(*nanoseconds[0], *nanoseconds[1])  # struct itimerspec
+    if _LIBRT.timer_settime(timer, 0, spec, None):
+        _LIBRT.timer_delete(timer)
+        raise OSError(ctypes.get_errno(), "timer_settime failed")
+    return lambda: _LIBRT.timer_delete(timer)
+
+
 @contextlib.contextmanager
 def deadline(milliseconds):
-    """Raise TimeoutError from the block once it has used ``milliseconds`` of CPU time.
+    """Raise TimeoutError from the block once its thread has used ``milliseconds`` of CPU time.
 
     Pillow parses file structure (JPEG markers, PNG chunks, TIFF strips, GIF sub-blocks, BMP runs)
     in Python, at a cost that grows with the body's bytes rather than its pixels: 8 MiB of
-    one-row TIFF strips took 21 s. A SIGPROF timer (the process's CPU time, so a busy machine
-    does not shorten the allowance; the worker decodes on one thread) interrupts that Python code
-    between bytecodes
-    with an exception no `except Exception` inside a plugin can swallow (a BaseException, local:
-    TorchServe wants exactly one class in a handler module). It works in the main thread only,
-    where TorchServe's worker runs the handler; elsewhere the block runs unbounded.
+    one-row TIFF strips took 21 s. A CPU-time timer (so a busy machine does not shorten the
+    allowance; see arm_cpu_timer) interrupts that Python code between bytecodes with an exception
+    no `except Exception` inside a plugin can swallow (a BaseException, local: TorchServe wants
+    exactly one class in a handler module). It works in the main thread only, where TorchServe's
+    worker runs the handler; elsewhere the block runs unbounded.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -179,22 +223,20 @@ def deadline(milliseconds):
     own = {sys._getframe().f_code, contextlib._GeneratorContextManager.__exit__.__code__}
 
     def expire(signum, frame):
-        if armed[0]:
-            # Raised inside a weakref callback or a __del__ (the garbage collector runs them
-            # anywhere), the exception is swallowed ("Exception ignored in ..."): so the timer
-            # fires again 10 ms later, until the block has ended.
-            signal.setitimer(signal.ITIMER_PROF, 0.01)
-            if frame is None or frame.f_code not in own:
-                raise Expired
+        # Raised inside a weakref callback or a __del__ (the garbage collector runs them
+        # anywhere), the exception is swallowed ("Exception ignored in ..."): so the timer
+        # fires again every 10 ms until the block has ended.
+        if armed[0] and (frame is None or frame.f_code not in own):
+            raise Expired
     previous = signal.signal(signal.SIGPROF, expire)
-    signal.setitimer(signal.ITIMER_PROF, milliseconds / 1000)
+    disarm = arm_cpu_timer(milliseconds / 1000, 0.01)
     try:
         yield
     except Expired:
         raise TimeoutError(f"ran past {milliseconds} ms") from None
     finally:
         armed[0] = False
-        signal.setitimer(signal.ITIMER_PROF, 0)
+        disarm()
         signal.signal(signal.SIGPROF, previous)
 
 
