@@ -219,8 +219,10 @@ def deadline(milliseconds):
         pass
     armed = [True]
     # Frames where raising would escape the handling below: this generator's own except/finally,
-    # and contextlib's __exit__ that throws the exception into it.
-    own = {sys._getframe().f_code, contextlib._GeneratorContextManager.__exit__.__code__}
+    # contextlib's __exit__ that throws the exception into it, and arm_cpu_timer (before it
+    # returns, nothing could disarm the timer it armed).
+    own = {sys._getframe().f_code, contextlib._GeneratorContextManager.__exit__.__code__,
+           arm_cpu_timer.__code__}
 
     def expire(signum, frame):
         # Raised inside a weakref callback or a __del__ (the garbage collector runs them
@@ -229,14 +231,16 @@ def deadline(milliseconds):
         if armed[0] and (frame is None or frame.f_code not in own):
             raise Expired
     previous = signal.signal(signal.SIGPROF, expire)
-    disarm = arm_cpu_timer(milliseconds / 1000, 0.01)
+    disarm = None
     try:
+        disarm = arm_cpu_timer(milliseconds / 1000, 0.01)
         yield
     except Expired:
         raise TimeoutError(f"ran past {milliseconds} ms") from None
     finally:
         armed[0] = False
-        disarm()
+        if disarm:
+            disarm()
         signal.signal(signal.SIGPROF, previous)
 
 
