@@ -226,10 +226,18 @@ def deadline(milliseconds):
 
     def expire(signum, frame):
         # Raised inside a weakref callback or a __del__ (the garbage collector runs them
-        # anywhere), the exception is swallowed ("Exception ignored in ..."): so the timer
-        # fires again every 10 ms until the block has ended.
+        # anywhere), the exception is swallowed: so the timer fires again every 10 ms until
+        # the block has ended.
         if armed[0] and (frame is None or frame.f_code not in own):
             raise Expired
+
+    def unraisable(report):
+        # An Expired swallowed that way is expected: no "Exception ignored" traceback for it.
+        # The hook before (a Python one under pytest) gets everything else.
+        if not isinstance(report.exc_value, Expired):
+            previous_hook(report)
+    own.add(unraisable.__code__)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     previous = signal.signal(signal.SIGPROF, expire)
     disarm = None
     try:
@@ -242,6 +250,7 @@ def deadline(milliseconds):
         if disarm:
             disarm()
         signal.signal(signal.SIGPROF, previous)
+        sys.unraisablehook = previous_hook
 
 
 def new_row(kind):
