@@ -12,9 +12,14 @@ MODEL_STORE ?= model_store
 MAR         ?= $(MODEL_STORE)/cifar10.mar
 ONNX        ?= $(MODEL_STORE)/build/cifar10.onnx
 INT8        ?= $(MODEL_STORE)/build/cifar10.int8.onnx
-# Real images the int8 export is calibrated on (any folder of images; the fixtures if DATA_DIR
-# is not there): 512 of them, a fixed random subset.
-CALIB_DIR   ?= $(if $(wildcard $(DATA_DIR)),$(DATA_DIR),tests/fixtures)
+GOLDEN      ?= $(MODEL_STORE)/build/golden.npz
+# Real images the int8 export is calibrated on (any folder of images; 512 of them, a fixed random
+# subset): 512 training images that ship with the repository, so every clone builds the same file.
+CALIB_DIR   ?= weights/calibration
+# Held-out real images the int8 quantization is checked on (in fp32 arithmetic: the same on any
+# build machine) and the archive's golden set is drawn from (every forward is checked on it at
+# worker start, on the CPU that serves).
+CHECK_DIR   ?= tests/holdout
 TS_CONFIG   ?= config.properties
 MODEL_CONFIG ?= handler/model-config.yaml
 RUN_DIR     ?= .run
@@ -57,7 +62,7 @@ DOCKER_PORTS = $(if $(filter docker,$(CONTAINER)),-p 127.0.0.1:8080:8080 \
   -p 127.0.0.1:8081:8081 -p 127.0.0.1:8082:8082,--network host \
   -e TS_INFERENCE_ADDRESS=http://127.0.0.1:8080 -e TS_MANAGEMENT_ADDRESS=http://127.0.0.1:8081 \
   -e TS_METRICS_ADDRESS=http://127.0.0.1:8082)
-HANDLER_FILES := handler/cifar10_handler.py handler/cifar10_net.py \
+HANDLER_FILES := handler/cifar10_handler.py handler/cifar10_net.py handler/cifar10_runtime.py \
                  handler/index_to_name.json $(MODEL_CONFIG)
 
 .DEFAULT_GOAL := help
@@ -79,20 +84,23 @@ train: $(BIN)/torchserve ## train on the ImageFolder DATA_DIR (DATA_DIR= downloa
 	$(PY) train.py $(if $(DATA_DIR),--data-dir $(DATA_DIR),--download-root data) \
 	  --epochs $(EPOCHS) $(TRAIN_ARGS) --out $(WEIGHTS)
 
-$(ONNX) $(INT8) &: $(WEIGHTS) handler/cifar10_net.py export_onnx.py | $(BIN)/torchserve
-	$(PY) export_onnx.py $(WEIGHTS) $(ONNX) --int8 $(INT8) --calibration-dir $(CALIB_DIR)
+$(ONNX) $(INT8) $(GOLDEN) &: $(WEIGHTS) handler/cifar10_net.py handler/cifar10_runtime.py \
+                            export_onnx.py | $(BIN)/torchserve
+	$(PY) export_onnx.py $(WEIGHTS) $(ONNX) --int8 $(INT8) --calibration-dir $(CALIB_DIR) \
+	  --check-dir $(CHECK_DIR) --golden $(GOLDEN)
 
-$(MAR): $(WEIGHTS) $(ONNX) $(INT8) $(HANDLER_FILES) | $(BIN)/torchserve
+$(MAR): $(WEIGHTS) $(ONNX) $(INT8) $(GOLDEN) $(HANDLER_FILES) | $(BIN)/torchserve
 	@mkdir -p $(MODEL_STORE)
 	$(BIN)/torch-model-archiver --force --model-name cifar10 --version 1.0 \
 	  --model-file handler/cifar10_net.py --serialized-file $(WEIGHTS) \
-	  --handler handler/cifar10_handler.py --extra-files handler/index_to_name.json,$(ONNX),$(INT8) \
+	  --handler handler/cifar10_handler.py --extra-files \
+	  handler/cifar10_runtime.py,handler/index_to_name.json,$(ONNX),$(INT8),$(GOLDEN) \
 	  --config-file $(MODEL_CONFIG) --export-path $(MODEL_STORE)
 
 $(WEIGHTS):
 	@echo "$(WEIGHTS) is missing: \`make train\` writes it (or pass WEIGHTS=path/to/checkpoint.pt)"; exit 1
 
-archive: $(MAR) ## export the ONNX forwards (fp32, int8), package them with weights, model, handler, configs
+archive: $(MAR) ## export the ONNX forwards (fp32, int8) and the golden set, package them with weights, model, handler, configs
 
 serve: $(MAR) ## start TorchServe in the background; returns once a prediction succeeds
 	@$(CHECK_JAVA)
@@ -167,4 +175,4 @@ docker-test: $(BIN)/torchserve ## build the image, serve from it, check answers 
 	$(PY) -m pytest -m container tests/test_container.py
 
 clean: ## remove build outputs (the archive, logs, run files)
-	rm -rf $(MAR) $(ONNX) $(INT8) logs $(RUN_DIR) .pytest_cache dist
+	rm -rf $(MAR) $(ONNX) $(INT8) $(GOLDEN) logs $(RUN_DIR) .pytest_cache dist

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 import train
 from client import TorchServeClient
-from cifar10_net import build_net, onnx_forward
+from cifar10_net import build_net
+from cifar10_runtime import onnx_forward
 
 log = logging.getLogger(__name__)
 

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "handler")]  # client.py; the modules TorchServe imports
 
 from client import TorchServeClient  # noqa: E402
+from cifar10_net import cpu_flags  # noqa: E402
 
 log = logging.getLogger(__name__)
 LUA = Path(__file__).resolve().parent / "post.lua"
@@ -120,6 +121,7 @@ def machine_info():
     meminfo = Path("/proc/meminfo").read_text().split() if Path("/proc/meminfo").exists() else []
     return {
         "cpu": models[0] if models else platform.processor() or platform.machine(),
+        "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_gib": round(int(meminfo[1]) / 2**20, 1) if meminfo[:1] == ["MemTotal:"] else None,
@@ -209,17 +211,23 @@ def compare_runtime(args, folder):
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     make_vars = [*args.make_var, f"MODEL_CONFIG={config_file}",
                  f"MODEL_STORE={folder / 'store'}", f"ONNX={folder / 'store' / 'cifar10.onnx'}",
-                 f"INT8={folder / 'store' / 'cifar10.int8.onnx'}"]
+                 f"INT8={folder / 'store' / 'cifar10.int8.onnx'}",
+                 f"GOLDEN={folder / 'store' / 'golden.npz'}"]
     with server(args, make_vars) as (client, cold):
         return {"runtime": args.compare_runtime, "cold_start_s": cold,
                 "served": served(client, args, folder)}
 
 
-def served_runtime(args):
-    """handler.runtime of the served archive's model-config.yaml (--make-var MODEL_CONFIG=...)."""
+def served_runtime(args, client):
+    """handler.runtime of the served archive's model-config.yaml (--make-var MODEL_CONFIG=...),
+    and the forward the workers chose for it where that differs (auto: "auto (int8)")."""
     path = next((v.split("=", 1)[1] for v in args.make_var if v.startswith("MODEL_CONFIG=")),
                 ROOT / "handler" / "model-config.yaml")
-    return yaml.safe_load(Path(path).read_text()).get("handler", {}).get("runtime", "torch")
+    configured = yaml.safe_load(Path(path).read_text()).get("handler", {}).get("runtime", "auto")
+    response = client._call("GET", f"{client.management}/models/{client.model}?customized=true",
+                            "management", timeout=10)
+    chosen = (response.json()[0].get("customizedMetadata") or {}).get("runtime")
+    return configured if chosen in (None, configured) else f"{configured} ({chosen})"
 
 
 def describe(client):
@@ -422,7 +430,8 @@ def markdown(report):
     lines += ["# CIFAR-10 on TorchServe: benchmark", "",
               f"- date: {report['date']}",
               f"- command: {report['command']}",
-              f"- machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), "
+              f"- machine: {m['cpu']} (kernel flags: {' '.join(m.get('cpu_flags', [])) or '-'}), "
+              f"{m['cores']} cores ({m['cores_usable']} usable), "
               f"{m['memory_gib']} GiB RAM, GPU: {gpus}; load average {m['load_average']:.2f} "
               "at start",
               f"- software: Python {m['python']}, torch {m['torch']}, torchserve {m['torchserve']},"
@@ -586,7 +595,7 @@ def main(argv=None):
         if not args.in_process_only:
             with server(args) as (client, cold):
                 report["cold_start_s"] = cold
-                report["server"] = dict(describe(client), runtime=served_runtime(args))
+                report["server"] = dict(describe(client), runtime=served_runtime(args, client))
                 report["served"] = served(client, args, folder)
             if args.compare_runtime:
                 report["compare"] = compare_runtime(args, folder)

@@ -103,8 +103,7 @@ def archive(weights, out):
     venv = Path(sys.executable).parent.parent
     subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "archive",
                     f"VENV={venv}", f"WEIGHTS={weights}", f"MODEL_STORE={store}",
-                    f"ONNX={store}/build/cifar10.onnx", f"INT8={store}/build/cifar10.int8.onnx",
-                    f"MODEL_CONFIG={GPU_CONFIG}", f"CALIB_DIR={ROOT / 'tests' / 'fixtures'}"],
+                    f"MODEL_CONFIG={GPU_CONFIG}"],
                    check=True)
     return store
 

@@ -16,16 +16,15 @@ end, and is answered by its own kind's code. A request the handler cannot use ge
 what was wrong and what is accepted; an exception of ours while serving one request is that
 request's 500 (logged); the other requests of the batch are answered as usual. Every limit (images and pixels per request,
 JPEG scans, decoding time, echoed ids) is checked before the work it bounds; model-config.yaml
-sets them. On the CPU the forward pass runs in ONNX Runtime on the int8 export (model-config.yaml
-`runtime: int8`; bf16, fp32 onnx and torch are the others), on a GPU in torch, in chunks of at
-most batchSize images.
+sets them. On the CPU the forward pass is the fastest of int8, bf16, fp32 ONNX Runtime and torch
+that gives the archive's golden answers on this CPU (model-config.yaml `runtime: auto`;
+cifar10_runtime.py), on a GPU the torch net, in chunks of at most batchSize images.
 """
 import base64
 import binascii
 import contextlib
 import ctypes
 import ctypes.util
-import importlib.util
 import json
 import logging
 import re
@@ -44,15 +43,11 @@ from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from cifar10_net import (IMAGE_SIZE, MAX_IMAGE_PIXELS, bf16_forward, build_net, check_precision,
-                         cpu_has_bf16, cpu_has_vnni, eval_transform, image_pixels, image_tensor,
-                         onnx_forward, onnx_mismatch, open_image, predict_logits, to_rgb32)
+from cifar10_net import (IMAGE_SIZE, MAX_IMAGE_PIXELS, build_net, eval_transform, image_pixels,
+                         image_tensor, open_image, predict_logits, to_rgb32)
+from cifar10_runtime import RUNTIMES, choose
 
 logger = logging.getLogger(__name__)
-ONNX_FILE = "cifar10.onnx"  # what `make archive` adds to the .mar (export_onnx.py)
-ONNX_TOLERANCE = 1e-4  # largest accepted |ONNX - eager| logit difference
-INT8_FILE = "cifar10.int8.onnx"  # the same, quantized (export_onnx.py --int8)
-RUNTIMES = ("int8", "bf16", "onnx", "torch")
 # A body that starts like JSON (checked without copying the body, unlike bytes.lstrip()).
 JSON_START = re.compile(rb"\s*[\[{]")
 PIXELS_PER_IMAGE = IMAGE_SIZE * IMAGE_SIZE * 3
@@ -297,68 +292,19 @@ class Cifar10Handler(BaseHandler):
         self.classes = self._class_names(model_dir, checkpoint["classes"])
         self.model = build_net(checkpoint)
         self.model.to(self.device, memory_format=torch.channels_last).eval()
-        self.forward, self.runtime = self._runtime(config.get("runtime", "torch"), model_dir)
         self.transform = eval_transform(**checkpoint.get("normalization", {}))
+        runtime = config.get("runtime", "auto")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"model-config.yaml handler.runtime must be one of {RUNTIMES}, "
+                             f"got {runtime!r}")
+        self.forward, self.runtime, self.trials = self.model, "torch", []
+        if self.device.type == "cpu":  # on a GPU the torch net runs
+            self.forward, self.runtime, self.trials = choose(
+                runtime, self.model, model_dir, self.transform, torch.get_num_threads())
         self.initialized = True
         logger.info("cifar10 model loaded on %s (runtime %s, tta=%d, top-%d, %d threads, "
                     "limits %s)", self.device, self.runtime, self.tta, self.topk,
                     torch.get_num_threads(), self.limits)
-
-    def _runtime(self, runtime, model_dir):
-        """(the forward pass predictions use, its name). On the CPU: "int8" (ONNX Runtime on the
-        archive's int8 cifar10.int8.onnx, where the CPU has VNNI), "bf16" (the torch net under
-        bf16 autocast, where it has bf16 units), "onnx" (fp32 ONNX Runtime) or "torch"; without
-        the units a low-precision runtime needs, the worker logs why and runs "onnx". Each
-        exported or low-precision forward is checked against the fp32 torch net first. On a GPU:
-        the torch net."""
-        if runtime not in RUNTIMES:
-            raise ValueError(f"model-config.yaml handler.runtime must be one of {RUNTIMES}, "
-                             f"got {runtime!r}")
-        if runtime == "torch" or self.device.type != "cpu":
-            return self.model, "torch"
-        has_units, units = {"int8": (cpu_has_vnni, "avx512_vnni, avx_vnni or amx_int8"),
-                            "bf16": (cpu_has_bf16, "avx512_bf16 or amx_bf16")}.get(
-            runtime, (None, None))
-        if has_units is None:
-            return self._checked_onnx(model_dir)
-        if not has_units():
-            logger.warning("handler.runtime %s: this CPU has no %s (/proc/cpuinfo), where %s "
-                           "would be slower than fp32: running the fp32 ONNX Runtime forward "
-                           "instead", runtime, units, runtime)
-            return self._checked_onnx(model_dir)
-        if runtime == "int8":
-            if importlib.util.find_spec("onnxruntime") is None:
-                return self._checked_onnx(model_dir)  # which says why and runs torch
-            forward = self._onnx_file(model_dir / INT8_FILE, "export_onnx.py --int8")
-        else:
-            forward = bf16_forward(self.model)
-        try:
-            agree, drift = check_precision(self.model, forward, runtime)
-        except ValueError as err:
-            raise RuntimeError(f"{err}; rebuild with `make archive`, or set runtime: onnx") \
-                from err
-        logger.info("%s forward: top-1 agrees with fp32 on %.1f%% of the start-up check, largest "
-                    "probability difference %.4f", runtime, 100 * agree, drift)
-        return forward, runtime
-
-    def _onnx_file(self, path, made_by):
-        if not path.exists():
-            raise FileNotFoundError(f"handler.runtime needs {path.name} in the archive "
-                                    f"(`make archive` writes it with {made_by}), or set "
-                                    f"runtime: torch")
-        return onnx_forward(path, torch.get_num_threads())
-
-    def _checked_onnx(self, model_dir):
-        if importlib.util.find_spec("onnxruntime") is None:  # e.g. a stock TorchServe image
-            logger.warning("handler.runtime onnx: onnxruntime is not installed, running the torch "
-                           "net (the same answers, slower; pip install onnxruntime)")
-            return self.model, "torch"
-        forward = self._onnx_file(model_dir / ONNX_FILE, "export_onnx.py")
-        error = onnx_mismatch(self.model, forward)
-        if error > ONNX_TOLERANCE:
-            raise RuntimeError(f"{ONNX_FILE} does not hold these weights: its logits differ by "
-                               f"{error:.2e} (> {ONNX_TOLERANCE:.0e}); rebuild with `make archive`")
-        return forward, "onnx"
 
     @staticmethod
     def _class_names(model_dir, trained_classes):

@@ -10,6 +10,7 @@ Run it to print the default net's parameter count and FLOPs per image:
     python handler/cifar10_net.py
 """
 import io
+import platform
 import re
 import warnings
 from pathlib import Path
@@ -115,127 +116,33 @@ def predict_logits(net, x, tta=0):
 def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
     """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 or AMX), which make a bf16
     forward ~1.6-1.8x faster than fp32 for this net; without them bf16 is emulated and slower."""
-    return _cpu_has(r"avx512_bf16|amx_bf16", cpuinfo)
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags(cpuinfo)))
 
 
-def cpu_has_vnni(cpuinfo="/proc/cpuinfo"):
-    """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX), which
-    ONNX Runtime's int8 kernels need to beat fp32 (3.5x for this net on one thread here)."""
-    return _cpu_has(r"avx512_vnni|avx_vnni|amx_int8", cpuinfo)
+# The CPU flags that decide which kernels PyTorch and ONNX Runtime run for this net: what a
+# benchmark or a start-up log names beside its numbers.
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                "amx_int8")
 
 
-def _cpu_has(flags, cpuinfo):
+def cpu_flags(cpuinfo="/proc/cpuinfo"):
+    """The KERNEL_FLAGS this CPU has (/proc/cpuinfo; none where it cannot be read)."""
+    flags = set((_cpuinfo_field("flags", cpuinfo) or "").split())
+    return [flag for flag in KERNEL_FLAGS if flag in flags]
+
+
+def cpu_name(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name (/proc/cpuinfo), or the machine type where it cannot be read."""
+    return _cpuinfo_field("model name", cpuinfo) or platform.machine()
+
+
+def _cpuinfo_field(name, cpuinfo):
+    """The first CPU's ``name`` line of /proc/cpuinfo, or None."""
     try:
-        text = Path(cpuinfo).read_text()
+        match = re.search(rf"^{name}\s*:(.*)$", Path(cpuinfo).read_text(), re.M)
     except OSError:
-        return False
-    return re.search(rf"\b({flags})\b", text) is not None
-
-
-def quantize_int8(onnx_path, out, calibration):
-    """Write ``out``: the ONNX file statically quantized to int8 (QDQ, per-channel weights),
-    activation ranges calibrated on ``calibration``, a normalised float batch (N, 3, 32, 32)
-    of real images. Needs the ``onnxruntime`` package (its quantization tools)."""
-    import tempfile
-
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    batches = [{"images": calibration[i:i + 32].numpy()} for i in range(0, len(calibration), 32)]
-
-    class Batches(CalibrationDataReader):
-        def get_next(self):
-            return batches.pop(0) if batches else None
-
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(onnx_path), str(prepared))
-        quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8)
-
-
-def bf16_forward(net):
-    """A callable like the net that runs it under CPU bf16 autocast and returns fp32 logits."""
-    def forward(x):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return net(x).float()
-    return forward
-
-
-@torch.inference_mode()
-def precision_drift(net, forward, n=32, margin=0.1):
-    """(share of top-1 answers that agree, largest softmax-probability difference) of a
-    low-precision ``forward`` against the fp32 ``net``, on a fixed batch of smooth random colour
-    fields. Agreement counts only the images whose fp32 top-1 leads the runner-up by more than
-    ``margin``: a near-tie may flip at any precision (1.0 when there are none)."""
-    generator = torch.Generator().manual_seed(0)
-    coarse = torch.rand(n, 3, 4, 4, generator=generator)
-    images = F.interpolate(coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear")
-    x = eval_transform()((images * 255).round().to(torch.uint8))
-    reference, low = net.eval()(x).softmax(1), forward(x).float().softmax(1)
-    top2 = reference.topk(2, dim=1).values
-    clear = top2[:, 0] - top2[:, 1] > margin
-    agree = (reference.argmax(1) == low.argmax(1))[clear].float().mean().item() if clear.any() \
-        else 1.0
-    return agree, (reference - low).abs().max().item()
-
-
-# A low-precision forward must give fp32's top-1 on this share of precision_drift's clear cases,
-# and move no class probability by more than this: bf16 keeps ~3 significant digits, int8 ~2; a
-# stale or foreign file agrees on ~10-30 %.
-PRECISION_LIMITS = {"bf16": (0.95, 0.05), "int8": (0.9, 0.15)}
-
-
-def check_precision(net, forward, precision):
-    """precision_drift of ``forward`` against ``net``, as (agreement, drift); ValueError with
-    the numbers when they are outside PRECISION_LIMITS[precision]."""
-    agree, drift = precision_drift(net, forward)
-    least, most = PRECISION_LIMITS[precision]
-    if agree < least or drift > most:
-        raise ValueError(f"the {precision} forward drifts from fp32: top-1 agrees on {agree:.1%} "
-                         f"of the check (needs {least:.0%}), largest probability difference "
-                         f"{drift:.3f} (allowed {most})")
-    return agree, drift
-
-
-def export_onnx(net, path):
-    """Write ``net`` as ONNX with a dynamic batch: input "images" (N, 3, 32, 32), output "logits".
-
-    Uses torch's TorchScript-based exporter (needs the ``onnx`` package, at archive time only).
-    """
-    import warnings
-
-    sample = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    with warnings.catch_warnings():  # the exporter's deprecation notices, not about this net
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net.eval(), (sample,), str(path), input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "n"}},
-                          dynamo=False)
-
-
-def onnx_forward(path, threads=1):
-    """A callable like the net (normalised float batch -> logits) that runs the ONNX file with
-    ONNX Runtime on the CPU (1.3-1.4x eager PyTorch's speed for this net in a 1-thread worker)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def forward(x):
-        return torch.from_numpy(session.run(None, {"images": x.contiguous().numpy()})[0])
-    return forward
-
-
-@torch.inference_mode()
-def onnx_mismatch(net, forward, n=8):
-    """Largest |forward - net| logit difference on a fixed batch of n random normalised images:
-    how an ONNX file is checked against the weights it claims to hold."""
-    x = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-    return (forward(x) - net.eval()(x)).abs().max().item()
+        return None
+    return match.group(1).strip() if match else None
 
 
 def open_image(data, max_pixels=MAX_IMAGE_PIXELS):

@@ -17,7 +17,8 @@ from ts.metrics.metrics_store import MetricsStore
 import train
 from cifar10_handler import Cifar10Handler
 import export_onnx as export_script
-from cifar10_net import CIFAR10_CLASSES, build_net, export_onnx, quantize_int8
+from cifar10_net import CIFAR10_CLASSES
+from cifar10_runtime import GOLDEN_FILE, INT8_FILE, ONNX_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -125,24 +126,43 @@ def make_context(model_dir, gpu_id=None, config=None):
                    model_yaml_config={"handler": config or {}})
 
 
-@pytest.fixture
-def make_handler(tmp_path):
-    """make_handler(checkpoint, gpu_id=None, **handler_config) -> an initialised handler.
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory):
+    """exports(checkpoint, onnx_from=None) -> a folder holding what `make archive` adds for the
+    CPU runtimes: cifar10.onnx and cifar10.int8.onnx of ``onnx_from`` (default: the checkpoint),
+    calibrated and checked on the fixtures, and the golden set of the checkpoint itself (the
+    fixtures with its fp32 logits). Built once per pair."""
+    built = {}
 
-    With runtime="onnx" (or bf16, int8) the model directory also gets the checkpoint's ONNX export
-    (with int8, its quantized copy too), as the .mar does (or onnx_from's, another checkpoint's)."""
-    def make(checkpoint, gpu_id=None, onnx_from=None, **config):
+    def build(checkpoint, onnx_from=None):
+        key = (str(checkpoint), str(onnx_from))
+        if key not in built:
+            folder = tmp_path_factory.mktemp("exports")
+            common = ["--check-dir", str(FIXTURES), "--golden", str(folder / GOLDEN_FILE)]
+            export_script.main([str(onnx_from or checkpoint), str(folder / ONNX_FILE), "--int8",
+                                str(folder / INT8_FILE), "--calibration-dir", str(FIXTURES)]
+                               + common)
+            if onnx_from:  # the golden answers are the served weights' own
+                export_script.main([str(checkpoint), str(folder / "own.onnx")] + common)
+            built[key] = folder
+        return built[key]
+    return build
+
+
+@pytest.fixture
+def make_handler(tmp_path, exports):
+    """make_handler(checkpoint, gpu_id=None, onnx_from=None, without=(), **handler_config) ->
+    an initialised handler. runtime defaults to torch here (no export needed); with any other
+    the model directory also gets the exports as the .mar has them (``exports``), less the
+    file names in ``without``."""
+    def make(checkpoint, gpu_id=None, onnx_from=None, without=(), **config):
+        config.setdefault("runtime", "torch")
         model_dir = tmp_path / f"model-{uuid.uuid4().hex[:8]}"
         model_dir.mkdir()
         shutil.copy(checkpoint, model_dir / "weights.pt")
-        if config.get("runtime") in ("onnx", "bf16", "int8"):  # bf16, int8 fall back to onnx
-            source = torch.load(onnx_from or checkpoint, weights_only=True)
-            export_onnx(build_net(source), model_dir / "cifar10.onnx")
-            if config.get("runtime") == "int8":  # calibrated on the fixtures, as make archive can
-                calibration, _ = export_script.calibration_batch(
-                    FIXTURES, 64, source.get("normalization", {}))
-                quantize_int8(model_dir / "cifar10.onnx", model_dir / "cifar10.int8.onnx",
-                              calibration)
+        if config["runtime"] != "torch":
+            for name in {ONNX_FILE, INT8_FILE, GOLDEN_FILE} - set(without):
+                shutil.copy(exports(checkpoint, onnx_from) / name, model_dir)
         shutil.copy(ROOT / "handler" / "index_to_name.json", model_dir)
         handler = Cifar10Handler()
         handler.initialize(make_context(model_dir, gpu_id, config))

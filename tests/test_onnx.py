@@ -1,23 +1,41 @@
-"""The handler's CPU runtimes. `runtime: onnx` (ONNX Runtime on the archive's cifar10.onnx) answers
-as the torch net does, and a missing, stale or unknown runtime file fails the worker's start
-loudly. `runtime: bf16` (the default: torch under bf16 autocast) answers within bf16's precision,
-is refused when it drifts, and falls back to onnx on a CPU without bf16 units."""
+"""The handler's CPU runtimes (cifar10_runtime.py) and the exports they run (export_onnx.py).
+
+Every forward is checked at worker start against the archive's golden set and timed: `auto` serves
+the fastest that passes; a named runtime is served if it passes, else auto's choice with the
+reason logged; only an archive whose golden answers no forward gives (not even the fp32 torch
+net's: they belong to other weights) stops the worker. The int8 export's quantization is checked
+at build time in fp32 arithmetic, on real held-out images.
+"""
 import importlib.util
 import logging
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
-from conftest import FIXTURES, ROOT, handle
+from conftest import FIXTURES, ROOT, handle, make_context, solid_png
 
-import cifar10_handler
+import cifar10_runtime
+import export_onnx as export_script
 import train
-from cifar10_net import (build_net, check_precision, cpu_has_bf16, onnx_forward,
-                         onnx_mismatch)
+from cifar10_handler import Cifar10Handler
+from cifar10_net import build_net, cpu_flags, cpu_has_bf16, cpu_name, eval_transform
+from cifar10_runtime import CANDIDATES, GOLDEN_FILE, ONNX_FILE, agreement, onnx_forward
 
 IMAGES = [{"body": (FIXTURES / f"{name}.jpg").read_bytes()}
           for name in ("airplane", "cat", "dog", "ship", "truck")]
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """Pretend the CPU has bf16 units (autocast emulates them where it has not: same answers)."""
+    monkeypatch.setattr(cifar10_runtime, "cpu_has_bf16", lambda: True)
+
+
+def top1(answers):
+    return [next(iter(answer)) for answer in answers]
 
 
 @pytest.mark.parametrize("tta", [0, 1, 2])
@@ -37,7 +55,7 @@ def test_shipped_weights_onnx_logits_match_eager(tmp_path):
     subprocess.run([sys.executable, ROOT / "export_onnx.py", ROOT / "weights" / "cifar10.pt", out],
                    check=True)
     net = build_net(torch.load(ROOT / "weights" / "cifar10.pt", weights_only=True))
-    assert onnx_mismatch(net, onnx_forward(out), n=32) < 1e-4
+    assert export_script.onnx_mismatch(net, onnx_forward(out), n=32) < 1e-4
 
 
 def test_export_refuses_to_write_beyond_its_tolerance(tiny_checkpoint, tmp_path):
@@ -48,10 +66,11 @@ def test_export_refuses_to_write_beyond_its_tolerance(tiny_checkpoint, tmp_path)
     assert not out.exists() and not out.with_suffix(".tmp").exists()
 
 
-def test_missing_onnx_file_fails_loudly(make_handler, tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr("conftest.export_onnx", lambda net, path: None)  # the .mar lacks it
-    with pytest.raises(FileNotFoundError, match="make archive"):
-        make_handler(tiny_checkpoint, runtime="onnx")
+def test_a_missing_runtime_file_falls_back_with_its_reason(make_handler, tiny_checkpoint, caplog):
+    with caplog.at_level(logging.WARNING):
+        handler = make_handler(tiny_checkpoint, runtime="onnx", without=(ONNX_FILE,))
+    assert handler.runtime != "onnx" and "has no cifar10.onnx" in caplog.text
+    assert {code for code, _ in handle(handler, IMAGES)[1]} == {200}
 
 
 def test_without_onnxruntime_the_torch_net_answers(make_handler, tiny_checkpoint, monkeypatch):
@@ -59,16 +78,38 @@ def test_without_onnxruntime_the_torch_net_answers(make_handler, tiny_checkpoint
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
+    monkeypatch.setattr(cifar10_runtime, "cpu_has_bf16", lambda: False)
     handler = make_handler(tiny_checkpoint, runtime="onnx")
     assert handler.runtime == "torch" and handler.forward is handler.model
-    _, statuses = handle(handler, IMAGES)
-    assert {code for code, _ in statuses} == {200}
+    assert "onnxruntime is not installed" in handler.trials[0].failure
+    assert {code for code, _ in handle(handler, IMAGES)[1]} == {200}
 
 
-def test_onnx_file_of_other_weights_fails_loudly(make_handler, tiny_checkpoint,
-                                                 constant_checkpoint):
-    with pytest.raises(RuntimeError, match="does not hold these weights"):
-        make_handler(tiny_checkpoint, runtime="onnx", onnx_from=constant_checkpoint)
+@pytest.mark.parametrize("runtime", ["onnx", "int8"])
+def test_export_files_of_other_weights_are_not_served(make_handler, colour_checkpoint,
+                                                      constant_checkpoint, caplog, runtime):
+    """A stale cifar10.onnx or cifar10.int8.onnx fails the golden check: the worker says so and
+    serves a forward that gives the weights' own answers."""
+    fp32, _ = handle(make_handler(colour_checkpoint), IMAGES)
+    with caplog.at_level(logging.WARNING):
+        handler = make_handler(colour_checkpoint, runtime=runtime, onnx_from=constant_checkpoint)
+    assert handler.runtime in ("bf16", "torch") and "top-1 as fp32 on" in caplog.text
+    assert top1(handle(handler, IMAGES)[0]) == top1(fp32)
+
+
+def test_golden_set_of_other_weights_stops_the_worker(exports, colour_checkpoint,
+                                                      constant_checkpoint, tmp_path):
+    """When not even the fp32 torch net gives the golden answers, the archive is inconsistent."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(exports(constant_checkpoint), model_dir)
+    shutil.copy(colour_checkpoint, model_dir / "weights.pt")
+    with pytest.raises(RuntimeError, match="does not belong to these weights"):
+        Cifar10Handler().initialize(make_context(model_dir, config={"runtime": "auto"}))
+
+
+def test_an_archive_without_its_golden_set_fails_loudly(make_handler, tiny_checkpoint):
+    with pytest.raises(FileNotFoundError, match="make archive"):
+        make_handler(tiny_checkpoint, runtime="auto", without=(GOLDEN_FILE,))
 
 
 def test_unknown_runtime_fails_loudly(make_handler, tiny_checkpoint):
@@ -83,10 +124,45 @@ def test_gpu_worker_runs_the_torch_net(make_handler, tiny_checkpoint):
     assert handler.runtime == "torch" and handler.forward is handler.model
 
 
-@pytest.fixture
-def bf16_cpu(monkeypatch):
-    """Pretend the CPU has bf16 units (autocast emulates them where it has not: same answers)."""
-    monkeypatch.setattr(cifar10_handler, "cpu_has_bf16", lambda: True)
+@pytest.mark.parametrize("slow,broken,expected", [
+    ({"int8", "bf16", "torch"}, set(), "onnx"),
+    ({"bf16", "onnx", "torch"}, set(), "int8"),
+    ({"bf16", "onnx"}, {"int8"}, "torch"),
+], ids=["onnx-fastest", "int8-fastest", "fastest-is-wrong"])
+def test_auto_serves_the_fastest_forward_that_gives_the_golden_answers(
+        make_handler, colour_checkpoint, bf16_cpu, monkeypatch, caplog, slow, broken, expected):
+    """Candidates made slow (a 50 ms pause a call) or wrong (logits reversed) on purpose: the
+    worker times the ones that pass and serves the fastest; a wrong one is never served."""
+    real = cifar10_runtime.candidate
+
+    def candidate(name, *args):
+        forward = real(name, *args)
+
+        def changed(x):
+            if name in slow:
+                time.sleep(0.05)
+            return forward(x).flip(1) if name in broken else forward(x)
+        return changed
+    monkeypatch.setattr(cifar10_runtime, "candidate", candidate)
+    fp32, _ = handle(make_handler(colour_checkpoint, tta=1), IMAGES)
+    with caplog.at_level(logging.INFO):
+        handler = make_handler(colour_checkpoint, runtime="auto", tta=1)
+    assert handler.runtime == expected
+    trials = {t.name: t for t in handler.trials}
+    assert list(trials) == list(CANDIDATES)
+    assert all((trials[n].failure is not None) == (n in broken) for n in CANDIDATES)
+    assert all(trials[n].ms_per_image for n in CANDIDATES if n not in broken)
+    assert f"runtime auto -> {expected}" in caplog.text and cpu_name() in caplog.text
+    assert top1(handle(handler, IMAGES)[0]) == top1(fp32)
+    assert handler.describe_handle()["runtime"] == expected
+
+
+def test_a_named_runtime_is_served_when_it_passes(make_handler, colour_checkpoint, monkeypatch):
+    """A named runtime is served if it gives the golden answers (and so does the torch net, the
+    reference), whatever the others would do."""
+    monkeypatch.setattr(cifar10_runtime, "cpu_has_bf16", lambda: False)
+    handler = make_handler(colour_checkpoint, runtime="onnx")
+    assert handler.runtime == "onnx" and [t.name for t in handler.trials] == ["onnx", "torch"]
 
 
 @pytest.mark.parametrize("tta", [0, 1])
@@ -101,33 +177,35 @@ def test_bf16_answers_as_fp32_within_its_precision(make_handler, colour_checkpoi
         assert max(abs(got[k] - p) for k, p in expected.items() if k in got) < 0.02
 
 
-def test_bf16_that_drifts_from_fp32_stops_the_worker(make_handler, colour_checkpoint, bf16_cpu,
-                                                     monkeypatch):
-    monkeypatch.setattr(cifar10_handler, "bf16_forward",
+def test_bf16_that_drifts_from_fp32_is_not_served(make_handler, colour_checkpoint, bf16_cpu,
+                                                  monkeypatch, caplog):
+    monkeypatch.setattr(cifar10_runtime, "bf16_forward",
                         lambda net: lambda x: net(x).flip(1))  # a broken low-precision forward
-    with pytest.raises(RuntimeError, match="drifts from fp32"):
-        make_handler(colour_checkpoint, runtime="bf16")
-
-
-@pytest.mark.parametrize("runtime,check,units", [
-    ("bf16", "cpu_has_bf16", "avx512_bf16 or amx_bf16"),
-    ("int8", "cpu_has_vnni", "avx512_vnni, avx_vnni or amx_int8")])
-def test_a_cpu_without_the_units_falls_back_to_onnx(make_handler, colour_checkpoint, monkeypatch,
-                                                    caplog, runtime, check, units):
-    monkeypatch.setattr(cifar10_handler, check, lambda: False)
     with caplog.at_level(logging.WARNING):
-        handler = make_handler(colour_checkpoint, runtime=runtime)
-    assert handler.runtime == "onnx" and f"no {units}" in caplog.text
+        handler = make_handler(colour_checkpoint, runtime="bf16")
+    assert handler.runtime != "bf16" and "handler.runtime bf16 cannot serve" in caplog.text
+
+
+def test_bf16_on_a_cpu_without_its_units_falls_back(make_handler, colour_checkpoint, monkeypatch,
+                                                    caplog):
+    monkeypatch.setattr(cifar10_runtime, "cpu_has_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        handler = make_handler(colour_checkpoint, runtime="bf16")
+    assert handler.runtime in ("int8", "onnx", "torch")
+    assert "no avx512_bf16 or amx_bf16" in caplog.text
     assert {code for code, _ in handle(handler, IMAGES)[1]} == {200}
 
 
-def test_cpu_bf16_check_reads_the_cpu_flags(tmp_path):
+def test_cpu_name_and_flags_are_read_from_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("flags\t\t: fpu sse avx512f avx512_vnni\n")
+    cpuinfo.write_text("model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse avx2 fma avx512f "
+                       "avx512_vnni\n")
     assert not cpu_has_bf16(cpuinfo)
+    assert cpu_flags(cpuinfo) == ["avx2", "fma", "avx512f", "avx512_vnni"]
+    assert cpu_name(cpuinfo) == "AMD EPYC 7B13"
     cpuinfo.write_text("flags\t\t: fpu sse avx512f avx512_bf16 avx512_vnni\n")
     assert cpu_has_bf16(cpuinfo)
-    assert not cpu_has_bf16(tmp_path / "missing")
+    assert not cpu_has_bf16(tmp_path / "missing") and cpu_flags(tmp_path / "missing") == []
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -142,13 +220,7 @@ def test_training_precision_is_chosen_and_recorded(tiny_checkpoint, tmp_path, pr
         ("bf16" if cpu_has_bf16() else "fp32")
 
 
-@pytest.fixture
-def vnni_cpu(monkeypatch):
-    """Pretend the CPU has VNNI (ONNX Runtime's int8 kernels run either way: same answers)."""
-    monkeypatch.setattr(cifar10_handler, "cpu_has_vnni", lambda: True)
-
-
-def test_int8_answers_as_fp32_within_its_precision(make_handler, colour_checkpoint, vnni_cpu):
+def test_int8_answers_as_fp32_within_its_precision(make_handler, colour_checkpoint):
     fp32, _ = handle(make_handler(colour_checkpoint, tta=1), IMAGES)
     handler = make_handler(colour_checkpoint, tta=1, runtime="int8")
     int8, statuses = handle(handler, IMAGES)
@@ -158,19 +230,33 @@ def test_int8_answers_as_fp32_within_its_precision(make_handler, colour_checkpoi
         assert max(abs(got[k] - p) for k, p in expected.items() if k in got) < 0.1
 
 
-def test_int8_file_of_other_weights_stops_the_worker(make_handler, colour_checkpoint,
-                                                     constant_checkpoint, vnni_cpu):
-    with pytest.raises(RuntimeError, match="int8 forward drifts from fp32"):
-        make_handler(colour_checkpoint, runtime="int8", onnx_from=constant_checkpoint)
+def test_int8_export_is_calibrated_checked_and_has_a_golden_set(colour_checkpoint, tmp_path):
+    """export_onnx.py as `make archive` runs it, on the fixtures as calibration and check images:
+    the golden set holds those images, decoded as the handler decodes them, and the fp32 net's
+    logits for them."""
+    out, int8, golden = (tmp_path / name for name in ("cifar10.onnx", "int8.onnx", "golden.npz"))
+    result = subprocess.run([sys.executable, ROOT / "export_onnx.py", colour_checkpoint, out,
+                             "--int8", int8, "--calibration-dir", FIXTURES, "--check-dir",
+                             FIXTURES, "--golden", golden], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "calibrated on 10 images" in result.stdout and "10 golden images" in result.stdout
+    checkpoint = torch.load(colour_checkpoint, weights_only=True)
+    net = build_net(checkpoint).eval()
+    images, logits = cifar10_runtime.load_golden(tmp_path)
+    x = eval_transform(**checkpoint["normalization"])(images)
+    assert torch.allclose(net(x), logits, atol=1e-5)
+    assert agreement(onnx_forward(int8)(x), logits)[0] >= 0.9
 
 
-def test_int8_export_is_calibrated_and_checked(colour_checkpoint, tmp_path):
-    """export_onnx.py --int8, as `make archive` runs it, on the fixtures as calibration images."""
+def test_int8_export_refuses_a_quantization_that_drifts(colour_checkpoint, tmp_path):
+    """Calibrated on one black image, every activation range is ~0: the quantized net answers
+    every image alike, and the build check on real held-out images refuses to write it."""
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    (calibration / "black.png").write_bytes(solid_png((0, 0, 0)))
     out, int8 = tmp_path / "cifar10.onnx", tmp_path / "cifar10.int8.onnx"
     result = subprocess.run([sys.executable, ROOT / "export_onnx.py", colour_checkpoint, out,
-                             "--int8", int8, "--calibration-dir", FIXTURES],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "calibrated on 10 images" in result.stdout and int8.exists()
-    net = build_net(torch.load(colour_checkpoint, weights_only=True))
-    assert check_precision(net, onnx_forward(int8), "int8")[0] >= 0.9
+                             "--int8", int8, "--calibration-dir", calibration, "--check-dir",
+                             FIXTURES], capture_output=True, text=True)
+    assert result.returncode != 0 and "nothing written" in result.stderr, result.stderr
+    assert not int8.exists() and not int8.with_suffix(".tmp").exists()

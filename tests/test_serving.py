@@ -2,6 +2,7 @@
 (on free ports) serves it with TorchServe, and requests go over HTTP with the tokens it wrote.
 The server is started once for this module and always stopped, by its pid, also on failure."""
 import base64
+import collections
 import contextlib
 import io
 import json
@@ -18,7 +19,7 @@ from conftest import (COLOURS, FIXTURES, ROOT, image_bytes, jpeg_with_markers, s
                       tiff_of_shared_strips, tiff_of_strips)
 from PIL import Image
 
-from cifar10_net import CIFAR10_CLASSES, cpu_has_vnni
+from cifar10_net import CIFAR10_CLASSES
 
 import evaluate
 from client import TorchServeClient, local_torchserve, read_properties
@@ -29,7 +30,7 @@ IMAGES = [solid_png(colour) for colour in COLOURS]
 def build_archive(weights, store):
     """`make archive` with this weights file and model store, as a user would run it."""
     subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "archive",
-                    f"WEIGHTS={weights}", f"MODEL_STORE={store}", f"CALIB_DIR={FIXTURES}"],
+                    f"WEIGHTS={weights}", f"MODEL_STORE={store}"],
                    check=True)
     return store / "cifar10.mar"
 
@@ -37,8 +38,8 @@ def build_archive(weights, store):
 def test_archive_holds_what_the_handler_needs(tiny_checkpoint, tmp_path):
     mar = build_archive(tiny_checkpoint, tmp_path / "store")
     names = set(zipfile.ZipFile(mar).namelist())
-    assert {"cifar10_handler.py", "cifar10_net.py", "tiny.pt", "cifar10.onnx", "cifar10.int8.onnx",
-            "index_to_name.json",
+    assert {"cifar10_handler.py", "cifar10_net.py", "cifar10_runtime.py", "tiny.pt", "cifar10.onnx",
+            "cifar10.int8.onnx", "golden.npz", "index_to_name.json",
             "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
 
 
@@ -157,14 +158,26 @@ def test_predict_returns_top5(server):
     assert len(answer) == 5 and list(answer.values()) == sorted(answer.values(), reverse=True)
 
 
-def test_served_workers_run_the_configured_forward(server):
-    """model-config.yaml's runtime: int8 reaches the workers (the log line of each start): int8
-    where the CPU has VNNI, the fp32 ONNX Runtime forward elsewhere."""
+def test_served_workers_run_the_fastest_forward_that_passes(server):
+    """model-config.yaml's runtime: auto reaches the workers: each checks every forward on the
+    archive's golden set on this CPU, logs the table, and serves the fastest one that passes."""
     assert server.predict(FIXTURES / "cat.jpg").status_code == 200
-    log = (server.run_dir / "logs" / "model_log.log").read_text()
-    expected = "int8" if cpu_has_vnni() else "onnx"
-    runtimes = set(re.findall(r"\(runtime (\w+),", log))
-    assert runtimes == {expected}
+    messages = collections.defaultdict(list)  # each worker's own lines, in order
+    for line in (server.run_dir / "logs" / "model_log.log").read_text().splitlines():
+        found = re.search(r"(W-\d+)-\S+ MODEL_LOG - (.*)$", line)
+        if found:
+            messages[found[1]].append(found[2])
+    choices = 0
+    for lines in messages.values():
+        for i, line in enumerate(lines):
+            chosen = re.search(r"runtime auto -> (\w+), on .* golden set of \d+ images:", line)
+            if chosen:
+                timed = dict(re.findall(r"^ +(\w+) +top-1 as fp32.* ([\d.]+) ms/image +passes$",
+                                        "\n".join(lines[i + 1:i + 5]), re.M))
+                assert "torch" in timed and chosen[1] == min(timed, key=lambda n: float(timed[n]))
+                assert any(f"(runtime {chosen[1]}," in later for later in lines[i:])
+                choices += 1
+    assert choices >= 2  # one per worker
 
 
 def test_several_images_in_one_multipart_request(server):

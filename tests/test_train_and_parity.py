@@ -4,13 +4,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import FIXTURES, ROOT, handle, make_context
+from conftest import FIXTURES, ROOT, handle
 
-import cifar10_handler
 import evaluate
-import export_onnx as export_script
 import train
 from cifar10_net import CIFAR10_CLASSES, Cifar10Net, eval_transform
+from cifar10_runtime import INT8_FILE
 
 
 def fixture_folder(root):
@@ -104,13 +103,12 @@ def test_augment_translates_flips_and_cuts_out_as_asked(pad, cutout):
     assert torch.equal(flipped, images.flip(-1))  # odd epochs mirror the images that were not
 
 
-def test_evaluate_reports_fp32_and_the_served_int8(colour_checkpoint, tmp_path, monkeypatch):
+def test_evaluate_reports_fp32_and_the_served_int8(colour_checkpoint, exports, make_handler,
+                                                   tmp_path):
     """`make evaluate` on weights: fp32 and the int8 export the archive serves, side by side; the
     int8 answers equal the handler's (runtime int8) on the same images."""
     folder = fixture_folder(tmp_path / "folder")
-    onnx, int8 = tmp_path / "cifar10.onnx", tmp_path / "cifar10.int8.onnx"
-    export_script.main([str(colour_checkpoint), str(onnx), "--int8", str(int8),
-                        "--calibration-dir", str(FIXTURES)])
+    int8 = exports(colour_checkpoint) / INT8_FILE
     out = tmp_path / "result.json"
     assert evaluate.main([str(folder), "--weights", str(colour_checkpoint), "--int8", str(int8),
                           "--tta", "1", "--json", str(out)]) == 0
@@ -118,25 +116,11 @@ def test_evaluate_reports_fp32_and_the_served_int8(colour_checkpoint, tmp_path, 
     assert set(result) == {"fp32", "int8"} and result["fp32"]["images"] == 10
     offline, _ = evaluate.predict_offline(folder, colour_checkpoint, tta=1, precision="int8",
                                           int8=int8)
-    monkeypatch.setattr(cifar10_handler, "cpu_has_vnni", lambda: True)
-    handler = load_int8_handler(colour_checkpoint, onnx, int8, tmp_path)
+    handler = make_handler(colour_checkpoint, runtime="int8", tta=1)
+    assert handler.runtime == "int8"
     served, _ = handle(handler, [{"body": (FIXTURES / f"{n}.jpg").read_bytes()}
                                  for n in CIFAR10_CLASSES])
     assert offline == [next(iter(answer)) for answer in served]
-
-
-def load_int8_handler(checkpoint, onnx, int8, tmp_path):
-    """The handler on a model directory holding exactly these export files, runtime int8."""
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    for source, name in ((checkpoint, "weights.pt"), (onnx, "cifar10.onnx"),
-                         (int8, "cifar10.int8.onnx"),
-                         (ROOT / "handler" / "index_to_name.json", "index_to_name.json")):
-        shutil.copy(source, model_dir / name)
-    handler = cifar10_handler.Cifar10Handler()
-    handler.initialize(make_context(model_dir, config={"runtime": "int8", "tta": 1}))
-    assert handler.runtime == "int8"
-    return handler
 
 
 def test_decoded_images_are_cached_until_a_file_changes(tmp_path, monkeypatch):

@@ -1,0 +1,193 @@
+"""The forward pass a worker runs, chosen on the CPU that serves (model-config.yaml `runtime`).
+
+A .mar is built on one machine and served on others whose kernels differ: ONNX Runtime and
+PyTorch pick different code on AVX2, AVX-512, VNNI and AMX, and int8 can even be wrong on some
+(u8 x s8 products summed in saturating 16-bit registers on CPUs without VNNI). So no list of CPU
+flags decides here. At start, each candidate forward
+
+    int8   ONNX Runtime on the archive's statically quantized cifar10.int8.onnx
+    bf16   the torch net under bf16 autocast (a candidate only where the CPU has bf16 units)
+    onnx   fp32 ONNX Runtime on cifar10.onnx
+    torch  the fp32 torch net
+
+runs the archive's golden set (real held-out images and the fp32 logits the build machine's torch
+gave them, golden.npz) and is timed on it; `runtime: auto` serves the fastest that gives the
+golden answers, a named runtime is served if it does, else auto's choice with a logged reason.
+The worker logs the table.
+"""
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cifar10_net import cpu_flags, cpu_has_bf16, cpu_name
+
+logger = logging.getLogger(__name__)
+CANDIDATES = ("int8", "bf16", "onnx", "torch")
+RUNTIMES = ("auto",) + CANDIDATES
+ONNX_FILE = "cifar10.onnx"  # export_onnx.py writes these; `make archive` ships them
+INT8_FILE = "cifar10.int8.onnx"
+GOLDEN_FILE = "golden.npz"
+# A forward passes when it gives the fp32 top-1 on this share of the golden images whose fp32
+# top-1 leads the runner-up by more than MARGIN (a near-tie may flip at any precision), and
+# moves no class probability by more than the second figure. fp32 differs between CPUs only in
+# summation order (~1e-6); bf16 keeps ~3 significant digits, int8 ~2; int8 on a CPU whose
+# kernels saturate agrees on ~10-40 %, a stale or foreign file on ~10-30 %.
+LIMITS = {"torch": (1.0, 1e-3), "onnx": (1.0, 1e-3), "bf16": (0.95, 0.05), "int8": (0.9, 0.3)}
+MARGIN = 0.1
+TIMED_RUNS = 1  # after the checking run, which warms the forward up
+
+
+@dataclass
+class Trial:
+    """One candidate forward on this CPU: its golden-set figures, or why it was not used."""
+    name: str
+    forward: object = None
+    agree: float = None
+    drift: float = None
+    ms_per_image: float = None
+    failure: str = None
+
+    def row(self):
+        if self.agree is None:
+            return f"  {self.name:<6} not run: {self.failure}"
+        timing = f"{self.ms_per_image:7.3f} ms/image" if self.ms_per_image else " " * 15
+        verdict = f"FAILS: {self.failure}" if self.failure else "passes"
+        return (f"  {self.name:<6} top-1 as fp32 {self.agree:6.1%}  largest probability "
+                f"difference {self.drift:.4f}  {timing}  {verdict}")
+
+
+def agreement(logits, reference, margin=MARGIN):
+    """(share of fp32's clear top-1 answers that ``logits`` give, largest probability
+    difference); "clear": fp32's top-1 leads by more than ``margin`` (1.0 when none is)."""
+    probs = torch.as_tensor(np.asarray(logits, dtype=np.float32)).softmax(1)
+    ref = torch.as_tensor(np.asarray(reference, dtype=np.float32)).softmax(1)
+    top2 = ref.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > margin
+    same = (probs.argmax(1) == ref.argmax(1))[clear]
+    agree = same.float().mean().item() if clear.any() else 1.0
+    return agree, (probs - ref).abs().max().item()
+
+
+def passes(name, agree, drift):
+    """None when the figures are inside LIMITS[name], else what is wrong."""
+    least, most = LIMITS[name]
+    if agree < least or drift > most:
+        return (f"top-1 as fp32 on {agree:.1%} of the clear golden images (needs {least:.0%}), "
+                f"largest probability difference {drift:.4f} (allowed {most})")
+    return None
+
+
+def onnx_forward(path, threads=1):
+    """A callable like the net (normalised float batch -> logits) that runs the ONNX file with
+    ONNX Runtime on the CPU."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def forward(x):
+        return torch.from_numpy(session.run(None, {"images": x.contiguous().numpy()})[0])
+    return forward
+
+
+def bf16_forward(net):
+    """A callable like the net that runs it under CPU bf16 autocast and returns fp32 logits."""
+    def forward(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return net(x).float()
+    return forward
+
+
+def load_golden(model_dir):
+    """(uint8 images (N, 3, 32, 32), their fp32 logits) from the archive's golden.npz."""
+    path = Path(model_dir) / GOLDEN_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"the archive has no {GOLDEN_FILE} (the golden images every "
+                                f"forward is checked on): rebuild it with `make archive`")
+    with np.load(path, allow_pickle=False) as golden:
+        return torch.from_numpy(golden["images"]), torch.from_numpy(golden["logits"])
+
+
+def candidate(name, net, model_dir, threads):
+    """The forward ``name`` stands for here, or the reason there is none (a str)."""
+    if name == "torch":
+        return net
+    if name == "bf16":
+        if not cpu_has_bf16():
+            return "this CPU has no avx512_bf16 or amx_bf16 (/proc/cpuinfo): bf16 is emulated, " \
+                   "slower than fp32"
+        return bf16_forward(net)
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "onnxruntime is not installed (pip install onnxruntime)"
+    path = Path(model_dir) / (INT8_FILE if name == "int8" else ONNX_FILE)
+    if not path.exists():
+        return f"the archive has no {path.name} (`make archive` writes it)"
+    try:
+        return onnx_forward(path, threads)
+    except Exception as err:  # noqa: BLE001  (a file ONNX Runtime cannot load: not this one)
+        return f"ONNX Runtime cannot load {path.name}: {str(err)[:200]}"
+
+
+@torch.inference_mode()
+def trial(name, net, model_dir, threads, x, reference):
+    """Check candidate ``name`` on the golden batch ``x`` against ``reference`` logits, then time
+    it there; a failing or missing candidate is not timed."""
+    forward = candidate(name, net, model_dir, threads)
+    if isinstance(forward, str):
+        return Trial(name, failure=forward)
+    result = Trial(name, forward)
+    try:
+        result.agree, result.drift = agreement(forward(x).float(), reference)
+    except Exception as err:  # noqa: BLE001  (a kernel that fails here fails this candidate)
+        result.agree, result.drift = 0.0, float("inf")
+        result.failure = f"{type(err).__name__}: {str(err)[:200]}"
+        return result
+    result.failure = passes(name, result.agree, result.drift)
+    if result.failure is None:
+        seconds = []
+        for _ in range(TIMED_RUNS):
+            start = time.perf_counter()
+            forward(x)
+            seconds.append(time.perf_counter() - start)
+        result.ms_per_image = 1000 * min(seconds) / len(x)
+    return result
+
+
+def choose(requested, net, model_dir, transform, threads=1):
+    """(forward, its name, the trials) for ``requested`` ("auto" or a CANDIDATES name) on this
+    CPU. The torch net is always checked: it is the weights themselves, so when it misses the
+    golden answers the archive is inconsistent (RuntimeError), whatever else would pass."""
+    if requested == "torch" and not (Path(model_dir) / GOLDEN_FILE).exists():
+        return net, "torch", []  # the reference itself: nothing to check it against
+    images, reference = load_golden(model_dir)
+    x = transform(images).contiguous(memory_format=torch.channels_last)
+
+    def run(names):
+        return [trial(name, net, model_dir, threads, x, reference) for name in names]
+    trials = run(CANDIDATES if requested == "auto" else dict.fromkeys((requested, "torch")))
+    reference_trial = next(t for t in trials if t.name == "torch")
+    table = "\n".join(t.row() for t in trials)
+    if reference_trial.failure:  # the weights themselves: what every other forward stands for
+        raise RuntimeError(f"the fp32 torch net does not give the archive's golden answers: "
+                           f"{GOLDEN_FILE} does not belong to these weights; rebuild with "
+                           f"`make archive`\n{table}")
+    if requested != "auto" and trials[0].failure:
+        logger.warning("handler.runtime %s cannot serve on this CPU (%s): running the fastest "
+                       "forward that gives the golden answers instead", requested,
+                       trials[0].failure)
+        trials += run(name for name in CANDIDATES if name not in (requested, "torch"))
+        table = "\n".join(t.row() for t in trials)
+    named = trials[0] if requested != "auto" and trials[0].failure is None else None
+    chosen = named or min((t for t in trials if t.failure is None),
+                          key=lambda t: t.ms_per_image)
+    logger.info("runtime %s -> %s, on %s (%s), golden set of %d images:\n%s", requested,
+                chosen.name, cpu_name(), " ".join(cpu_flags()) or "no listed flags", len(x),
+                table)
+    return chosen.forward, chosen.name, trials
