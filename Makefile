@@ -62,8 +62,14 @@ DOCKER_PORTS = $(if $(filter docker,$(CONTAINER)),-p 127.0.0.1:8080:8080 \
   -p 127.0.0.1:8081:8081 -p 127.0.0.1:8082:8082,--network host \
   -e TS_INFERENCE_ADDRESS=http://127.0.0.1:8080 -e TS_MANAGEMENT_ADDRESS=http://127.0.0.1:8081 \
   -e TS_METRICS_ADDRESS=http://127.0.0.1:8082)
-HANDLER_FILES := handler/cifar10_handler.py handler/cifar10_net.py handler/cifar10_runtime.py \
-                 handler/index_to_name.json $(MODEL_CONFIG)
+# The serving package, shipped in the .mar as a folder: the archiver flattens a folder named in
+# --extra-files but keeps the folders inside it, so the package is staged in SHIP first.
+PACKAGE_FILES := $(wildcard cifar10_serve/*.py)
+# The class names the archive answers with, in the order the weights were trained on
+INDEX_TO_NAME ?= handler/index_to_name.json
+SHIP        = $(MODEL_STORE)/build/ship
+HANDLER_FILES := handler/cifar10_handler.py $(PACKAGE_FILES) $(INDEX_TO_NAME) \
+                 $(MODEL_CONFIG)
 
 .DEFAULT_GOAL := help
 .PHONY: help install train archive serve stop status predict scale test evaluate bench clean \
@@ -84,17 +90,15 @@ train: $(BIN)/torchserve ## train on the ImageFolder DATA_DIR (DATA_DIR= downloa
 	$(PY) train.py $(if $(DATA_DIR),--data-dir $(DATA_DIR),--download-root data) \
 	  --epochs $(EPOCHS) $(TRAIN_ARGS) --out $(WEIGHTS)
 
-$(ONNX) $(INT8) $(GOLDEN) &: $(WEIGHTS) handler/cifar10_net.py handler/cifar10_runtime.py \
-                            export_onnx.py | $(BIN)/torchserve
+$(ONNX) $(INT8) $(GOLDEN) &: $(WEIGHTS) $(PACKAGE_FILES) export_onnx.py | $(BIN)/torchserve
 	$(PY) export_onnx.py $(WEIGHTS) $(ONNX) --int8 $(INT8) --calibration-dir $(CALIB_DIR) \
 	  --check-dir $(CHECK_DIR) --golden $(GOLDEN)
 
 $(MAR): $(WEIGHTS) $(ONNX) $(INT8) $(GOLDEN) $(HANDLER_FILES) | $(BIN)/torchserve
-	@mkdir -p $(MODEL_STORE)
+	@rm -rf $(SHIP) && mkdir -p $(SHIP)/cifar10_serve && cp $(PACKAGE_FILES) $(SHIP)/cifar10_serve/
 	$(BIN)/torch-model-archiver --force --model-name cifar10 --version 1.0 \
-	  --model-file handler/cifar10_net.py --serialized-file $(WEIGHTS) \
-	  --handler handler/cifar10_handler.py --extra-files \
-	  handler/cifar10_runtime.py,handler/index_to_name.json,$(ONNX),$(INT8),$(GOLDEN) \
+	  --serialized-file $(WEIGHTS) --handler handler/cifar10_handler.py \
+	  --extra-files $(SHIP),$(INDEX_TO_NAME),$(ONNX),$(INT8),$(GOLDEN) \
 	  --config-file $(MODEL_CONFIG) --export-path $(MODEL_STORE)
 
 $(WEIGHTS):
@@ -121,7 +125,7 @@ predict: ## classify IMG (default: a test fixture) on the running server
 	$(PY) client.py predict $(IMG)
 
 demo: $(BIN)/torchserve ## serve the browser demo on 127.0.0.1:DEMO_PORT (after `make serve`)
-	$(PY) demo/serve.py --config $(TS_CONFIG) --port $(DEMO_PORT)
+	$(PY) -m demo.serve --config $(TS_CONFIG) --port $(DEMO_PORT)
 
 scale: ## set the number of workers to WORKERS (management API)
 	$(PY) client.py scale $(WORKERS)
@@ -134,11 +138,11 @@ evaluate: $(BIN)/torchserve ## score WEIGHTS in fp32 and int8 (or URL=http://127
 
 bench: $(MAR) ## load-test a TorchServe started here with wrk, beside the handler in-process; writes bench/results/
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian/Ubuntu: apt-get install wrk)"; exit 1; }
-	$(PY) bench/bench.py --start --config $(TS_CONFIG) --mar $(MAR) \
+	$(PY) -m bench.bench --start --config $(TS_CONFIG) --mar $(MAR) \
 	  $(if $(BENCH_COMPARE),--compare-runtime $(BENCH_COMPARE)) $(BENCH_ARGS)
 
 gpu-check: $(BIN)/torchserve ## the GPU check: CUDA tests, GPU training, GPU workers, img/s -> GPU_OUT (a dry run without CUDA)
-	$(PY) bench/gpu_check.py $(GPU_OUT) --data-dir $(DATA_DIR) $(GPU_CHECK_ARGS)
+	$(PY) -m bench.gpu_check $(GPU_OUT) --data-dir $(DATA_DIR) $(GPU_CHECK_ARGS)
 
 docker: $(BIN)/torchserve ## build IMAGE:IMAGE_TAG (IMAGE_TAG=gpu: the GPU archive), docker or podman
 	$(MAKE) --no-print-directory archive MODEL_STORE=$(DOCKER_STORE) MODEL_CONFIG=$(DOCKER_CONFIG)
@@ -175,4 +179,4 @@ docker-test: $(BIN)/torchserve ## build the image, serve from it, check answers 
 	$(PY) -m pytest -m container tests/test_container.py
 
 clean: ## remove build outputs (the archive, logs, run files)
-	rm -rf $(MAR) $(ONNX) $(INT8) $(GOLDEN) logs $(RUN_DIR) .pytest_cache dist
+	rm -rf $(MAR) $(ONNX) $(INT8) $(GOLDEN) $(SHIP) logs $(RUN_DIR) .pytest_cache dist

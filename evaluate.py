@@ -21,10 +21,11 @@ import torchvision
 import yaml
 from tqdm import tqdm
 
+import data
 import train
+from cifar10_serve.net import build_net
+from cifar10_serve.runtimes import onnx_forward
 from client import TorchServeClient
-from cifar10_net import build_net
-from cifar10_runtime import onnx_forward
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ def predict_offline(root, weights, tta=0, device="cpu", holdout=0, precision="fp
     """(predicted class names, true class names) for every image under root, in-process, with
     the forward in ``precision``: fp32, bf16 autocast (the handler's `runtime: bf16`), or int8,
     ONNX Runtime on the quantized export ``int8`` (`runtime: int8`)."""
-    images, labels, folder_classes, _ = train.load_image_folder(root)
+    images, labels, folder_classes, _ = data.load_image_folder(root)
     if holdout:
-        _, _, images, labels = train.split(images, labels, holdout)
+        _, _, images, labels = data.split(images, labels, holdout)
     net, classes = load_net(weights, device)
     if precision == "int8":
         net, precision = onnx_forward(int8, torch.get_num_threads()), "fp32"
@@ -62,7 +63,7 @@ def predict_served(root, client, concurrency=8, holdout=0):
     folder = torchvision.datasets.ImageFolder(str(root), loader=lambda path: path)
     if holdout:
         folder.samples = [folder.samples[i] for i in
-                          train.split_indices(len(folder.samples), holdout)[1].tolist()]
+                          data.split_indices(len(folder.samples), holdout)[1].tolist()]
 
     def top1(path):
         response = client.predict(Path(path))

@@ -9,7 +9,7 @@ PyTorch's within --tolerance on a fixed batch of random images. --int8 also writ
 quantized (QDQ, per-channel 7-bit weights, u8 activations calibrated on the images under
 --calibration-dir, any folder of images searched recursively) and checks the quantization itself
 on the real held-out images under --check-dir, in fp32 arithmetic: the same file on every CPU's
-kernels is the serving worker's check (cifar10_runtime.py), not this one. --golden writes those
+kernels is the serving worker's check (cifar10_serve/runtimes.py), not this one. --golden writes those
 kernels' check: a fixed few of the --check-dir images with the fp32 logits of the torch net.
 Nothing here depends on the build machine's CPU: a .mar built anywhere serves anywhere.
 """
@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "handler"))
-from cifar10_net import IMAGE_SIZE, build_net, decode_image, eval_transform, image_tensor  # noqa: E402
-from cifar10_runtime import agreement, onnx_forward  # noqa: E402
+from cifar10_serve.images import decode_image, eval_transform, image_tensor
+from cifar10_serve.net import IMAGE_SIZE, build_net
+from cifar10_serve.runtimes import agreement, onnx_forward
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 # The int8 file's quantization must give the fp32 top-1 on this share of the --check-dir images
-# that fp32 answers clearly (cifar10_runtime.MARGIN): the shipped net's gives 99.6 %.
+# that fp32 answers clearly (cifar10_serve.runtimes.MARGIN): the shipped net's gives 99.6 %.
 INT8_AGREEMENT = 0.97
 GOLDEN_IMAGES = 16  # enough to tell a wrong kernel (~10-40 % agreement) from a right one
 

@@ -1,4 +1,4 @@
-"""Train the CIFAR-10 network (handler/cifar10_net.py) and write its checkpoint and plots.
+"""Train the CIFAR-10 network (cifar10_serve/net.py) and write its checkpoint and plots.
 
 The recipe follows airbench94 (Keller Jordan, cifar10-airbench): whitened first layer, identity-
 initialised convs, BatchNorm with only biases trained at their own learning rate, Nesterov SGD with
@@ -14,8 +14,6 @@ rebuilds and describes the net: model_args, classes, normalisation, validation a
 command and the library versions. Beside it go <out>.curve.png and <out>.confusion.png.
 """
 import argparse
-import hashlib
-import inspect
 import logging
 import platform
 import shlex
@@ -29,9 +27,11 @@ import torchvision
 from torch import nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "handler"))
-import cifar10_net  # noqa: E402  (the one model definition, shipped in the .mar)
-from cifar10_net import Cifar10Net, eval_transform, init_whitening, predict_logits  # noqa: E402
+from cifar10_serve.images import eval_transform
+from cifar10_serve.net import (CIFAR10_MEAN, CIFAR10_STD, DEFAULT_WIDTHS, Cifar10Net,
+                               init_whitening, predict_logits)
+from cifar10_serve.runtimes import cpu_has_bf16
+from data import load_images, split
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def parse_args(argv=None):
                    help="epochs during which the whitening bias is trained")
     p.add_argument("--lookahead-epoch", type=int, default=3,
                    help="epoch from which the lookahead average of the weights is kept")
-    p.add_argument("--widths", type=int, nargs=3, default=list(cifar10_net.DEFAULT_WIDTHS),
+    p.add_argument("--widths", type=int, nargs=3, default=list(DEFAULT_WIDTHS),
                    help="channels of the three conv groups (default: %(default)s)")
     p.add_argument("--tta", type=int, default=2, choices=[0, 1, 2],
                    help="test-time augmentation for the final validation report")
@@ -87,66 +87,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.command = shlex.join(["python", "train.py"] + (sys.argv[1:] if argv is None else argv))
     return args
-
-
-def load_image_folder(root, limit=0, cache_dir=None):
-    """An ImageFolder's images through the serving decoder: uint8 (N, 3, 32, 32), labels, classes,
-    file paths. With ``limit``, a fixed random subset of that many images. With ``cache_dir``,
-    the decoded images are kept there between runs (50,000 JPEGs take ~20 s to 2 min to decode),
-    under a key of the files' names, sizes and times and the decoder's own source."""
-    folder = torchvision.datasets.ImageFolder(str(root), loader=lambda path: path)
-    samples = folder.samples
-    if limit:
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))
-        samples = [samples[i] for i in order[:limit].tolist()]
-    cached = Path(cache_dir) / f"{_cache_key(root, samples)}.pt" if cache_dir else None
-    if cached is not None and cached.exists():
-        images = torch.load(cached, weights_only=True)
-    else:
-        images = torch.stack([cifar10_net.image_tensor(cifar10_net.decode_image(
-            Path(p).read_bytes())) for p, _ in tqdm(samples, desc="decode", leave=False)])
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(images, cached.with_suffix(".tmp"))
-            cached.with_suffix(".tmp").replace(cached)
-    labels = torch.tensor([label for _, label in samples])
-    return images, labels, list(folder.classes), [p for p, _ in samples]
-
-
-def _cache_key(root, samples):
-    """What the decoded images depend on: each file (name, size, time, label, in order) and the
-    decoding code."""
-    digest = hashlib.sha256(inspect.getsource(cifar10_net).encode())
-    for path, label in samples:
-        stat = Path(path).stat()
-        digest.update(f"{Path(path).relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}|"
-                      f"{label}\n".encode())
-    return digest.hexdigest()[:24]
-
-
-def load_images(args):
-    """All images as one uint8 tensor (N, 3, 32, 32), their labels, the class names, the source."""
-    if args.data_dir is not None:
-        images, labels, classes, _ = load_image_folder(args.data_dir, args.limit,
-                                                       args.cache_dir and Path(args.cache_dir))
-        return images, labels, classes, f"ImageFolder {args.data_dir}"
-    data = torchvision.datasets.CIFAR10(str(args.download_root), train=True, download=True)
-    images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor(data.targets)
-    if args.limit:
-        images, labels = images[:args.limit], labels[:args.limit]
-    return images, labels, list(data.classes), "torchvision.datasets.CIFAR10 (train split)"
-
-
-def split_indices(n, val_size):
-    """A fixed train/validation split of n images: the same ones are held out whatever --seed is."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(12345))
-    return order[val_size:], order[:val_size]
-
-
-def split(images, labels, val_size):
-    train, val = split_indices(len(images), val_size)
-    return images[train], labels[train], images[val], labels[val]
 
 
 def augment(images, epoch, flip_mask, generator, pad=2, cutout=0):
@@ -234,7 +174,7 @@ def resolve_precision(precision, device):
     """--precision auto -> bf16 where the device computes it natively, else fp32."""
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" or cifar10_net.cpu_has_bf16() else "fp32"
+    return "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
 
 
 def train(args):
@@ -309,7 +249,7 @@ def train(args):
     checkpoint = dict(
         state_dict={k: v.cpu() for k, v in net.state_dict().items()},
         model_args=model_args, classes=classes,
-        normalization=dict(mean=list(cifar10_net.CIFAR10_MEAN), std=list(cifar10_net.CIFAR10_STD)),
+        normalization=dict(mean=list(CIFAR10_MEAN), std=list(CIFAR10_STD)),
         val_accuracy=val_acc, val_tta=args.tta, val_size=len(val_y),
         per_class_val_accuracy=per_class, history=history, train_seconds=train_seconds,
         train_images=len(train_x), data_source=source, device=str(device), precision=precision,

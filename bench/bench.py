@@ -8,7 +8,7 @@ results.png to --out and prints the table. Every load run is time-bounded; only 
 are accepted.
 
     make bench                                  # --start: `make serve` (cold start) ... `make stop`
-    .venv/bin/python bench/bench.py --duration 3 # against the server `make serve` started
+    .venv/bin/python -m bench.bench --duration 3  # from the repo root, against `make serve`'s server
 
 With --start, variables given to `make bench` (WEIGHTS=..., MODEL_STORE=...) reach the `make serve`
 it runs through MAKEFLAGS; --make-var passes them when bench.py is called directly. Needs wrk
@@ -18,6 +18,7 @@ import argparse
 import base64
 import contextlib
 import datetime
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -38,11 +39,10 @@ from urllib.parse import urlparse
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "handler")]  # client.py; the modules TorchServe imports
+from cifar10_serve.runtimes import cpu_flags
+from client import TorchServeClient
 
-from client import TorchServeClient  # noqa: E402
-from cifar10_net import cpu_flags  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger(__name__)
 LUA = Path(__file__).resolve().parent / "post.lua"
@@ -320,7 +320,11 @@ def load_handler(args, folder, threads):
     import torch
     from ts.context import Context
     from ts.metrics.metrics_store import MetricsStore
-    from cifar10_handler import Cifar10Handler
+    handler_module = importlib.util.spec_from_file_location(  # as TorchServe loads it
+        "cifar10_handler", ROOT / "handler" / "cifar10_handler.py")
+    Cifar10Handler = importlib.util.module_from_spec(handler_module)
+    handler_module.loader.exec_module(Cifar10Handler)
+    Cifar10Handler = Cifar10Handler.Cifar10Handler
 
     model_dir = folder / f"model-{threads}"
     if args.weights:
@@ -408,7 +412,7 @@ def in_process(args, folder):
                  results[-1]["ms_per_batch"])
     torch.set_num_threads(cores)
     weights = args.weights or f"{args.mar} ({context.manifest['model']['serializedFile']})"
-    meta = {"device": str(handler.device), "threads": cores, "tta": handler.tta,
+    meta = {"device": str(handler.device), "threads": cores, "tta": handler.settings.tta,
             "runtime": runtime, "parameters": sum(p.numel() for p in handler.model.parameters()),
             "weights": str(weights)}
     return results, meta
@@ -417,9 +421,9 @@ def in_process(args, folder):
 def _forward(handler, batch, net=None):
     """One forward pass as the handler's inference() runs it, with its test-time augmentation."""
     import torch
-    from cifar10_net import predict_logits
+    from cifar10_serve.net import predict_logits
     with torch.inference_mode():
-        predict_logits(net or handler.forward, batch, handler.tta)
+        predict_logits(net or handler.forward, batch, handler.settings.tta)
 
 
 # ---- results -----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ Without CUDA (or with --dry-run) every step runs at toy size on the CPU, on test
 images, and the report says it is a dry run: CI runs it so that the check cannot rot.
 
     make gpu-check GPU_OUT=bench/results/gpu          # .venv, or VENV=... (bench/pack_offline.sh)
-    python bench/gpu_check.py OUT --dry-run
+    python -m bench.gpu_check OUT --dry-run   # from the repo root
 """
 import argparse
 import datetime
@@ -31,11 +31,10 @@ from statistics import median
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "handler")]
+import evaluate
+from client import TorchServeClient, local_torchserve
 
-import evaluate  # noqa: E402
-from client import TorchServeClient, local_torchserve  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 HOLDOUT = ROOT / "tests" / "holdout"
 GPU_CONFIG = ROOT / "handler" / "model-config.gpu.yaml"

@@ -1,22 +1,20 @@
 """What one training step costs on this CPU, in fp32 and bf16 autocast, for the shipped net and
 train.py's default one: forward + backward + an SGD step on a random batch, as train.py takes it.
 
-    .venv/bin/python bench/train_step.py            # prints a table; ~1 minute on 2 cores
+    .venv/bin/python -m bench.train_step   # from the repo root: a table; ~1 minute on 2 cores
 
 Multiply by the steps of an epoch (49,500 / 1,024 ≈ 48 for `make train`) and the epochs to plan
 a run. bf16 is emulated (slow) on CPUs without avx512_bf16 or amx_bf16: `--precision auto` then
 trains in fp32.
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "handler"))
-from cifar10_net import DEFAULT_WIDTHS, Cifar10Net, cpu_flags, cpu_name  # noqa: E402
+from cifar10_serve.net import DEFAULT_WIDTHS, Cifar10Net
+from cifar10_serve.runtimes import cpu_flags, cpu_name
 
 
 def step_seconds(widths, precision, batch, steps):

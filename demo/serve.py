@@ -1,6 +1,6 @@
 """Browser demo: a page where you drop an image and see the served model's top-5 as bars.
 
-    python demo/serve.py [--port 8090] [--config config.properties] [--key-file key_file.json]
+    python -m demo.serve [--port 8090] [--config config.properties] [--key-file key_file.json]
     # then open the URL it prints (TorchServe must be running: `make serve`)
 
 Serves demo/index.html and config.json, and forwards the page's POST /predictions/cifar10 to
@@ -27,8 +27,7 @@ from pathlib import Path
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from client import TorchServeClient, read_properties  # noqa: E402  (the repo root, above)
+from client import TorchServeClient, read_properties
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("index.html")

@@ -17,8 +17,8 @@ from ts.metrics.metrics_store import MetricsStore
 import train
 from cifar10_handler import Cifar10Handler
 import export_onnx as export_script
-from cifar10_net import CIFAR10_CLASSES
-from cifar10_runtime import GOLDEN_FILE, INT8_FILE, ONNX_FILE
+from cifar10_serve.net import CIFAR10_CLASSES
+from cifar10_serve.runtimes import GOLDEN_FILE, INT8_FILE, ONNX_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -19,12 +19,15 @@ from conftest import (COLOURS, handle, image_bytes, jpeg_with_markers, solid_png
                       tiff_of_shared_strips, tiff_of_strips)
 from PIL import Image, features
 from ts.context import RequestProcessor
+from ts.service import Service
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 
-import cifar10_handler
-from cifar10_handler import LIMITS, _keep_repeated_fields
-from cifar10_net import IMAGE_FORMATS, MAX_JPEG_SCANS
+from cifar10_serve import images
+from cifar10_serve.deadline import deadline
+from cifar10_serve.compat import keep_repeated_fields
+from cifar10_serve.settings import LIMITS
+from cifar10_serve.images import IMAGE_FORMATS, MAX_JPEG_SCANS
 
 IMAGES = [solid_png(colour) for colour in COLOURS]
 
@@ -109,8 +112,8 @@ def test_the_forward_runs_in_chunks_of_batch_size(colour_handler):
 
 def test_an_exception_of_ours_fails_only_its_own_request(colour_handler, monkeypatch, caplog):
     """A forward that breaks on one image: that request gets a 500 (logged), the rest answers."""
-    poisoned = cifar10_handler.image_tensor(cifar10_handler.to_rgb32(
-        cifar10_handler.open_image(IMAGES[4])))
+    poisoned = images.image_tensor(images.to_rgb32(
+        images.open_image(IMAGES[4])))
     forward = colour_handler.forward
 
     def fragile(x):
@@ -131,7 +134,7 @@ def test_an_exception_of_ours_fails_only_its_own_request(colour_handler, monkeyp
 def test_repeated_and_hostile_multipart_names_keep_every_image_in_order():
     """data, data#2, data: the client's own "data#2" must not collide with a renamed repeat."""
     seen = []
-    wrapped = _keep_repeated_fields(lambda batch: seen.append(batch)).__func__
+    wrapped = keep_repeated_fields(lambda batch: seen.append(batch) or ([], [], {})).__func__
     names = ["data", "data#2", "data", "explain", "data#3"]
     wrapped([{"parameters": [{"name": n, "value": i} for i, n in enumerate(names)]}])
     renamed = [p["name"] for p in seen[0][0]["parameters"]]
@@ -202,8 +205,8 @@ def test_each_limit_is_a_clear_4xx_before_the_work(colour_handler, row, code, fr
 def test_a_request_over_the_pixel_budget_decodes_nothing(colour_handler, monkeypatch):
     """Every header is read before any pixel: the costly first image of an over-budget request
     is never decoded (a busy machine once ran that decoding past the CPU-time deadline)."""
-    decoded, to_rgb32 = [], cifar10_handler.to_rgb32
-    monkeypatch.setattr(cifar10_handler, "to_rgb32",
+    decoded, to_rgb32 = [], images.to_rgb32
+    monkeypatch.setattr(images, "to_rgb32",
                         lambda image: decoded.append(image) or to_rgb32(image))
     row = {"a": solid_png((9, 9, 9), (2048, 2048)), "b": solid_png((9, 9, 9), (4096, 4096))}
     (answer,), [(status, phrase)] = handle(colour_handler, [row])
@@ -310,11 +313,20 @@ def test_a_lossless_webp_at_the_pixel_cap_costs_what_the_request_budget_allows(c
 
 # --- TorchServe's KServe envelopes (service_envelope=kserve / kservev2) --------------------------
 
+def through_torchserve(*bodies):
+    """(request headers, rows) as TorchServe's worker builds them for a batch of raw bodies."""
+    headers, rows, _ = Service.retrieve_data_for_inference(
+        [{"requestId": str(i).encode(), "parameters": [{"name": "body", "contentType": "",
+                                                         "value": body}]}
+         for i, body in enumerate(bodies)])
+    return headers, rows
+
+
 def enveloped(envelope_class, handler, body):
     """One request through a TorchServe envelope, as its worker runs it."""
     context = handler.context
-    context.request_processor = [RequestProcessor({})]
-    out = envelope_class(handler.handle).handle([{"body": body}], context)
+    context.request_processor, rows = through_torchserve(body)
+    out = envelope_class(handler.handle).handle(rows, context)
     json.dumps(out)
     processor = context.request_processor[0]
     return out, processor.get_response_status_code(), processor.get_response_status_phrase()
@@ -410,7 +422,7 @@ def test_a_deadline_swallowed_by_a_finalizer_fires_again(monkeypatch):
 
     started = time.thread_time()
     with pytest.raises(TimeoutError):
-        with cifar10_handler.deadline(10):
+        with deadline(10):
             Finalizer()  # dropped at once: its __del__ runs here
             burn(1.0)
     assert time.thread_time() - started < 0.5
@@ -425,7 +437,7 @@ def test_a_deadline_fires_while_other_threads_burn_cpu(busy_native_thread):
     for _ in range(10):
         started = time.thread_time()
         with pytest.raises(TimeoutError):
-            with cifar10_handler.deadline(10):
+            with deadline(10):
                 burn(1.0)
         assert time.thread_time() - started < 0.5
     assert busy_native_thread.is_alive()
@@ -434,7 +446,7 @@ def test_a_deadline_fires_while_other_threads_burn_cpu(busy_native_thread):
 def test_other_threads_cpu_does_not_count_against_a_deadline(busy_native_thread):
     """The allowance is the decoding thread's own CPU time: pool threads spinning beside it (or
     another worker's load) do not shorten it and turn a legitimate image into a 413."""
-    with cifar10_handler.deadline(300):
+    with deadline(300):
         burn(0.2)
     assert busy_native_thread.is_alive()
 

@@ -16,7 +16,7 @@ import requests
 from conftest import FIXTURES, ROOT
 from test_serving import torchserve as served
 
-from cifar10_net import CIFAR10_CLASSES
+from cifar10_serve.net import CIFAR10_CLASSES
 
 from client import free_port
 
@@ -51,8 +51,8 @@ def torchserve(tiny_checkpoint, tmp_path_factory, demo_origin):
 @contextlib.contextmanager
 def running_demo(port, config, key_file):
     """demo/serve.py on 127.0.0.1:port until the block ends; yields its process (and .origin)."""
-    demo = subprocess.Popen([sys.executable, str(ROOT / "demo" / "serve.py"), "--port", str(port),
-                             "--config", str(config), "--key-file", str(key_file)])
+    demo = subprocess.Popen([sys.executable, "-m", "demo.serve", "--port", str(port),
+                             "--config", str(config), "--key-file", str(key_file)], cwd=ROOT)
     demo.origin = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

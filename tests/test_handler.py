@@ -17,7 +17,9 @@ from ts.context import RequestProcessor
 from PIL import Image
 
 import cifar10_handler
-from cifar10_net import CIFAR10_CLASSES, decode_image, image_tensor
+from cifar10_serve import runtimes
+from cifar10_serve.images import decode_image, image_tensor
+from cifar10_serve.net import CIFAR10_CLASSES
 
 
 def b64(data):
@@ -174,12 +176,12 @@ def test_exif_orientation_is_honoured():
 
 
 def test_device_is_the_assigned_gpu_when_cuda_is_there(monkeypatch):
-    assert cifar10_handler.select_device(None) == torch.device("cpu")
+    assert runtimes.select_device(None) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cifar10_handler.select_device(1) == torch.device("cpu")
+    assert runtimes.select_device(1) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert cifar10_handler.select_device(1) == torch.device("cuda:1")
-    assert cifar10_handler.select_device(None) == torch.device("cpu")
+    assert runtimes.select_device(1) == torch.device("cuda:1")
+    assert runtimes.select_device(None) == torch.device("cpu")
 
 
 def test_cpu_worker_without_gpu_id_loads_on_cpu(make_handler, tiny_checkpoint):

@@ -31,9 +31,10 @@ from test_serving import server  # noqa: F401  (the module-scoped TorchServe fix
 from ts.protocol import otf_message_handler
 
 from client import read_properties
-import cifar10_handler
-from cifar10_handler import ACCEPTED, Cifar10Handler
-from cifar10_net import decode_image, image_tensor
+from cifar10_serve import requests as requests_module
+from cifar10_handler import Cifar10Handler
+from cifar10_serve.errors import ACCEPTED
+from cifar10_serve.images import decode_image, image_tensor
 
 FUZZ_CASES = 2000
 FUZZ_ROWS_PER_BATCH = 40
@@ -230,14 +231,14 @@ def test_json_bodies_over_the_largest_request_are_refused_before_the_worker_pars
     UINT8 pixels nested, max_images of them) is still parsed as before; a body with more values
     reaches the handler unparsed and gets its own 413, its batch neighbour its answer."""
     handler = make_handler(tiny_checkpoint, max_images=2)
-    limit = cifar10_handler.json_values_limit(2)
+    limit = requests_module.json_values_limit(2)
     pixels = np.stack([np.asarray(decode_image((FIXTURES / f"{n}.jpg").read_bytes()))
                        for n in ("cat", "ship")])
     largest = json.dumps({"id": "big", "inputs": [{"name": "p", "datatype": "UINT8",
                                                    "shape": [2, 32, 32, 3],
                                                    "data": pixels.tolist()}]}).encode()
     amplified = b'{"data": [' + b"{}," * limit + b"{}]}"
-    assert cifar10_handler.json_values(largest) <= limit < cifar10_handler.json_values(amplified)
+    assert requests_module.json_values(largest) <= limit < requests_module.json_values(amplified)
     read = [otf_message_handler._retrieve_input_data(
         FrontendSocket(frontend_frame("application/json", body))) for body in (largest, amplified)]
     assert read[0]["value"]["id"] == "big"  # parsed by TorchServe, as before

@@ -1,4 +1,4 @@
-"""The handler's CPU runtimes (cifar10_runtime.py) and the exports they run (export_onnx.py).
+"""The handler's CPU runtimes (cifar10_serve/runtimes.py) and the exports they run (export_onnx.py).
 
 Every forward is checked at worker start against the archive's golden set and timed: `auto` serves
 the fastest that passes; a named runtime is served if it passes, else auto's choice with the
@@ -17,12 +17,14 @@ import pytest
 import torch
 from conftest import FIXTURES, ROOT, handle, make_context, solid_png
 
-import cifar10_runtime
+from cifar10_serve import runtimes
 import export_onnx as export_script
 import train
 from cifar10_handler import Cifar10Handler
-from cifar10_net import build_net, cpu_flags, cpu_has_bf16, cpu_name, eval_transform
-from cifar10_runtime import CANDIDATES, GOLDEN_FILE, ONNX_FILE, agreement, onnx_forward
+from cifar10_serve.images import eval_transform
+from cifar10_serve.net import build_net
+from cifar10_serve.runtimes import cpu_flags, cpu_has_bf16, cpu_name
+from cifar10_serve.runtimes import CANDIDATES, GOLDEN_FILE, ONNX_FILE, agreement, onnx_forward
 
 IMAGES = [{"body": (FIXTURES / f"{name}.jpg").read_bytes()}
           for name in ("airplane", "cat", "dog", "ship", "truck")]
@@ -31,7 +33,7 @@ IMAGES = [{"body": (FIXTURES / f"{name}.jpg").read_bytes()}
 @pytest.fixture
 def bf16_cpu(monkeypatch):
     """Pretend the CPU has bf16 units (autocast emulates them where it has not: same answers)."""
-    monkeypatch.setattr(cifar10_runtime, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: True)
 
 
 def top1(answers):
@@ -78,7 +80,7 @@ def test_without_onnxruntime_the_torch_net_answers(make_handler, tiny_checkpoint
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
-    monkeypatch.setattr(cifar10_runtime, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
     handler = make_handler(tiny_checkpoint, runtime="onnx")
     assert handler.runtime == "torch" and handler.forward is handler.model
     assert "onnxruntime is not installed" in handler.trials[0].failure
@@ -133,7 +135,7 @@ def test_auto_serves_the_fastest_forward_that_gives_the_golden_answers(
         make_handler, colour_checkpoint, bf16_cpu, monkeypatch, caplog, slow, broken, expected):
     """Candidates made slow (a 50 ms pause a call) or wrong (logits reversed) on purpose: the
     worker times the ones that pass and serves the fastest; a wrong one is never served."""
-    real = cifar10_runtime.candidate
+    real = runtimes.candidate
 
     def candidate(name, *args):
         forward = real(name, *args)
@@ -143,7 +145,7 @@ def test_auto_serves_the_fastest_forward_that_gives_the_golden_answers(
                 time.sleep(0.05)
             return forward(x).flip(1) if name in broken else forward(x)
         return changed
-    monkeypatch.setattr(cifar10_runtime, "candidate", candidate)
+    monkeypatch.setattr(runtimes, "candidate", candidate)
     fp32, _ = handle(make_handler(colour_checkpoint, tta=1), IMAGES)
     with caplog.at_level(logging.INFO):
         handler = make_handler(colour_checkpoint, runtime="auto", tta=1)
@@ -160,7 +162,7 @@ def test_auto_serves_the_fastest_forward_that_gives_the_golden_answers(
 def test_a_named_runtime_is_served_when_it_passes(make_handler, colour_checkpoint, monkeypatch):
     """A named runtime is served if it gives the golden answers (and so does the torch net, the
     reference), whatever the others would do."""
-    monkeypatch.setattr(cifar10_runtime, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
     handler = make_handler(colour_checkpoint, runtime="onnx")
     assert handler.runtime == "onnx" and [t.name for t in handler.trials] == ["onnx", "torch"]
 
@@ -179,7 +181,7 @@ def test_bf16_answers_as_fp32_within_its_precision(make_handler, colour_checkpoi
 
 def test_bf16_that_drifts_from_fp32_is_not_served(make_handler, colour_checkpoint, bf16_cpu,
                                                   monkeypatch, caplog):
-    monkeypatch.setattr(cifar10_runtime, "bf16_forward",
+    monkeypatch.setattr(runtimes, "bf16_forward",
                         lambda net: lambda x: net(x).flip(1))  # a broken low-precision forward
     with caplog.at_level(logging.WARNING):
         handler = make_handler(colour_checkpoint, runtime="bf16")
@@ -188,7 +190,7 @@ def test_bf16_that_drifts_from_fp32_is_not_served(make_handler, colour_checkpoin
 
 def test_bf16_on_a_cpu_without_its_units_falls_back(make_handler, colour_checkpoint, monkeypatch,
                                                     caplog):
-    monkeypatch.setattr(cifar10_runtime, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
     with caplog.at_level(logging.WARNING):
         handler = make_handler(colour_checkpoint, runtime="bf16")
     assert handler.runtime in ("int8", "onnx", "torch")
@@ -242,7 +244,7 @@ def test_int8_export_is_calibrated_checked_and_has_a_golden_set(colour_checkpoin
     assert "calibrated on 10 images" in result.stdout and "10 golden images" in result.stdout
     checkpoint = torch.load(colour_checkpoint, weights_only=True)
     net = build_net(checkpoint).eval()
-    images, logits = cifar10_runtime.load_golden(tmp_path)
+    images, logits = runtimes.load_golden(tmp_path)
     x = eval_transform(**checkpoint["normalization"])(images)
     assert torch.allclose(net(x), logits, atol=1e-5)
     assert agreement(onnx_forward(int8)(x), logits)[0] >= 0.9

@@ -18,8 +18,9 @@ import torch
 from conftest import ROOT
 
 import export_onnx as export_script
-from cifar10_net import build_net, eval_transform
-from cifar10_runtime import LIMITS, agreement, passes
+from cifar10_serve.images import eval_transform
+from cifar10_serve.net import build_net
+from cifar10_serve.runtimes import LIMITS, agreement, passes
 
 QEMU = shutil.which("qemu-x86_64")
 pytestmark = pytest.mark.skipif(QEMU is None and not os.environ.get("CI"),

@@ -19,7 +19,7 @@ from conftest import (COLOURS, FIXTURES, ROOT, image_bytes, jpeg_with_markers, s
                       tiff_of_shared_strips, tiff_of_strips)
 from PIL import Image
 
-from cifar10_net import CIFAR10_CLASSES
+from cifar10_serve.net import CIFAR10_CLASSES
 
 import evaluate
 from client import TorchServeClient, local_torchserve, read_properties
@@ -38,8 +38,9 @@ def build_archive(weights, store):
 def test_archive_holds_what_the_handler_needs(tiny_checkpoint, tmp_path):
     mar = build_archive(tiny_checkpoint, tmp_path / "store")
     names = set(zipfile.ZipFile(mar).namelist())
-    assert {"cifar10_handler.py", "cifar10_net.py", "cifar10_runtime.py", "tiny.pt", "cifar10.onnx",
-            "cifar10.int8.onnx", "golden.npz", "index_to_name.json",
+    package = {f"cifar10_serve/{p.name}" for p in (ROOT / "cifar10_serve").glob("*.py")}
+    assert {"cifar10_handler.py", "tiny.pt", "cifar10.onnx", "cifar10.int8.onnx", "golden.npz",
+            "index_to_name.json", *package,
             "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
 
 
@@ -197,6 +198,32 @@ def test_repeated_multipart_field_names_lose_no_image(server):
     assert together.status_code == 200
     singles = [server.predict(FIXTURES / f"{n}.jpg").json() for n in names]
     assert [list(a) for a in together.json()] == [list(a) for a in singles]
+
+
+def test_an_html_form_is_answered_for_its_file_alone(server):
+    """A browser's form posts its text fields (a CSRF token, the submit button) beside the file,
+    and TorchServe hands them over as bytes too: only the file is an image."""
+    cat = (FIXTURES / "cat.jpg").read_bytes()
+    response = server.session.post(
+        f"{server.inference}/predictions/cifar10", files={"img": ("cat.jpg", cat, "image/jpeg")},
+        data={"csrf": "abc123", "submit": "Send"}, headers=server._token("inference"), timeout=60)
+    assert response.status_code == 200, response.text
+    alone = server.predict(cat).json()  # perhaps from the other worker, whose forward may differ
+    assert list(response.json()) == list(alone)
+    assert response.json() == pytest.approx(alone, abs=0.01)
+
+
+def test_a_multipart_preamble_gets_a_400_that_says_so(server):
+    """TorchServe's frontend drops every part of a multipart body with text before its first
+    boundary (allowed by RFC 2046): the handler cannot recover them, and says why."""
+    cat = (FIXTURES / "cat.jpg").read_bytes()
+    body = (b"This is a preamble.\r\n--XyZ\r\nContent-Disposition: form-data; name=\"img\"; "
+            b"filename=\"cat.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n" + cat + b"\r\n--XyZ--\r\n")
+    response = server.session.post(
+        f"{server.inference}/predictions/cifar10", data=body, timeout=60,
+        headers={**server._token("inference"), "Content-Type": "multipart/form-data; boundary=XyZ"})
+    assert response.status_code == 400 and "preamble" in response.json()["message"]
+    assert server.predict(cat).status_code == 200
 
 
 def test_bad_body_is_a_400_with_a_message_and_the_worker_lives(server):

@@ -1,4 +1,5 @@
 """train.py's output, and that training-eval, offline evaluation and the handler agree."""
+import inspect
 import json
 import shutil
 
@@ -6,10 +7,12 @@ import pytest
 import torch
 from conftest import FIXTURES, ROOT, handle
 
+import data
 import evaluate
 import train
-from cifar10_net import CIFAR10_CLASSES, Cifar10Net, eval_transform
-from cifar10_runtime import INT8_FILE
+from cifar10_serve.images import eval_transform
+from cifar10_serve.net import CIFAR10_CLASSES, Cifar10Net
+from cifar10_serve.runtimes import INT8_FILE
 
 
 def fixture_folder(root):
@@ -46,7 +49,7 @@ def test_training_is_deterministic_under_a_seed(tiny_checkpoint, tmp_path):
 
 
 def test_handler_tensor_equals_the_training_eval_tensor(make_handler, tiny_checkpoint, tmp_path):
-    images, _, _, paths = train.load_image_folder(fixture_folder(tmp_path / "folder"))
+    images, _, _, paths = data.load_image_folder(fixture_folder(tmp_path / "folder"))
     training_view = eval_transform()(images)
     handler = make_handler(tiny_checkpoint)
     rows = handler.preprocess([{"body": open(p, "rb").read()} for p in paths])
@@ -57,7 +60,7 @@ def test_handler_tensor_equals_the_training_eval_tensor(make_handler, tiny_check
 def served_and_offline(make_handler, checkpoint, folder):
     """(the served handler's top class per image of folder, offline evaluation's, the truth)."""
     offline, truth = evaluate.predict_offline(folder, checkpoint)
-    _, _, _, paths = train.load_image_folder(folder)
+    _, _, _, paths = data.load_image_folder(folder)
     handler = make_handler(checkpoint, runtime="onnx")  # the served forward
     answers, _ = handle(handler, [{"body": open(p, "rb").read()} for p in paths])
     return [next(iter(a)) for a in answers], offline, truth
@@ -126,16 +129,24 @@ def test_evaluate_reports_fp32_and_the_served_int8(colour_checkpoint, exports, m
 def test_decoded_images_are_cached_until_a_file_changes(tmp_path, monkeypatch):
     folder = fixture_folder(tmp_path / "folder")
     cache = tmp_path / "cache"
-    first = train.load_image_folder(folder, cache_dir=cache)
+    first = data.load_image_folder(folder, cache_dir=cache)
     assert len(list(cache.glob("*.pt"))) == 1
-    monkeypatch.setattr(train.cifar10_net, "decode_image",
-                        lambda data: pytest.fail("decoded again despite the cache"))
-    again = train.load_image_folder(folder, cache_dir=cache)
+    monkeypatch.setattr(data, "decode_image",
+                        lambda body: pytest.fail("decoded again despite the cache"))
+    again = data.load_image_folder(folder, cache_dir=cache)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     shutil.copy(FIXTURES / "dog.jpg", folder / "cat" / "0.jpg")  # a file changes: a new key
     monkeypatch.undo()
-    changed = train.load_image_folder(folder, cache_dir=cache)
+    changed = data.load_image_folder(folder, cache_dir=cache)
     assert len(list(cache.glob("*.pt"))) == 2 and not torch.equal(changed[0], first[0])
+
+
+def test_the_decoded_image_cache_is_keyed_by_the_decoder_alone():
+    """Editing the net, the runtimes or a limit keeps the cache (50,000 images decode in ~20 s to
+    2 min); editing the decoder's module (cifar10_serve/images.py) does not."""
+    assert data.decoder.__name__ == "cifar10_serve.images"
+    assert "def open_image(" in inspect.getsource(data.decoder)
+    assert "class Cifar10Net" not in inspect.getsource(data.decoder)
 
 
 def test_val_size_0_trains_on_every_image(tiny_checkpoint, tmp_path):

@@ -1,0 +1,184 @@
+"""Where a request's bytes become a tensor: image files are opened (their headers checked against
+the limits before any pixel is decoded), decoded to 32x32 RGB as training saw them, and batched
+through the one eval transform that training, evaluation and serving share.
+"""
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cifar10_serve.deadline import deadline
+from cifar10_serve.errors import bad_request
+from cifar10_serve.net import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE
+
+# The image formats served and trained on (PIL format names). A closed list: PIL reads dozens more
+# (DDS, BLP, SPIDER, ...), rarely used for photos and a larger surface for hostile files.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG includes MPO
+# Refuse images whose header claims more pixels than this, before any pixel is decoded. A 32x32
+# classifier needs photos, not posters: 4096x4096 (16.8 M px) admits a 12 M px phone photo.
+MAX_IMAGE_PIXELS = 4096 * 4096
+# A progressive JPEG decodes every scan at full size (draft mode cannot skip them): libjpeg writes
+# 10 scans, optimisers ~20. Thousands of near-empty scans are a decode-time bomb, refused unread.
+MAX_JPEG_SCANS = 64
+JPEG_SOS = b"\xff\xda"  # start-of-scan marker; entropy-coded data never holds it (0xFF is stuffed)
+
+
+def open_image(data, max_pixels=MAX_IMAGE_PIXELS):
+    """Bytes -> a PIL image whose header passed the checks, no pixel decoded yet. Raises
+    ValueError fit for the client when the bytes are no accepted image or would cost too much
+    to decode."""
+    too_large = f"at most {max_pixels:,} pixels are accepted: resize it first"
+    with warnings.catch_warnings():  # PIL's DecompressionBombWarning: our own cap is lower
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        except Image.DecompressionBombError as err:  # PIL's own guard, for the largest headers
+            raise ValueError(f"the image is too large ({err}); {too_large}") from err
+        except UnidentifiedImageError as err:
+            raise ValueError(f"cannot decode the image: the bytes are no image in an accepted "
+                             f"format ({', '.join(IMAGE_FORMATS)})") from err
+        except Exception as err:  # noqa: BLE001  (any plugin error on hostile bytes is theirs)
+            raise ValueError(f"cannot decode the image: {_describe(err)}") from err
+    width, height = image.size
+    if width * height > max_pixels:  # checked on the header, before any pixel is decoded
+        raise ValueError(f"the image is {width}x{height} pixels; {too_large}")
+    if image.format == "TIFF":
+        _check_tiff_layout(image, len(data))
+    if image.format in ("JPEG", "MPO"):
+        scans = data.count(JPEG_SOS)
+        if scans > MAX_JPEG_SCANS:
+            raise ValueError(f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted "
+                             f"(re-save it as a baseline or ordinary progressive JPEG)")
+    return image
+
+
+def _check_tiff_layout(image, size):
+    """Refuse a TIFF whose strips or tiles add up to more bytes than the file holds: they overlap,
+    so libtiff would decompress the same bytes again and again, in one C call no deadline can
+    interrupt (3,000 one-row strips sharing a 1 MB blob took 7 s, 40,000 over 30 s)."""
+    for tag in (279, 325):  # StripByteCounts, TileByteCounts
+        counts = image.tag_v2.get(tag)
+        if counts is None:
+            continue
+        total = sum(counts) if isinstance(counts, (tuple, list)) else int(counts)
+        if total > size:
+            raise ValueError(f"cannot decode the image: its TIFF strips or tiles hold {total:,} "
+                             f"bytes but the file has {size:,}: they overlap; re-save it with an "
+                             f"ordinary encoder")
+
+
+def image_pixels(image):
+    """The pixels an opened image's header claims: what decoding it costs. JPEGs too: draft
+    mode shrinks their output, but every coefficient of every scan is still decoded."""
+    width, height = image.size
+    return width * height
+
+
+def to_rgb32(image):
+    """An opened image -> 32x32 RGB PIL image, as training and serving see it.
+
+    Honours EXIF orientation, takes the first frame of animations, scales 16-bit greyscale to
+    8 bits and squashes any aspect ratio to 32x32. Raises ValueError for the client when the
+    pixel data is corrupt.
+    """
+    try:
+        if image.format in ("JPEG", "MPO"):
+            image.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # decode straight at a reduced scale
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+            array = np.asarray(image, dtype=np.float64)
+            image = Image.fromarray((array * 255 / max(array.max(), 1)).astype(np.uint8))
+        image = image.convert("RGB")
+        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001  (PIL's plugins raise many types on corrupt data)
+        raise ValueError(f"cannot decode the image: {_describe(err)}") from err
+    return image
+
+
+def decode_image(data):
+    """Bytes of an accepted image -> 32x32 RGB PIL image (``open_image`` then ``to_rgb32``)."""
+    return to_rgb32(open_image(data))
+
+
+def _describe(err):
+    """A decoder error for the client: its message, or its type where it has none; bounded."""
+    text = str(err) or type(err).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def image_tensor(image):
+    """A decoded 32x32 RGB PIL image -> uint8 tensor (3, 32, 32)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def eval_transform(mean=CIFAR10_MEAN, std=CIFAR10_STD):
+    """The one eval transform: uint8 (N, 3, 32, 32) -> normalised float32, for training and serving
+    (serving passes the checkpoint's own ``normalization``).
+
+    Plain tensor arithmetic over the whole batch: the worker never imports torchvision (seconds
+    of cold start) and normalises once per batch, not once per image.
+    """
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def transform(batch):
+        return (batch.to(torch.float32) / 255 - mean.to(batch.device)) / std.to(batch.device)
+    return transform
+
+
+# The first bytes of every accepted format (TIFF in both byte orders; WebP: RIFF....WEBP).
+SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00",
+              b"MM\x00*", b"RIFF")
+
+
+def looks_like_image(data):
+    """Whether ``data`` starts as an accepted image file does (a cheap sniff, no decoding)."""
+    return data.startswith(SIGNATURES) and (not data.startswith(b"RIFF") or data[8:12] == b"WEBP")
+
+
+def decode_request(images, limits):
+    """A request's encoded images -> uint8 (3, 32, 32) tensors, within the per-image and
+    per-request pixel limits and the request's decoding deadline (CPU time). Every header is
+    opened first and the request refused if their pixels add up past its cap, so an over-budget
+    request decodes nothing. v2 UINT8 pixels (already tensors) pass through. A failure is the
+    request's own 4xx (a PredictionException naming which image)."""
+    milliseconds = limits["max_decode_ms"]
+    try:
+        with deadline(milliseconds):
+            return _decode_within_budget(images, limits)
+    except TimeoutError:
+        raise bad_request(f"decoding the request's images took more than {milliseconds} ms of "
+                          f"CPU time; send images re-saved by a common encoder, or fewer per "
+                          f"request", 413) from None
+
+
+def _decode_within_budget(images, limits):
+    budget, opened = limits["max_request_pixels"], []
+    wheres = [f"image {i}: " if len(images) > 1 else "" for i in range(len(images))]
+    for where, image in zip(wheres, images):
+        if isinstance(image, torch.Tensor):
+            opened.append(image)
+            continue
+        opened.append(_checked(open_image, where, image, limits["max_image_pixels"]))
+        budget -= image_pixels(opened[-1])
+        if budget < 0:
+            raise bad_request(f"{where}the request's images decode to more than "
+                              f"{limits['max_request_pixels']:,} pixels; send fewer or smaller "
+                              f"images per request", 413)
+    return [image if isinstance(image, torch.Tensor)
+            else image_tensor(_checked(to_rgb32, where, image))
+            for where, image in zip(wheres, opened)]
+
+
+def _checked(step, where, *args):
+    """One decoding step of an image; its ValueError becomes the client's 400, prefixed with
+    ``where`` (which image)."""
+    try:
+        return step(*args)
+    except ValueError as err:
+        raise bad_request(f"{where}{err}") from err

@@ -1,0 +1,66 @@
+"""The handler's settings (model-config.yaml `handler:`), read and checked once, at worker start:
+an unknown name or a value out of range stops the worker with a message naming the setting.
+"""
+from dataclasses import dataclass, field
+
+from cifar10_serve.images import MAX_IMAGE_PIXELS
+from cifar10_serve.runtimes import RUNTIMES
+
+# The per-request limits and their defaults. Each is checked before the work it bounds; going
+# over one is that request's 413 (or 400), never its batch neighbours' problem.
+LIMITS = {
+    "max_images": 64,              # images per /predictions (or v2, KServe) request
+    "max_explain_images": 4,       # images per /explanations request
+    "max_image_pixels": MAX_IMAGE_PIXELS,  # pixels an image's header may claim
+    "max_request_pixels": 4096 * 4096,  # pixels per request, as the headers claim
+    "max_id_length": 256,          # characters of a v2 request "id", echoed in the answer
+    "max_decode_ms": 1000,         # CPU time to open and decode one request's images
+}
+TTA_LEVELS = (0, 1, 2)  # none; + mirror; + mirror and 1-pixel shifts (cifar10_serve.net)
+
+
+@dataclass
+class Settings:
+    topk: int = 5
+    tta: int = 0
+    ig_steps: int = 32
+    threads: int = 0  # 0: torch's own default
+    runtime: str = "auto"
+    profile: bool = False
+    limits: dict = field(default_factory=lambda: dict(LIMITS))
+
+
+def read(config):
+    """Settings from the `handler:` mapping of model-config.yaml (None or {}: the defaults).
+    ValueError naming the setting when one is unknown or out of range."""
+    config = dict(config or {})
+    unknown = set(config) - {"topk", "tta", "ig_steps", "threads", "runtime", "profile", *LIMITS}
+    if unknown:
+        raise ValueError(f"model-config.yaml handler: unknown settings {sorted(unknown)}")
+    settings = Settings()
+    for name, default in {"topk": settings.topk, "ig_steps": settings.ig_steps, **LIMITS}.items():
+        value = _whole(name, config.get(name, default))
+        if name in LIMITS:
+            settings.limits[name] = value
+        else:
+            setattr(settings, name, value)
+    settings.threads = _whole("threads", config.get("threads") or 0, least=0)
+    settings.tta = _whole("tta", config.get("tta", 0), least=0)
+    if settings.tta not in TTA_LEVELS:
+        raise ValueError(f"model-config.yaml handler.tta must be one of {TTA_LEVELS}, "
+                         f"got {settings.tta}")
+    settings.runtime = config.get("runtime", "auto")
+    if settings.runtime not in RUNTIMES:
+        raise ValueError(f"model-config.yaml handler.runtime must be one of {RUNTIMES}, "
+                         f"got {settings.runtime!r}")
+    settings.profile = bool(config.get("profile", False))
+    return settings
+
+
+def _whole(name, value, least=1):
+    """``value`` as an int of at least ``least``; a bool, a float or text is refused (a zero
+    max_decode_ms would disarm the decoding deadline, not make it instant)."""
+    if type(value) is not int or value < least:
+        raise ValueError(f"model-config.yaml handler.{name} must be a whole number of at least "
+                         f"{least}, got {value!r}")
+    return value
