@@ -27,8 +27,11 @@ IMG         ?= tests/fixtures/cat.jpg
 WORKERS     ?= 2
 TESTS       ?= tests
 BENCH_ARGS  ?=
-# make bench serves the archive again with this handler.runtime and compares (empty: skip)
+# make bench serves the archive again with this handler.runtime, or handler setting (e.g.
+# tta_margin=1: full TTA), and compares (empty: skip)
 BENCH_COMPARE ?= onnx
+# make bench also serves the same weights with a peer server and compares (litserve; empty: skip)
+BENCH_PEER  ?=
 IMAGE       ?= cifar10-torchserve
 # cpu, or gpu: the archive built with handler/model-config.gpu.yaml in MODEL_STORE/gpu
 IMAGE_TAG   ?= cpu
@@ -138,8 +141,10 @@ evaluate: $(BIN)/torchserve ## score WEIGHTS in fp32 and int8 (or URL=http://127
 
 bench: $(MAR) ## load-test a TorchServe started here with wrk, beside the handler in-process; writes bench/results/
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian/Ubuntu: apt-get install wrk)"; exit 1; }
+	$(if $(BENCH_PEER),$(PY) -m pip install -q -r bench/requirements-peer.txt)
 	$(PY) -m bench.bench --start --config $(TS_CONFIG) --mar $(MAR) \
-	  $(if $(BENCH_COMPARE),--compare-runtime $(BENCH_COMPARE)) $(BENCH_ARGS)
+	  $(if $(BENCH_COMPARE),--compare-runtime $(BENCH_COMPARE)) \
+	  $(if $(BENCH_PEER),--peer $(BENCH_PEER)) $(BENCH_ARGS)
 
 gpu-check: $(BIN)/torchserve ## the GPU check: CUDA tests, GPU training, GPU workers, img/s -> GPU_OUT (a dry run without CUDA)
 	$(PY) -m bench.gpu_check $(GPU_OUT) --data-dir $(DATA_DIR) $(GPU_CHECK_ARGS)

@@ -23,17 +23,17 @@ from tqdm import tqdm
 
 import data
 import train
-from cifar10_serve.net import build_net
+from cifar10_serve.net import build_net, tta_views
 from cifar10_serve.runtimes import onnx_forward
 from client import TorchServeClient
 
 log = logging.getLogger(__name__)
 
 
-def served_tta():
-    """The test-time augmentation the handler is configured with in model-config.yaml."""
+def served(setting, default):
+    """A handler setting as model-config.yaml serves it (tta, tta_margin)."""
     config = yaml.safe_load((Path(__file__).parent / "handler" / "model-config.yaml").read_text())
-    return int(config.get("handler", {}).get("tta", 0))
+    return config.get("handler", {}).get(setting, default)
 
 
 def load_net(weights, device="cpu"):
@@ -43,19 +43,29 @@ def load_net(weights, device="cpu"):
     return net, checkpoint["classes"]
 
 
-def predict_offline(root, weights, tta=0, device="cpu", holdout=0, precision="fp32", int8=None):
-    """(predicted class names, true class names) for every image under root, in-process, with
-    the forward in ``precision``: fp32, bf16 autocast (the handler's `runtime: bf16`), or int8,
-    ONNX Runtime on the quantized export ``int8`` (`runtime: int8`)."""
+def predict_offline(root, weights, tta=0, device="cpu", holdout=0, precision="fp32", int8=None,
+                    margins=(1.0,)):
+    """(predicted class names per margin, true class names, forwards per image per margin) for
+    every image under root, in-process, with the forward in ``precision``: fp32, bf16 autocast
+    (the handler's `runtime: bf16`), or int8, ONNX Runtime on the quantized export ``int8``
+    (`runtime: int8`); gated TTA (cifar10_serve.net.gated_logits) at each of ``margins``."""
     images, labels, folder_classes, _ = data.load_image_folder(root)
     if holdout:
         _, _, images, labels = data.split(images, labels, holdout)
     net, classes = load_net(weights, device)
     if precision == "int8":
         net, precision = onnx_forward(int8, torch.get_num_threads()), "fp32"
-    preds, _ = train.evaluate(net, images, labels, torch.device(device), tta=tta,
-                              precision=precision)
-    return [classes[i] for i in preds.tolist()], [folder_classes[i] for i in labels.tolist()]
+    with train.autocast(torch.device(device), precision):
+        plain = train.logits(net, images, torch.device(device), tta=0)
+        full = train.logits(net, images, torch.device(device), tta=tta) if tta else plain
+    top2 = plain.float().softmax(1).topk(2, dim=1).values
+    lead, views = top2[:, 0] - top2[:, 1], len(tta_views(images[:1], tta)[0]) if tta else 1
+    preds, forwards = [], []
+    for margin in margins:  # the gate's choice per image: the full views' logits, or the first's
+        unsure = lead < margin
+        preds.append([classes[i] for i in torch.where(unsure[:, None], full, plain).argmax(1)])
+        forwards.append(1 + (views - 1) * unsure.float().mean().item())
+    return preds, [folder_classes[i] for i in labels.tolist()], forwards
 
 
 def predict_served(root, client, concurrency=8, holdout=0):
@@ -89,6 +99,18 @@ def report(preds, truth):
     return dict(overall=overall, per_class=per_class, images=len(truth))
 
 
+def margin_table(args, precision, preds, truth, forwards):
+    """Accuracy and forwards per image at each --tta-margin, printed as a table and returned."""
+    print(f"\n{args.weights}, {precision}, tta {args.tta}, {len(truth)} images of "
+          f"{args.data_dir}\n\n| tta_margin | forwards per image | accuracy |\n|--:|--:|--:|")
+    rows = []
+    for margin, answers, cost in zip(args.tta_margin, preds, forwards):
+        accuracy = sum(p == t for p, t in zip(answers, truth)) / len(truth)
+        print(f"| {margin:g} | {cost:.3f} | {100 * accuracy:.2f} % |")
+        rows.append(dict(tta_margin=margin, forwards_per_image=cost, overall=accuracy))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -96,9 +118,13 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", type=Path, help="checkpoint written by train.py")
     src.add_argument("--url", help="TorchServe inference address, e.g. http://127.0.0.1:8080")
-    p.add_argument("--tta", type=int, default=served_tta(), choices=[0, 1, 2],
+    p.add_argument("--tta", type=int, default=served("tta", 0), choices=[0, 1, 2],
                    help="test-time augmentation for --weights; by default model-config.yaml's, "
                         "as served")
+    p.add_argument("--tta-margin", type=float, nargs="+", default=[served("tta_margin", 1.0)],
+                   help="gated TTA for --weights: the extra views only for images whose top-1 "
+                        "leads by less than this (1: every image); several values: a table of "
+                        "accuracy and forwards per image; by default model-config.yaml's")
     p.add_argument("--precision", choices=["fp32", "bf16", "int8"], action="append",
                    help="forward precision for --weights, repeatable; by default fp32, and int8 "
                         "with --int8 (the served default)")
@@ -117,11 +143,15 @@ def main(argv=None):
             p.error("--precision int8 needs --int8 FILE")
         result = {}
         for precision in precisions:
-            print(f"{args.weights}, {precision}, tta {args.tta}:")
-            preds, truth = predict_offline(args.data_dir, args.weights, args.tta,
-                                           holdout=args.holdout, precision=precision,
-                                           int8=args.int8)
-            result[precision] = report(preds, truth)
+            preds, truth, forwards = predict_offline(
+                args.data_dir, args.weights, args.tta, holdout=args.holdout, precision=precision,
+                int8=args.int8, margins=args.tta_margin)
+            if len(args.tta_margin) == 1:
+                print(f"{args.weights}, {precision}, tta {args.tta}, tta_margin "
+                      f"{args.tta_margin[0]} ({forwards[0]:.2f} forwards per image):")
+                result[precision] = report(preds[0], truth)
+            else:
+                result[precision] = margin_table(args, precision, preds, truth, forwards)
     else:
         client = TorchServeClient(key_file=args.key_file)
         client.inference = args.url.rstrip("/")

@@ -154,16 +154,21 @@ class Lookahead:
 def evaluate(net, images, labels, device, tta=0, batch_size=1000, precision="fp32"):
     """Predicted labels for uint8 images, through the same transform the handler uses. ``net``
     may also be any forward callable (an ONNX Runtime session's, as the handler's)."""
+    with autocast(device, precision):
+        preds = logits(net, images, device, tta, batch_size).argmax(1)
+    return preds, (preds == labels).float().mean().item() if len(labels) else float("nan")
+
+
+@torch.inference_mode()
+def logits(net, images, device, tta=0, batch_size=1000):
+    """fp32 logits (N, classes) on the CPU for uint8 images, with ``tta``'s views."""
     if isinstance(net, nn.Module):
         net.eval()
-    transform = eval_transform()
-    preds = []
+    transform, parts = eval_transform(), []
     for i in range(0, len(images), batch_size):
         x = transform(images[i:i + batch_size]).to(device, memory_format=torch.channels_last)
-        with autocast(device, precision):
-            preds.append(predict_logits(net, x, tta).argmax(1).cpu())
-    preds = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
-    return preds, (preds == labels).float().mean().item() if len(labels) else float("nan")
+        parts.append(predict_logits(net, x, tta).float().cpu())
+    return torch.cat(parts) if parts else torch.empty(0, 10)
 
 
 def autocast(device, precision):

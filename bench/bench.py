@@ -1,7 +1,8 @@
 """Throughput and latency of the served CIFAR-10 model, next to its handler and net run in-process.
 
-Drives TorchServe with wrk (bench/post.lua) over real CIFAR-10 JPEGs from tests/fixtures: one-image
-POSTs at several concurrencies, then multi-image requests (multipart and JSON base64). Then runs the
+Drives TorchServe with wrk (bench/post.lua) over 200 real held-out CIFAR-10 JPEGs from tests/holdout,
+sent in turn (gated TTA's cost depends on how many are unsure): one-image POSTs at several
+concurrencies, then multi-image requests (multipart and JSON base64). Then runs the
 handler class on the same weights in this process (batches of raw-JPEG requests) and the bare net's
 forward pass, and relates served to in-process images/s. Writes results.md, results.json and
 results.png to --out and prints the table. Every load run is time-bounded; only loopback addresses
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import random
 import re
 import shlex
 import shutil
@@ -37,6 +39,7 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+import requests
 import yaml
 
 from cifar10_serve.runtimes import cpu_flags
@@ -46,7 +49,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger(__name__)
 LUA = Path(__file__).resolve().parent / "post.lua"
-FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def parse_args(argv=None):
@@ -68,8 +70,11 @@ def parse_args(argv=None):
            "(default: model_store/cifar10.mar)")
     a("--weights", type=Path, default=None,
       help="checkpoint for the in-process runs instead of the archive's (default: the archive's)")
-    a("--image", type=Path, default=FIXTURES / "cat.jpg",
-      help="the body of the one-image requests (default: tests/fixtures/cat.jpg)")
+    a("--images", type=Path, default=ROOT / "tests" / "holdout",
+      help="real images the requests carry, in turn (gated TTA's cost depends on how many are "
+           "unsure at a glance) (default: tests/holdout)")
+    a("--rotate", type=int, default=200,
+      help="how many of --images (a fixed random subset) (default: 200)")
     a("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64], metavar="N",
       help="wrk connections, one run each (default: 1 4 16 32 64)")
     a("--duration", type=int, default=10, help="seconds per wrk run (default: 10)")
@@ -92,9 +97,15 @@ def parse_args(argv=None):
     a("--device", choices=("auto", "cpu", "cuda"), default="auto",
       help="in-process device; auto: cuda:0 when there is one, as a TorchServe worker "
            "(default: auto)")
-    a("--compare-runtime", choices=("onnx", "torch", "bf16"), default=None,
-      help="with --start: also serve the same archive with this handler.runtime, one server after "
-           "the other, and compare (default: none)")
+    a("--compare-runtime", default=None, metavar="RUNTIME|SETTING=VALUE",
+      help="with --start: also serve the same archive with this handler.runtime (onnx, torch, "
+           "bf16, int8) or handler setting (tta_margin=1: full TTA), one server after the "
+           "other, and compare (default: none)")
+    a("--peer", choices=("litserve",), default=None,
+      help="also serve the same weights with this peer server (bench/litserve_peer.py: eager "
+           "torch, no TTA) and compare 1-image JSON base64 requests (default: none)")
+    a("--peer-connections", type=int, nargs="+", default=[1, 32], metavar="N",
+      help="wrk connections for the peer comparison (default: 1 32)")
     a("--in-process-only", action="store_true",
       help="skip the server and wrk, run only the in-process part (default: off)")
     a("--out", type=Path, default=ROOT / "bench" / "results",
@@ -206,7 +217,8 @@ def compare_runtime(args, folder):
     """Serve the archive again with model-config.yaml's handler.runtime set to
     --compare-runtime (its own model store), measured as the first: {runtime, cold start, rows}."""
     config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
-    config["handler"]["runtime"] = args.compare_runtime
+    name, _, value = args.compare_runtime.rpartition("=")
+    config["handler"][name or "runtime"] = yaml.safe_load(value)
     config_file = folder / "model-config.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     make_vars = [*args.make_var, f"MODEL_CONFIG={config_file}",
@@ -215,7 +227,17 @@ def compare_runtime(args, folder):
                  f"GOLDEN={folder / 'store' / 'golden.npz'}"]
     with server(args, make_vars) as (client, cold):
         return {"runtime": args.compare_runtime, "cold_start_s": cold,
-                "served": served(client, args, folder)}
+                "served": served(client, args, folder), "second_looks": second_looks(client)}
+
+
+def second_looks(client):
+    """The share of served images that took TTA's extra views (the handler's counters on the
+    metrics port), or None where TTA is off."""
+    counted = {name: float(value) for name, value in re.findall(
+        r"^(ts_handler_tta_images|ts_handler_tta_second_looks)\{.*\} (\S+)$",
+        client.metrics().text, flags=re.M)}
+    images = counted.get("ts_handler_tta_images")
+    return counted.get("ts_handler_tta_second_looks", 0) / images if images else None
 
 
 def served_runtime(args, client):
@@ -239,20 +261,37 @@ def describe(client):
 
 # ---- request bodies and wrk --------------------------------------------------------------------
 
-def request_bodies(folder, image, n):
-    """{kind: (body file, Content-Type, images per request)} for the one- and n-image requests."""
-    fixtures = sorted(FIXTURES.glob("*.jpg"))
-    images = [fixtures[i % len(fixtures)] for i in range(n)]
+def sample(args):
+    """A fixed random subset of --rotate images under --images: what the requests carry."""
+    paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    return random.Random(0).sample(paths, min(args.rotate, len(paths)))
+
+
+def rotation(folder, name, bodies):
+    """A .list file naming one body file per body, for post.lua to send in turn."""
+    paths = []
+    for i, body in enumerate(bodies):
+        paths.append(folder / f"{name}-{i}")
+        paths[-1].write_bytes(body)
+    listing = folder / f"{name}.list"
+    listing.write_text("\n".join(str(p) for p in paths) + "\n")
+    return listing
+
+
+def request_bodies(folder, images, n):
+    """{kind: (body file, Content-Type, images per request)} for the one- and n-image requests;
+    one-image bodies rotate over ``images``."""
+    singles = rotation(folder, "single", [p.read_bytes() for p in images])
+    images = [images[i % len(images)] for i in range(n)]
     boundary = uuid.uuid4().hex
     multipart = b"".join(
         f'--{boundary}\r\nContent-Disposition: form-data; name="image{i}"; filename="{p.name}"'
         f"\r\nContent-Type: image/jpeg\r\n\r\n".encode() + p.read_bytes() + b"\r\n"
         for i, p in enumerate(images)) + f"--{boundary}--\r\n".encode()
     as_json = json.dumps({"data": [base64.b64encode(p.read_bytes()).decode() for p in images]})
-    bodies = {"1 image, raw body": (image.read_bytes(), "image/jpeg", 1),
-              f"{n} images, multipart": (multipart, f"multipart/form-data; boundary={boundary}", n),
+    bodies = {f"{n} images, multipart": (multipart, f"multipart/form-data; boundary={boundary}", n),
               f"{n} images, JSON base64": (as_json.encode(), "application/json", n)}
-    out = {}
+    out = {"1 image, raw body": (singles, "image/jpeg", 1)}
     for i, (kind, (body, content_type, count)) in enumerate(bodies.items()):
         path = folder / f"body{i}"
         path.write_bytes(body)
@@ -261,7 +300,10 @@ def request_bodies(folder, image, n):
 
 
 def check_body(client, authorization, path, content_type, count):
-    """One request with this body must answer 200 with `count` predictions, before any load."""
+    """One request with this body (the first of a .list) must answer 200 with `count`
+    predictions, before any load."""
+    if path.suffix == ".list":
+        path = Path(path.read_text().split("\n")[0])
     response = client.session.post(
         f"{client.inference}/predictions/{client.model}", data=path.read_bytes(), timeout=60,
         headers={"Authorization": authorization, "Content-Type": content_type})
@@ -293,16 +335,18 @@ def run_wrk(url, authorization, body, content_type, connections, args, seconds=N
 def served(client, args, folder):
     authorization = client._token("inference")["Authorization"]
     url = f"{client.inference}/predictions/{client.model}"
-    bodies = request_bodies(folder, args.image, args.multi_images)
+    bodies = request_bodies(folder, sample(args), args.multi_images)
     for path, content_type, count in bodies.values():
         check_body(client, authorization, path, content_type, count)
     single, *multi = bodies.items()
     if args.warmup:
         run_wrk(url, authorization, single[1][0], single[1][1], 4, args, seconds=args.warmup)
     rows = []
+    one_json = [(JSON_ONE, (json_bodies(folder, sample(args)), "application/json", 1), c)
+                for c in (args.peer_connections if args.peer else [])]
     for kind, (path, content_type, count), connections in (
             [(*single, c) for c in args.concurrency]
-            + [(*m, args.multi_connections) for m in multi]):
+            + [(*m, args.multi_connections) for m in multi] + one_json):
         result = run_wrk(url, authorization, path, content_type, connections, args)
         rows.append(dict(result, kind=kind, connections=connections, images=count,
                          img_s=result["req_s"] * count))
@@ -310,6 +354,70 @@ def served(client, args, folder):
                  kind, connections, result["req_s"], result["latency_us"]["p50"] / 1e3,
                  result["latency_us"]["p99"] / 1e3, result["non_2xx"])
     return rows
+
+
+JSON_ONE = "1 image, JSON base64"
+
+
+def json_bodies(folder, images):
+    """1-image JSON base64 bodies, {"data": "<base64>"}, one per image (a .list file): what
+    TorchServe and the peer both read."""
+    return rotation(folder, "one-json", [
+        json.dumps({"data": base64.b64encode(p.read_bytes()).decode()}).encode() for p in images])
+
+
+def peer(args, folder):
+    """The peer server on a free loopback port, loaded with the archive's weights, measured with
+    the same 1-image JSON body: {"name", "rows"}. Stopped (its process group) at the end."""
+    from client import free_port
+
+    with zipfile.ZipFile(args.mar) as mar:
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+        weights = folder / "peer.pt"
+        weights.write_bytes(mar.read(manifest["model"]["serializedFile"]))
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "bench.litserve_peer", "--weights",
+                                str(weights), "--port", str(port)], cwd=ROOT,
+                               start_new_session=True, stdout=subprocess.DEVNULL)
+    url, body = f"http://127.0.0.1:{port}/predict", json_bodies(folder, sample(args))
+    try:
+        for _ in range(240):
+            with contextlib.suppress(Exception):
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.5)
+        first = Path(body.read_text().split("\n")[0])
+        answer = requests.post(url, data=first.read_bytes(), timeout=30)
+        if answer.status_code != 200 or len(answer.json()) != 5:
+            sys.exit(f"the LitServe peer answered {answer.status_code}: {answer.text[:300]}")
+        if args.warmup:
+            run_wrk(url, "none", body, "application/json", 4, args, seconds=args.warmup)
+        rows = []
+        for connections in args.peer_connections:
+            result = run_wrk(url, "none", body, "application/json", connections, args)
+            rows.append(dict(result, kind=JSON_ONE, connections=connections, images=1,
+                             img_s=result["req_s"]))
+            log.info("litserve %-15s %3d connections: %8.1f req/s  p50 %7.1f ms", JSON_ONE,
+                     connections, result["req_s"], result["latency_us"]["p50"] / 1e3)
+        return {"name": "LitServe 0.2.19 (eager torch, no TTA, batch 32, 2 workers)", "rows": rows}
+    finally:
+        stop_group(process)
+
+
+def stop_group(process, seconds=30):
+    """SIGTERM the process group the peer started (its workers too), SIGKILL what is left after
+    ``seconds``, and return once none of them runs: nothing of it may load the next measurement."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=seconds)
+        for _ in range(seconds * 10):
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
 
 # ---- in-process --------------------------------------------------------------------------------
@@ -379,7 +487,7 @@ def in_process(args, folder):
     worker, _, worker_threads = load_handler(args, folder, threads=0)
     handler, context, _ = load_handler(args, folder, threads=cores)
     torch.set_num_threads(cores)
-    images = sorted(FIXTURES.glob("*.jpg"))
+    images = sample(args)  # the served runs' images: as many unsure ones for the TTA gate
     rows = [{"body": bytearray(images[i % len(images)].read_bytes())} for i in range(args.batch)]
     sync = torch.cuda.synchronize if handler.device.type == "cuda" else (lambda: None)
 
@@ -476,6 +584,8 @@ def markdown(report):
                   for r in report["in_process"]]
     if report.get("compare"):
         lines += compare_table(report)
+    if report.get("peer"):
+        lines += peer_table(report)
     ratio = report.get("ratio")
     if report.get("served") and not ratio:
         lines += ["", "Served / in-process: n/a (no 1-image run at --ratio-connections)"]
@@ -487,20 +597,44 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
+def peer_table(report):
+    """Markdown rows: this server beside the peer on the same 1-image JSON base64 requests."""
+    mine = {r["connections"]: r for r in report["served"] if r["kind"] == JSON_ONE}
+    lines = ["", f"## Beside a peer: {report['peer']['name']}, same weights, same run", "",
+             f"1-image JSON base64 requests; this server: runtime "
+             f"{report['server'].get('runtime', '')}, its TTA settings.", "",
+             "| connections | this server img/s | peer img/s | ratio | this server p50 ms | "
+             "peer p50 ms | non-2xx (this / peer) |", "|--:|--:|--:|--:|--:|--:|--:|"]
+    for theirs in report["peer"]["rows"]:
+        own = mine.get(theirs["connections"])
+        if own:
+            lines.append(f"| {theirs['connections']} | {own['img_s']:.1f} | {theirs['img_s']:.1f} "
+                         f"| {own['img_s'] / theirs['img_s']:.2f} | "
+                         f"{own['latency_us']['p50'] / 1e3:.1f} | "
+                         f"{theirs['latency_us']['p50'] / 1e3:.1f} | "
+                         f"{own['non_2xx'] + own['socket_errors']} / "
+                         f"{theirs['non_2xx'] + theirs['socket_errors']} |")
+    return lines
+
+
 def compare_table(report):
     """Markdown rows: the default runtime beside --compare-runtime's, and their ratios."""
     default, other = report["server"].get("runtime", "default"), report["compare"]
-    def pick(rows, images, connections):
-        return next((r for r in rows if r["images"] == images and r["connections"] == connections),
+    def pick(rows, kind, connections):
+        return next((r for r in rows if r["kind"] == kind and r["connections"] == connections),
                     None)
-    rows = [("cold start, s", report.get("cold_start_s"), other["cold_start_s"])]
+    rows = [("cold start, s", report.get("cold_start_s"), other["cold_start_s"]),
+            ("share of images given the TTA views, %",
+             100 * report["server"]["second_looks"] if report["server"].get("second_looks")
+             is not None else None,
+             100 * other["second_looks"] if other.get("second_looks") is not None else None)]
     for r in report["served"]:
-        twin = pick(other["served"], r["images"], r["connections"])
+        twin = pick(other["served"], r["kind"], r["connections"])
         if twin:
             rows.append((f"img/s, {r['kind']}, {r['connections']} conn", r["img_s"],
                          twin["img_s"]))
             if r["images"] == 1 and r["connections"] == 1:
-                rows.append(("p50 ms, 1 image, 1 conn", r["latency_us"]["p50"] / 1e3,
+                rows.append((f"p50 ms, {r['kind']}, 1 conn", r["latency_us"]["p50"] / 1e3,
                              twin["latency_us"]["p50"] / 1e3))
     lines = ["", f"## Runtime {default} beside runtime {other['runtime']} (same run, one server "
              "after the other)", "", f"| | {default} | {other['runtime']} | {default} / "
@@ -601,8 +735,11 @@ def main(argv=None):
                 report["cold_start_s"] = cold
                 report["server"] = dict(describe(client), runtime=served_runtime(args, client))
                 report["served"] = served(client, args, folder)
+                report["server"]["second_looks"] = second_looks(client)
             if args.compare_runtime:
                 report["compare"] = compare_runtime(args, folder)
+            if args.peer:
+                report["peer"] = peer(args, folder)
         report["in_process"], report["in_process_meta"] = in_process(args, folder)
     served_at = [r for r in report.get("served", [])
                  if r["images"] == 1 and r["connections"] == args.ratio_connections]

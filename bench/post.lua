@@ -1,18 +1,35 @@
--- wrk script for bench/bench.py: POST one prepared body to the URL, count answers by HTTP status
--- and print one JSON line (prefixed "BENCH_JSON ") with latency percentiles and the counts.
+-- wrk script for bench/bench.py: POST prepared bodies to the URL in turn, count answers by HTTP
+-- status and print one JSON line (prefixed "BENCH_JSON ") with latency percentiles and the counts.
 --   BENCH_AUTHORIZATION="Bearer <key>" wrk -s bench/post.lua <url> -- <body file> <content type>
+-- A body file named *.list holds the paths of several body files, one a line: sent in turn, so a
+-- run sees many images (gated TTA's cost depends on how many of them are unsure).
 -- The Authorization header comes from the environment, so the token does not show in `ps`.
 
 counts = {}  -- per wrk thread: HTTP status -> responses (global: done() reads it via thread:get)
 
-function init(args)
-   local file = assert(io.open(args[1], "rb"), "cannot read the body file " .. tostring(args[1]))
-   wrk.method = "POST"
-   wrk.body = file:read("*a")
+local function read(path)
+   local file = assert(io.open(path, "rb"), "cannot read the body file " .. tostring(path))
+   local body = file:read("*a")
    file:close()
+   return body
+end
+
+function init(args)
+   bodies, turn = {}, 0
+   if args[1]:sub(-5) == ".list" then
+      for path in io.lines(args[1]) do table.insert(bodies, read(path)) end
+   else
+      table.insert(bodies, read(args[1]))
+   end
+   wrk.method = "POST"
    wrk.headers["Content-Type"] = args[2]
    wrk.headers["Authorization"] = assert(os.getenv("BENCH_AUTHORIZATION"),
                                          "BENCH_AUTHORIZATION is not set")
+end
+
+function request()
+   turn = turn % #bodies + 1
+   return wrk.format(nil, nil, nil, bodies[turn])
 end
 
 function response(status, headers, body)

@@ -47,11 +47,28 @@ def open_image(data, max_pixels=MAX_IMAGE_PIXELS):
     if image.format == "TIFF":
         _check_tiff_layout(image, len(data))
     if image.format in ("JPEG", "MPO"):
-        scans = data.count(JPEG_SOS)
+        scans = jpeg_scans(data)
         if scans > MAX_JPEG_SCANS:
             raise ValueError(f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted "
                              f"(re-save it as a baseline or ordinary progressive JPEG)")
     return image
+
+
+def jpeg_scans(data, most_segments=256):
+    """The start-of-scan markers of a JPEG, counted from its first scan on: the segments before it
+    (APPn with EXIF, COM, tables) are stepped over by their lengths, so FF DA bytes inside a
+    comment do not count. Past ``most_segments`` header segments, everything counts."""
+    position = 2
+    for _ in range(most_segments):
+        if position + 4 > len(data) or data[position] != 0xFF:
+            break
+        if data[position + 1] == 0xDA:
+            break
+        if data[position + 1] == 0xFF:  # a fill byte before a marker
+            position += 1
+            continue
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    return data.count(JPEG_SOS, position)
 
 
 def _check_tiff_layout(image, size):
@@ -137,7 +154,11 @@ SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM"
 
 
 def looks_like_image(data):
-    """Whether ``data`` starts as an accepted image file does (a cheap sniff, no decoding)."""
+    """Whether ``data`` starts as an accepted image file does (a cheap sniff, no decoding). A
+    BMP's two-letter signature must come with its own length, so that a text token starting
+    "Qk1" (base64 of "BM") is not taken for one."""
+    if data.startswith(b"BM"):
+        return len(data) >= 6 and int.from_bytes(data[2:6], "little") == len(data)
     return data.startswith(SIGNATURES) and (not data.startswith(b"RIFF") or data[8:12] == b"WEBP")
 
 

@@ -83,14 +83,43 @@ def predict_logits(net, x, tta=0):
     """
     if tta == 0:
         return net(x)
+    views, weights = tta_views(x, tta)
+    logits = net(torch.cat(views).contiguous(memory_format=torch.channels_last))
+    return sum(w * part for w, part in zip(weights, logits.view(len(views), len(x), -1)))
+
+
+def gated_logits(net, x, tta, margin):
+    """(logits, how many images took the second look): ``predict_logits`` where it matters.
+
+    The plain view goes first; only the images whose top-1 probability leads the runner-up by
+    less than ``margin`` get the other views, in one more call (most images are clear at a
+    glance). ``margin`` 1 (or more): every image, as ``predict_logits``; 0: none, as tta 0.
+    """
+    if tta == 0 or margin <= 0:
+        return net(x), 0
+    if margin >= 1:
+        return predict_logits(net, x, tta), len(x)
+    first = net(x)
+    top2 = first.float().softmax(1).topk(2, dim=1).values
+    unsure = (top2[:, 0] - top2[:, 1] < margin).nonzero().flatten()
+    if not len(unsure):
+        return first, 0
+    views, weights = tta_views(x[unsure], tta)
+    extra = net(torch.cat(views[1:]).contiguous(memory_format=torch.channels_last))
+    looked = weights[0] * first[unsure] + sum(
+        w * part for w, part in zip(weights[1:], extra.view(len(views) - 1, len(unsure), -1)))
+    return first.index_copy(0, unsure, looked.to(first.dtype)), len(unsure)
+
+
+def tta_views(x, tta):
+    """(views of the batch, their weights): the batch itself first."""
     views, weights = [x, x.flip(-1)], [0.5, 0.5]
     if tta == 2:
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
         for shifted in (padded[..., :-2, :-2], padded[..., 2:, 2:]):
             views += [shifted, shifted.flip(-1)]
         weights = [0.25, 0.25] + [0.125] * 4
-    logits = net(torch.cat(views).contiguous(memory_format=torch.channels_last))
-    return sum(w * part for w, part in zip(weights, logits.view(len(views), len(x), -1)))
+    return views, weights
 
 
 def load_checkpoint(path):

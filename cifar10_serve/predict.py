@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from cifar10_serve.net import predict_logits
+from cifar10_serve.net import gated_logits
 
 logger = logging.getLogger(__name__)
 
@@ -17,27 +17,30 @@ def to_batch(images, transform, device):
 
 
 @torch.inference_mode()
-def probabilities(rows, forward, transform, device, chunk, tta):
-    """Per row, its images' class probabilities (N, classes) on the CPU."""
+def probabilities(rows, forward, transform, device, chunk, tta, margin=1.0):
+    """(per row, its images' class probabilities (N, classes) on the CPU; how many images took
+    the TTA views: all of them, or with ``margin`` < 1 those the first look left unsure)."""
     images = [image for row in rows for image in row.images]
-    parts = []
+    parts, looked = [], 0
     for start in range(0, len(images), chunk):
         batch = to_batch(images[start:start + chunk], transform, device)
-        parts.append(predict_logits(forward, batch, tta).float().softmax(dim=1).cpu())
-    return torch.split(torch.cat(parts), [len(row.images) for row in rows])
+        logits, second = gated_logits(forward, batch, tta, margin)
+        parts.append(logits.float().softmax(dim=1).cpu())
+        looked += second
+    return torch.split(torch.cat(parts), [len(row.images) for row in rows]), looked
 
 
-def explanations(row, net, transform, device, chunk, steps, classes):
-    """Per image of the row, the predicted class and a 32x32 map of Captum Integrated Gradients
-    attributions (summed over colour channels) for it. Captum is imported here, so predictions
-    never pay for it."""
+def explanations(row, net, targets, transform, device, chunk, steps, classes):
+    """Per image of the row, its class (``targets``: the served prediction's, so an explanation
+    names what /predictions answers) and a 32x32 map of Captum Integrated Gradients attributions
+    (summed over colour channels) of the fp32 net for it. Captum is imported here, so
+    predictions never pay for it."""
     from captum.attr import IntegratedGradients
 
     answers = []
     for start in range(0, len(row.images), chunk):
         batch = to_batch(row.images[start:start + chunk], transform, device)
-        with torch.no_grad():
-            target = net(batch).argmax(dim=1)
+        target = targets[start:start + chunk].to(device)
         attributions = IntegratedGradients(net).attribute(
             batch, target=target, n_steps=steps, internal_batch_size=256)
         answers += [{"class": classes[t], "attributions": a.tolist()}

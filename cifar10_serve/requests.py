@@ -25,6 +25,7 @@ from cifar10_serve.net import IMAGE_SIZE
 # A body that starts like JSON (checked without copying the body, unlike bytes.lstrip()).
 JSON_START = re.compile(rb"\s*[\[{]")
 WHITESPACE = re.compile(r"\s+")
+MAX_TEXT_FIELDS = 64  # an HTML form's own fields (tokens, buttons) read beside max_images images
 PIXELS_PER_IMAGE = IMAGE_SIZE * IMAGE_SIZE * 3
 
 
@@ -66,8 +67,8 @@ def read_request(row, limits, form=None):
     """(encoded images or uint8 tensors of one request row in order, reply shape, v2 request id).
 
     ``form``: for a multipart request, each field's own content type ("" for an HTML form's
-    text fields); None for any other body. Counts the images against the limits before
-    decoding anything.
+    text fields, None where unknown); None for any other body. Counts the images against the
+    limits before decoding anything.
     """
     max_images = limits["max_images"]
     if isinstance(row, str):  # a bare base64 instance, from TorchServe's KServe v1 envelope
@@ -81,8 +82,12 @@ def read_request(row, limits, form=None):
                           if form is not None else "the request is empty")
     if _is_v2_tensor(row):  # one tensor, from TorchServe's kservev2 envelope
         return _v2_images({"inputs": [_envelope_tensor(row)]}, max_images), "tensor", None
-    if len(row) > max_images:
-        raise _too_many(len(row), max_images)
+    texts = {name for name in row if form is not None and form.get(name) == ""}
+    if len(row) - len(texts) > max_images:
+        raise _too_many(len(row) - len(texts), max_images)
+    if len(texts) > max_images + MAX_TEXT_FIELDS:  # a form's own fields beside its images
+        raise bad_request(f"the form has {len(texts)} text fields; at most "
+                          f"{max_images + MAX_TEXT_FIELDS} are read", 413)
     images, as_list, text_fields = [], False, []
     for name, value in row.items():
         if isinstance(value, (bytes, bytearray)) and JSON_START.match(value):
@@ -95,10 +100,12 @@ def read_request(row, limits, form=None):
         if isinstance(value, (dict, list)):
             images += _json_images(value, len(images), max_images)
             as_list = as_list or isinstance(value.get("data"), list)
-        elif form is not None and not form.get(name) and isinstance(value, (bytes, bytearray)):
-            image = _form_text_image(value)  # an HTML form's text field: base64, or no image
+        elif name in texts and isinstance(value, (bytes, bytearray)):
+            image = _form_text_image(value)  # an HTML form's text field: an image, or no image
             images += [image] if image else []
-            text_fields += [] if image else [text(name).split("#")[0]]
+            text_fields += [] if image else [text(name).rsplit("#", 1)[0]]
+            if len(images) > max_images:
+                raise _too_many(len(images), max_images)
         elif isinstance(value, (bytes, bytearray)):
             if not value:
                 raise bad_request(f"the body or field '{shown(name)}' is empty")
@@ -113,8 +120,10 @@ def read_request(row, limits, form=None):
 
 
 def _form_text_image(value):
-    """The image a form's text field holds as base64, or None when it holds none (a CSRF token,
-    a submit button's name)."""
+    """The image a form's text field holds (its bytes, or base64), or None when it holds none
+    (a CSRF token, a submit button's name)."""
+    if looks_like_image(value):  # `curl -F "data=<cat.jpg"`: the file's bytes, no content type
+        return bytes(value)
     try:
         data = base64.b64decode(WHITESPACE.sub("", value.decode("ascii")), validate=True)
     except (UnicodeDecodeError, binascii.Error, ValueError):

@@ -25,6 +25,7 @@ class Settings:
     tta: int = 0
     ig_steps: int = 32
     threads: int = 0  # 0: torch's own default
+    tta_margin: float = 1.0  # the extra views only below this lead (gated TTA); 1: every image
     runtime: str = "auto"
     profile: bool = False
     limits: dict = field(default_factory=lambda: dict(LIMITS))
@@ -34,7 +35,8 @@ def read(config):
     """Settings from the `handler:` mapping of model-config.yaml (None or {}: the defaults).
     ValueError naming the setting when one is unknown or out of range."""
     config = dict(config or {})
-    unknown = set(config) - {"topk", "tta", "ig_steps", "threads", "runtime", "profile", *LIMITS}
+    unknown = set(config) - {"topk", "tta", "tta_margin", "ig_steps", "threads", "runtime",
+                             "profile", *LIMITS}
     if unknown:
         raise ValueError(f"model-config.yaml handler: unknown settings {sorted(unknown)}")
     settings = Settings()
@@ -49,6 +51,11 @@ def read(config):
     if settings.tta not in TTA_LEVELS:
         raise ValueError(f"model-config.yaml handler.tta must be one of {TTA_LEVELS}, "
                          f"got {settings.tta}")
+    margin = config.get("tta_margin", 1.0)
+    if type(margin) not in (int, float) or not 0 <= margin <= 1:
+        raise ValueError(f"model-config.yaml handler.tta_margin must be a number from 0 to 1, "
+                         f"got {margin!r}")
+    settings.tta_margin = float(margin)
     settings.runtime = config.get("runtime", "auto")
     if settings.runtime not in RUNTIMES:
         raise ValueError(f"model-config.yaml handler.runtime must be one of {RUNTIMES}, "

@@ -33,6 +33,12 @@ from cifar10_serve.runtimes import choose, select_device
 logger = logging.getLogger(__name__)
 
 
+def _field_type(headers):
+    """A multipart field's own content type, or None where a request header of the same name
+    (`accept`, `explain`) took its place in TorchServe's one dict of both."""
+    return headers.get("content-type") if isinstance(headers, dict) else None
+
+
 class Cifar10Handler(BaseHandler):
     """Decodes images to 32x32 RGB, batches every image of every request, answers each request."""
 
@@ -100,7 +106,7 @@ class Cifar10Handler(BaseHandler):
                                  and key.lower() == "content-type"), "")
             form = None  # a multipart request: each field's own content type ("" for text)
             if content_type.startswith("multipart/form-data") and isinstance(request, dict):
-                form = {name: (headers.get(name) or {}).get("content-type") for name in request}
+                form = {name: _field_type(headers.get(name)) for name in request}
             row.images, row.reply, row.request_id = read_request(
                 request, {**self.limits, "max_images": limit}, form)
             row.images = decode_request(row.images, self.limits)
@@ -130,23 +136,35 @@ class Cifar10Handler(BaseHandler):
         """Decoded uint8 images -> the normalised batch the forward takes (tests, bench)."""
         return predict.to_batch(images, self.transform, self.device)
 
+    def _probabilities(self, rows):
+        """The served forward's class probabilities per row, with the configured (gated) TTA;
+        the images counted on the metrics port (ts_handler_tta_images, ..._second_looks)."""
+        probs, looked = predict.probabilities(rows, self.forward, self.transform, self.device,
+                                              self.chunk, self.settings.tta,
+                                              self.settings.tta_margin)
+        metrics = getattr(self.context, "metrics", None)
+        if metrics is not None and self.settings.tta:
+            metrics.add_counter("ts_handler_tta_images", sum(len(p) for p in probs), None)
+            metrics.add_counter("ts_handler_tta_second_looks", looked, None)
+        return probs
+
     def _predict(self, rows):
-        probs = predict.probabilities(rows, self.forward, self.transform, self.device, self.chunk,
-                                      self.settings.tta)
-        for row, row_probs in zip(rows, probs):
+        for row, row_probs in zip(rows, self._probabilities(rows)):
             row.answer = answers.prediction(row, row_probs, self.classes, self.settings.topk,
                                             self.context.model_name)
 
     def _explain(self, rows):
-        for row in rows:
-            found = predict.explanations(row, self.model, self.transform, self.device, self.chunk,
+        for row, row_probs in zip(rows, self._probabilities(rows)):
+            found = predict.explanations(row, self.model, row_probs.argmax(dim=1),
+                                         self.transform, self.device, self.chunk,
                                          self.settings.ig_steps, self.classes)
             row.answer = answers.shaped(row.reply, found, "explanations")
 
     def describe_handle(self):
         """The management API's customized describe: what this model answers and its limits."""
         return {"classes": self.classes, "runtime": self.runtime, "tta": self.settings.tta,
-                "topk": self.settings.topk, "limits": self.limits}
+                "tta_margin": self.settings.tta_margin, "topk": self.settings.topk,
+                "limits": self.limits}
 
     @timed
     def postprocess(self, rows):

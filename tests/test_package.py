@@ -91,8 +91,9 @@ def form(fields):
     return row, headers
 
 
-def handle_form(handler, fields):
+def handle_form(handler, fields, extra_headers=None):
     row, headers = form(fields)
+    headers.update(extra_headers or {})
     context = handler.context
     context.request_processor = [RequestProcessor(headers)]
     (answer,) = handler.handle([row], context)
@@ -123,6 +124,47 @@ def test_a_forms_base64_text_field_is_an_image_and_a_form_of_text_alone_is_refus
     assert status == 400 and "the form has no image" in phrase and "'csrf'" in phrase
     _, status, phrase = handle_form(handler, [("img", "application/octet-stream", b"junk")])
     assert status == 400 and "cannot decode" in phrase  # a file field must be an image
+
+
+def test_a_field_named_like_a_header_is_still_a_file(make_handler, colour_checkpoint):
+    """TorchServe keeps a field's own headers and the request's in one dict: `-F accept=@cat.jpg`
+    with an `accept` header (or `-F explain=@...` to /explanations, which sets `explain`) left a
+    string where the field's headers were, and the request got a 500."""
+    handler = make_handler(colour_checkpoint)
+    alone, _ = handle(handler, [{"body": CAT}])
+    row, headers = form([("accept", "image/jpeg", CAT)])
+    headers["accept#1"] = "*/*"
+    context = handler.context
+    context.request_processor = [RequestProcessor(headers)]
+    (answer,) = handler.handle([row], context)
+    assert context.request_processor[0].get_response_status_code() == 200
+    assert answer == pytest.approx(alone[0], abs=1e-6)
+
+
+def test_text_fields_a_token_an_image_and_the_limits(make_handler, colour_checkpoint):
+    handler = make_handler(colour_checkpoint)
+    alone, _ = handle(handler, [{"body": CAT}])
+    token = b"Qk1" + b"x7" * 30  # base64 of "BM...": a BMP's signature, not its length
+    answer, status, _ = handle_form(handler, [("csrf", "", token), ("img", "image/jpeg", CAT)])
+    assert status == 200 and answer == pytest.approx(alone[0], abs=1e-6)
+    raw = [("img", "image/jpeg", CAT), ("again", "", CAT)]  # curl -F "again=<cat.jpg"
+    answer, status, _ = handle_form(handler, raw)
+    assert status == 200 and len(answer) == 2  # nothing dropped
+    many = [("img", "image/jpeg", CAT)] + [(f"t{i}", "", b"x") for i in range(70)]
+    answer, status, _ = handle_form(handler, many)  # text fields are no images to count
+    assert status == 200 and answer == pytest.approx(alone[0], abs=1e-6)
+    too_many = [("img", "image/jpeg", CAT)] + [(f"t{i}", "", b"x") for i in range(200)]
+    _, status, phrase = handle_form(handler, too_many)
+    assert status == 413 and "200 text fields" in phrase
+
+
+def test_a_jpeg_comment_holding_scan_markers_is_no_scan(make_handler, colour_checkpoint):
+    """Only the markers from the first scan on count against max_jpeg_scans."""
+    handler = make_handler(colour_checkpoint)
+    comment = b"\xff\xda" * 65
+    jpeg = CAT[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + CAT[2:]
+    (answer,), [(status, phrase)] = handle(handler, [{"body": jpeg}])
+    assert status == 200, phrase
 
 
 def test_a_multipart_body_torchserve_could_not_read_says_why(make_handler, colour_checkpoint):

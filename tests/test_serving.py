@@ -213,6 +213,22 @@ def test_an_html_form_is_answered_for_its_file_alone(server):
     assert response.json() == pytest.approx(alone, abs=0.01)
 
 
+def test_a_form_field_named_like_a_header_is_answered(server):
+    """`-F explain=@cat.jpg` to /explanations (which sets an `explain` header) and `-F
+    accept=@cat.jpg` with a lowercase `accept` header: the request's header takes the field's
+    place in TorchServe's one dict (they were 500s)."""
+    cat = (FIXTURES / "cat.jpg").read_bytes()
+    explained = server.session.post(
+        f"{server.inference}/explanations/cifar10", files={"explain": ("cat.jpg", cat, "image/jpeg")},
+        headers=server._token("inference"), timeout=60)
+    assert explained.status_code == 200 and "attributions" in explained.json(), explained.text
+    predicted = server.session.post(
+        f"{server.inference}/predictions/cifar10", files={"accept": ("cat.jpg", cat, "image/jpeg")},
+        headers={**server._token("inference"), "accept": "*/*"}, timeout=60)
+    assert predicted.status_code == 200, predicted.text
+    assert list(predicted.json()) == list(server.predict(cat).json())
+
+
 def test_a_multipart_preamble_gets_a_400_that_says_so(server):
     """TorchServe's frontend drops every part of a multipart body with text before its first
     boundary (allowed by RFC 2046): the handler cannot recover them, and says why."""
@@ -258,6 +274,13 @@ def test_prometheus_metrics_count_inference_requests(server):
     for stage in ("preprocess", "inference", "postprocess"):  # the handler's own timings
         assert re.search(rf'^ts_handler_{stage}\{{ModelName="cifar10",.*\}} [0-9.]+$', text,
                          flags=re.M), stage
+    # gated TTA (tta_margin): how many images were served, how many took the second look
+    counted = {name: float(value) for name, value in re.findall(
+        r'^(ts_handler_tta_images|ts_handler_tta_second_looks)\{.*ModelName="cifar10".*\} (\S+)$',
+        text, flags=re.M)}
+    assert counted.keys() == {"ts_handler_tta_images", "ts_handler_tta_second_looks"}, text[-2000:]
+    assert counted["ts_handler_tta_images"] >= 1
+    assert 0 <= counted["ts_handler_tta_second_looks"] <= counted["ts_handler_tta_images"]
 
 
 def test_open_inference_protocol_v2_with_16_images(server):

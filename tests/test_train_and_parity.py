@@ -59,7 +59,7 @@ def test_handler_tensor_equals_the_training_eval_tensor(make_handler, tiny_check
 
 def served_and_offline(make_handler, checkpoint, folder):
     """(the served handler's top class per image of folder, offline evaluation's, the truth)."""
-    offline, truth = evaluate.predict_offline(folder, checkpoint)
+    (offline,), truth, _ = evaluate.predict_offline(folder, checkpoint)
     _, _, _, paths = data.load_image_folder(folder)
     handler = make_handler(checkpoint, runtime="onnx")  # the served forward
     answers, _ = handle(handler, [{"body": open(p, "rb").read()} for p in paths])
@@ -117,8 +117,8 @@ def test_evaluate_reports_fp32_and_the_served_int8(colour_checkpoint, exports, m
                           "--tta", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result) == {"fp32", "int8"} and result["fp32"]["images"] == 10
-    offline, _ = evaluate.predict_offline(folder, colour_checkpoint, tta=1, precision="int8",
-                                          int8=int8)
+    (offline,), _, _ = evaluate.predict_offline(folder, colour_checkpoint, tta=1,
+                                                precision="int8", int8=int8)
     handler = make_handler(colour_checkpoint, runtime="int8", tta=1)
     assert handler.runtime == "int8"
     served, _ = handle(handler, [{"body": (FIXTURES / f"{n}.jpg").read_bytes()}
