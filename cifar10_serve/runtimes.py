@@ -15,8 +15,11 @@ gave them, golden.npz) and is timed on it; `runtime: auto` serves the fastest th
 golden answers, a named runtime is served if it does, else auto's choice with a logged reason.
 The worker logs the table.
 """
+import contextlib
 import importlib.util
+import json
 import logging
+import os
 import platform
 import re
 import time
@@ -33,6 +36,7 @@ RUNTIMES = ("auto",) + CANDIDATES
 ONNX_FILE = "cifar10.onnx"  # export_onnx.py writes these; `make archive` ships them
 INT8_FILE = "cifar10.int8.onnx"
 GOLDEN_FILE = "golden.npz"
+CHOICE_FILE = "runtime-choice.json"  # written beside them by the first worker that chooses
 # A forward passes when it gives the fp32 top-1 on this share of the golden images whose fp32
 # top-1 leads the runner-up by more than MARGIN (a near-tie may flip at any precision), and
 # moves no class probability by more than the second figure. fp32 differs between CPUs only in
@@ -41,6 +45,11 @@ GOLDEN_FILE = "golden.npz"
 LIMITS = {"torch": (1.0, 1e-3), "onnx": (1.0, 1e-3), "bf16": (0.95, 0.05), "int8": (0.9, 0.3)}
 MARGIN = 0.1
 TIMED_RUNS = 1  # after the checking run, which warms the forward up
+# A less precise forward serves only if it is this much faster than every more precise one that
+# passes: near-ties go to precision, so that timing noise does not make two workers of one model
+# serve different arithmetic (for this net int8 leads by 1.8-2x, bf16 by ~1.8x).
+RANK = {"torch": 0, "onnx": 0, "bf16": 1, "int8": 2}
+TIE = 1.25
 
 
 def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
@@ -200,6 +209,34 @@ def trial(name, net, model_dir, threads, x, reference):
     return result
 
 
+def fastest(passed):
+    """The fastest trial, unless a more precise one is within TIE of it (then that one)."""
+    best = min(t.ms_per_image for t in passed)
+    near = [t for t in passed if t.ms_per_image <= TIE * best]
+    return min(near, key=lambda t: (RANK[t.name], t.ms_per_image))
+
+
+def agreed(model_dir, chosen, passed):
+    """The first of a model's workers to choose records its choice in the model directory they
+    share; the others serve that forward where it passes on their CPU too, so that one model's
+    workers answer alike even where two forwards time alike. A read-only directory: each its own."""
+    path, draft = Path(model_dir) / CHOICE_FILE, Path(model_dir) / f".{CHOICE_FILE}.{os.getpid()}"
+    try:
+        draft.write_text(json.dumps({"runtime": chosen.name}))
+        os.link(draft, path)  # atomic: the file appears whole, and only once
+        return chosen
+    except FileExistsError:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            recorded = json.loads(path.read_text())["runtime"]
+            return next((t for t in passed if t.name == recorded), chosen)
+        return chosen
+    except OSError:
+        return chosen
+    finally:
+        with contextlib.suppress(OSError):
+            draft.unlink()
+
+
 def choose(requested, net, model_dir, transform, threads=1):
     """(forward, its name, the trials) for ``requested`` ("auto" or a CANDIDATES name) on this
     CPU. The torch net is always checked: it is the weights themselves, so when it misses the
@@ -225,9 +262,12 @@ def choose(requested, net, model_dir, transform, threads=1):
         trials += run(name for name in CANDIDATES if name not in (requested, "torch"))
         table = "\n".join(t.row() for t in trials)
     named = trials[0] if requested != "auto" and trials[0].failure is None else None
-    chosen = named or min((t for t in trials if t.failure is None),
-                          key=lambda t: t.ms_per_image)
-    logger.info("runtime %s -> %s, on %s (%s), golden set of %d images:\n%s", requested,
-                chosen.name, cpu_name(), " ".join(cpu_flags()) or "no listed flags", len(x),
-                table)
+    chosen, follows = named or fastest([t for t in trials if t.failure is None]), ""
+    if named is None:
+        chosen = agreed(model_dir, chosen, [t for t in trials if t.failure is None])
+        follows = "" if chosen is fastest([t for t in trials if t.failure is None]) else \
+            " (as another worker of this model chose)"
+    logger.info("runtime %s -> %s%s, on %s (%s), golden set of %d images:\n%s", requested,
+                chosen.name, follows, cpu_name(), " ".join(cpu_flags()) or "no listed flags",
+                len(x), table)
     return chosen.forward, chosen.name, trials

@@ -19,6 +19,7 @@ from conftest import (COLOURS, FIXTURES, ROOT, image_bytes, jpeg_with_markers, s
                       tiff_of_shared_strips, tiff_of_strips)
 from PIL import Image
 
+from cifar10_serve import runtimes
 from cifar10_serve.net import CIFAR10_CLASSES
 
 import evaluate
@@ -161,24 +162,30 @@ def test_predict_returns_top5(server):
 
 def test_served_workers_run_the_fastest_forward_that_passes(server):
     """model-config.yaml's runtime: auto reaches the workers: each checks every forward on the
-    archive's golden set on this CPU, logs the table, and serves the fastest one that passes."""
+    archive's golden set on this CPU, logs the table, and serves the fastest one that passes
+    (near-ties to the more precise)."""
     assert server.predict(FIXTURES / "cat.jpg").status_code == 200
     messages = collections.defaultdict(list)  # each worker's own lines, in order
     for line in (server.run_dir / "logs" / "model_log.log").read_text().splitlines():
         found = re.search(r"(W-\d+)-\S+ MODEL_LOG - (.*)$", line)
         if found:
             messages[found[1]].append(found[2])
-    choices = 0
+    choices = []
     for lines in messages.values():
         for i, line in enumerate(lines):
-            chosen = re.search(r"runtime auto -> (\w+), on .* golden set of \d+ images:", line)
+            chosen = re.search(r"runtime auto -> (\w+)(.*), on .* golden set of \d+ images:", line)
             if chosen:
+                choices.append(chosen[1])
+                assert any(f"(runtime {chosen[1]}," in later for later in lines[i:])
+                if chosen[2]:  # it serves what the model's first worker chose
+                    continue
                 timed = dict(re.findall(r"^ +(\w+) +top-1 as fp32.* ([\d.]+) ms/image +passes$",
                                         "\n".join(lines[i + 1:i + 5]), re.M))
-                assert "torch" in timed and chosen[1] == min(timed, key=lambda n: float(timed[n]))
-                assert any(f"(runtime {chosen[1]}," in later for later in lines[i:])
-                choices += 1
-    assert choices >= 2  # one per worker
+                best = min(float(ms) for ms in timed.values())  # near-ties go to precision
+                near = [n for n, ms in timed.items() if float(ms) <= runtimes.TIE * best]
+                assert "torch" in timed and chosen[1] == min(
+                    near, key=lambda n: (runtimes.RANK[n], float(timed[n])))
+    assert len(choices) >= 2 and len(set(choices)) == 1  # one per worker, all alike
 
 
 def test_several_images_in_one_multipart_request(server):
