@@ -154,11 +154,14 @@ SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM"
 
 
 def looks_like_image(data):
-    """Whether ``data`` starts as an accepted image file does (a cheap sniff, no decoding). A
-    BMP's two-letter signature must come with its own length, so that a text token starting
-    "Qk1" (base64 of "BM") is not taken for one."""
+    """Whether ``data`` is framed as an accepted image file is (a cheap sniff, no decoding). A
+    BMP's two-letter signature must come with its own length and a JPEG's three bytes with its
+    end marker, so that a text token starting "Qk1" or "/9j/" (base64 of those) is not taken
+    for one."""
     if data.startswith(b"BM"):
         return len(data) >= 6 and int.from_bytes(data[2:6], "little") == len(data)
+    if data.startswith(b"\xff\xd8\xff"):
+        return b"\xff\xd9" in data[-32:]
     return data.startswith(SIGNATURES) and (not data.startswith(b"RIFF") or data[8:12] == b"WEBP")
 
 

@@ -124,6 +124,8 @@ def _form_text_image(value):
     (a CSRF token, a submit button's name)."""
     if looks_like_image(value):  # `curl -F "data=<cat.jpg"`: the file's bytes, no content type
         return bytes(value)
+    if value.startswith(b"data:") and b"," in value[:256]:  # a data URL, as browsers produce
+        value = value.split(b",", 1)[1]
     try:
         data = base64.b64decode(WHITESPACE.sub("", value.decode("ascii")), validate=True)
     except (UnicodeDecodeError, binascii.Error, ValueError):

@@ -144,8 +144,11 @@ def test_a_field_named_like_a_header_is_still_a_file(make_handler, colour_checkp
 def test_text_fields_a_token_an_image_and_the_limits(make_handler, colour_checkpoint):
     handler = make_handler(colour_checkpoint)
     alone, _ = handle(handler, [{"body": CAT}])
-    token = b"Qk1" + b"x7" * 30  # base64 of "BM...": a BMP's signature, not its length
-    answer, status, _ = handle_form(handler, [("csrf", "", token), ("img", "image/jpeg", CAT)])
+    for token in (b"Qk1" + b"x7" * 30, b"/9j/" + b"x7" * 30):  # base64 of "BM", FF D8 FF
+        answer, status, _ = handle_form(handler, [("csrf", "", token), ("img", "image/jpeg", CAT)])
+        assert status == 200 and answer == pytest.approx(alone[0], abs=1e-6)
+    as_url = b"data:image/jpeg;base64," + base64.b64encode(CAT)
+    answer, status, _ = handle_form(handler, [("data", "", as_url)])
     assert status == 200 and answer == pytest.approx(alone[0], abs=1e-6)
     raw = [("img", "image/jpeg", CAT), ("again", "", CAT)]  # curl -F "again=<cat.jpg"
     answer, status, _ = handle_form(handler, raw)
