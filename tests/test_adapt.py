@@ -14,7 +14,7 @@ from client import local_torchserve
 CLASSES = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
 
 
-def colour_folder(root, per_class=12):
+def colour_folder(root, per_class=24):
     """An ImageFolder of noisy solid-colour PNGs, one folder per class."""
     rng = np.random.default_rng(0)
     for name, rgb in CLASSES.items():
@@ -28,8 +28,8 @@ def colour_folder(root, per_class=12):
 def test_another_data_set_is_trained_archived_and_served(tmp_path):
     data = colour_folder(tmp_path / "colours")
     weights = tmp_path / "colours.pt"
-    train.train(train.parse_args(["--data-dir", str(data), "--out", str(weights), "--epochs", "3",
-                                  "--batch-size", "12", "--widths", "8", "16", "16", "--val-size",
+    train.train(train.parse_args(["--data-dir", str(data), "--out", str(weights), "--epochs", "10",
+                                  "--batch-size", "24", "--widths", "8", "16", "16", "--val-size",
                                   "6", "--tta", "0", "--cache-dir", ""]))
     names = tmp_path / "index_to_name.json"  # the archive's labels, in the trained order
     names.write_text(json.dumps(dict(enumerate(sorted(CLASSES)))))
@@ -46,4 +46,6 @@ def test_another_data_set_is_trained_archived_and_served(tmp_path):
         assert response.status_code == 200, response.text
         answer = response.json()
         assert sorted(answer) == sorted(CLASSES)  # top-5 of three classes: all three, by name
-        assert next(iter(answer)) == name, answer  # three clean colours: learnt in 3 epochs
+        # three clean colours, learnt in 10 epochs by a clear margin (~0.12: no near-tie that
+        # int8 or bf16 could flip)
+        assert next(iter(answer)) == name, answer
