@@ -34,12 +34,14 @@ INT8_AGREEMENT = 0.97
 GOLDEN_IMAGES = 16  # enough to tell a wrong kernel (~10-40 % agreement) from a right one
 
 
-def image_batch(folder, count, seed=0):
-    """uint8 (N, 3, 32, 32): a fixed random subset of ``count`` images under ``folder``."""
+def image_batch(folder, count=None, seed=0):
+    """uint8 (N, 3, 32, 32): a fixed random subset of ``count`` images under ``folder`` (None:
+    every image, in name order)."""
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         sys.exit(f"no images under {folder}")
-    paths = random.Random(seed).sample(paths, min(count, len(paths)))
+    if count is not None:
+        paths = random.Random(seed).sample(paths, min(count, len(paths)))
     return torch.stack([image_tensor(decode_image(p.read_bytes())) for p in paths])
 
 
@@ -130,7 +132,7 @@ def main(argv=None):
     transform = eval_transform(**checkpoint.get("normalization", {}))
     write_onnx(net, args)
     if args.int8 or args.golden:
-        held_out = image_batch(args.check_dir, 10**9)
+        held_out = image_batch(args.check_dir)
         with torch.inference_mode():
             reference = net(transform(held_out))
     if args.int8:

@@ -278,6 +278,13 @@ def rotation(folder, name, bodies):
     return listing
 
 
+def first_body(path):
+    """The bytes of a body file, or of the first body a .list file names."""
+    if path.suffix == ".list":
+        path = Path(path.read_text().split("\n")[0])
+    return path.read_bytes()
+
+
 def request_bodies(folder, images, n):
     """{kind: (body file, Content-Type, images per request)} for the one- and n-image requests;
     one-image bodies rotate over ``images``."""
@@ -302,10 +309,8 @@ def request_bodies(folder, images, n):
 def check_body(client, authorization, path, content_type, count):
     """One request with this body (the first of a .list) must answer 200 with `count`
     predictions, before any load."""
-    if path.suffix == ".list":
-        path = Path(path.read_text().split("\n")[0])
     response = client.session.post(
-        f"{client.inference}/predictions/{client.model}", data=path.read_bytes(), timeout=60,
+        f"{client.inference}/predictions/{client.model}", data=first_body(path), timeout=60,
         headers={"Authorization": authorization, "Content-Type": content_type})
     answer = response.json() if response.ok else None
     got = len(answer) if isinstance(answer, list) else 1 if isinstance(answer, dict) else 0
@@ -386,8 +391,7 @@ def peer(args, folder):
                 if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                     break
             time.sleep(0.5)
-        first = Path(body.read_text().split("\n")[0])
-        answer = requests.post(url, data=first.read_bytes(), timeout=30)
+        answer = requests.post(url, data=first_body(body), timeout=30)
         if answer.status_code != 200 or len(answer.json()) != 5:
             sys.exit(f"the LitServe peer answered {answer.status_code}: {answer.text[:300]}")
         if args.warmup:

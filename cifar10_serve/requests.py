@@ -84,7 +84,7 @@ def read_request(row, limits, form=None):
         return _v2_images({"inputs": [_envelope_tensor(row)]}, max_images), "tensor", None
     texts = {name for name in row if form is not None and form.get(name) == ""}
     if len(row) - len(texts) > max_images:
-        raise _too_many(len(row) - len(texts), max_images)
+        raise too_many(len(row) - len(texts), max_images)
     if len(texts) > max_images + MAX_TEXT_FIELDS:  # a form's own fields beside its images
         raise bad_request(f"the form has {len(texts)} text fields; at most "
                           f"{max_images + MAX_TEXT_FIELDS} are read", 413)
@@ -105,7 +105,7 @@ def read_request(row, limits, form=None):
             images += [image] if image else []
             text_fields += [] if image else [text(name).rsplit("#", 1)[0]]
             if len(images) > max_images:
-                raise _too_many(len(images), max_images)
+                raise too_many(len(images), max_images)
         elif isinstance(value, (bytes, bytearray)):
             if not value:
                 raise bad_request(f"the body or field '{shown(name)}' is empty")
@@ -133,7 +133,7 @@ def _form_text_image(value):
     return data if looks_like_image(data) else None
 
 
-def _too_many(count, max_images):
+def too_many(count, max_images):
     return bad_request(f"the request carries {count} images; at most {max_images} are accepted "
                        f"per request: split it into several requests", 413)
 
@@ -171,7 +171,7 @@ def _v2_images(request, max_images):
     if not (isinstance(shape, list) and shape and all(type(n) is int for n in shape)):
         raise bad_request(f"v2 inputs[0].shape must be a list of integers, got {shown(shape)}")
     if not 1 <= shape[0] <= max_images:
-        raise _too_many(shape[0], max_images) if shape[0] > 0 else \
+        raise too_many(shape[0], max_images) if shape[0] > 0 else \
             bad_request(f"v2 inputs[0].shape[0] must be at least 1, got {shape[0]}")
     if datatype == "BYTES":
         if shape != [len(data)]:
@@ -209,7 +209,7 @@ def _kserve_images(request, max_images):
         raise bad_request("a KServe v1 request needs \"instances\": [{\"data\": \"<base64>\"}, "
                           "...] and nothing else but \"parameters\"")
     if len(instances) > max_images:
-        raise _too_many(len(instances), max_images)
+        raise too_many(len(instances), max_images)
     images = []
     for i, instance in enumerate(instances):
         value = instance.get("data", instance.get("b64")) if isinstance(instance, dict) \
@@ -242,7 +242,7 @@ def _json_images(value, already, max_images):
     if not items:
         raise bad_request("\"data\" is an empty list")
     if already + len(items) > max_images:
-        raise _too_many(already + len(items), max_images)
+        raise too_many(already + len(items), max_images)
     return [_decode_base64(item, f"\"data\" item {i}") for i, item in enumerate(items)]
 
 

@@ -44,7 +44,6 @@ CHOICE_FILE = "runtime-choice.json"  # written beside them by the first worker t
 # kernels saturate agrees on ~10-40 %, a stale or foreign file on ~10-30 %.
 LIMITS = {"torch": (1.0, 1e-3), "onnx": (1.0, 1e-3), "bf16": (0.95, 0.05), "int8": (0.9, 0.3)}
 MARGIN = 0.1
-TIMED_RUNS = 1  # after the checking run, which warms the forward up
 # A less precise forward serves only if it is this much faster than every more precise one that
 # passes: near-ties go to precision, so that timing noise does not make two workers of one model
 # serve different arithmetic (for this net int8 leads by 1.8-2x, bf16 by ~1.8x).
@@ -199,13 +198,10 @@ def trial(name, net, model_dir, threads, x, reference):
         result.failure = f"{type(err).__name__}: {str(err)[:200]}"
         return result
     result.failure = passes(name, result.agree, result.drift)
-    if result.failure is None:
-        seconds = []
-        for _ in range(TIMED_RUNS):
-            start = time.perf_counter()
-            forward(x)
-            seconds.append(time.perf_counter() - start)
-        result.ms_per_image = 1000 * min(seconds) / len(x)
+    if result.failure is None:  # timed after the checking run, which warmed it up
+        start = time.perf_counter()
+        forward(x)
+        result.ms_per_image = 1000 * (time.perf_counter() - start) / len(x)
     return result
 
 
@@ -249,25 +245,23 @@ def choose(requested, net, model_dir, transform, threads=1):
     def run(names):
         return [trial(name, net, model_dir, threads, x, reference) for name in names]
     trials = run(CANDIDATES if requested == "auto" else dict.fromkeys((requested, "torch")))
-    reference_trial = next(t for t in trials if t.name == "torch")
-    table = "\n".join(t.row() for t in trials)
-    if reference_trial.failure:  # the weights themselves: what every other forward stands for
+    if next(t for t in trials if t.name == "torch").failure:  # the weights themselves
         raise RuntimeError(f"the fp32 torch net does not give the archive's golden answers: "
                            f"{GOLDEN_FILE} does not belong to these weights; rebuild with "
-                           f"`make archive`\n{table}")
-    if requested != "auto" and trials[0].failure:
+                           f"`make archive`\n" + "\n".join(t.row() for t in trials))
+    named = requested != "auto" and trials[0].failure is None
+    if requested != "auto" and not named:
         logger.warning("handler.runtime %s cannot serve on this CPU (%s): running the fastest "
                        "forward that gives the golden answers instead", requested,
                        trials[0].failure)
         trials += run(name for name in CANDIDATES if name not in (requested, "torch"))
-        table = "\n".join(t.row() for t in trials)
-    named = trials[0] if requested != "auto" and trials[0].failure is None else None
-    chosen, follows = named or fastest([t for t in trials if t.failure is None]), ""
-    if named is None:
-        chosen = agreed(model_dir, chosen, [t for t in trials if t.failure is None])
-        follows = "" if chosen is fastest([t for t in trials if t.failure is None]) else \
-            " (as another worker of this model chose)"
+    chosen, follows = trials[0], ""
+    if not named:
+        passed = [t for t in trials if t.failure is None]
+        own = fastest(passed)
+        chosen = agreed(model_dir, own, passed)
+        follows = "" if chosen is own else " (as another worker of this model chose)"
     logger.info("runtime %s -> %s%s, on %s (%s), golden set of %d images:\n%s", requested,
                 chosen.name, follows, cpu_name(), " ".join(cpu_flags()) or "no listed flags",
-                len(x), table)
+                len(x), "\n".join(t.row() for t in trials))
     return chosen.forward, chosen.name, trials

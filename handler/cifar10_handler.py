@@ -24,10 +24,9 @@ from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
 from cifar10_serve import answers, compat, predict, settings
-from cifar10_serve.errors import bad_request
 from cifar10_serve.images import decode_request, eval_transform
 from cifar10_serve.net import build_net, class_names, load_checkpoint
-from cifar10_serve.requests import Row, read_request
+from cifar10_serve.requests import Row, read_request, too_many
 from cifar10_serve.runtimes import choose, select_device
 
 logger = logging.getLogger(__name__)
@@ -99,9 +98,8 @@ class Cifar10Handler(BaseHandler):
                 row.kind = "describe"  # the management API's GET /models/cifar10?customized=true
                 return row
             limit = self.limits["max_explain_images" if row.kind == "explain" else "max_images"]
-            if self.enveloped and rows > limit:
-                raise bad_request(f"the request carries {rows} images; at most {limit} are "
-                                  f"accepted per request: split it into several requests", 413)
+            if self.enveloped and rows > limit:  # one request's instances
+                raise too_many(rows, limit)
             content_type = next((value for key, value in headers.items() if isinstance(value, str)
                                  and key.lower() == "content-type"), "")
             form = None  # a multipart request: each field's own content type ("" for text)
