@@ -49,6 +49,13 @@ KSERVE_DIR  ?= dist/kserve
 GPU_OUT     ?= $(RUN_DIR)/gpu-check
 GPU_CHECK_ARGS ?=
 DEMO_PORT   ?= 8090
+# make serve-proxy: nginx in front of TorchServe on 127.0.0.1 (deploy/nginx/; README "Reverse proxy")
+PROXY_PORT  ?= 8000
+PROXY_MANAGEMENT_PORT ?= 8001
+PROXY_DIR   ?= $(RUN_DIR)/proxy
+# The archive's version, and its Open Inference Protocol metadata (served by the proxy)
+MODEL_VERSION ?= 1.0
+METADATA    ?= $(MODEL_STORE)/cifar10.v2.json
 
 BIN := $(VENV)/bin
 JAVA_MSG := TorchServe 0.12 needs Java 17+ (Debian/Ubuntu: apt-get install openjdk-17-jre-headless)
@@ -76,7 +83,8 @@ HANDLER_FILES := handler/cifar10_handler.py $(PACKAGE_FILES) $(INDEX_TO_NAME) \
 
 .DEFAULT_GOAL := help
 .PHONY: help install train archive serve stop status predict scale test evaluate bench clean \
-        docker docker-run docker-stop kserve-bundle demo gpu-check docker-test
+        docker docker-run docker-stop kserve-bundle demo gpu-check docker-test serve-proxy \
+        stop-proxy
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -99,7 +107,7 @@ $(ONNX) $(INT8) $(GOLDEN) &: $(WEIGHTS) $(PACKAGE_FILES) export_onnx.py | $(BIN)
 
 $(MAR): $(WEIGHTS) $(ONNX) $(INT8) $(GOLDEN) $(HANDLER_FILES) | $(BIN)/torchserve
 	@rm -rf $(SHIP) && mkdir -p $(SHIP)/cifar10_serve && cp $(PACKAGE_FILES) $(SHIP)/cifar10_serve/
-	$(BIN)/torch-model-archiver --force --model-name cifar10 --version 1.0 \
+	$(BIN)/torch-model-archiver --force --model-name cifar10 --version $(MODEL_VERSION) \
 	  --serialized-file $(WEIGHTS) --handler handler/cifar10_handler.py \
 	  --extra-files $(SHIP),$(INDEX_TO_NAME),$(ONNX),$(INT8),$(GOLDEN) \
 	  --config-file $(MODEL_CONFIG) --export-path $(MODEL_STORE)
@@ -107,7 +115,10 @@ $(MAR): $(WEIGHTS) $(ONNX) $(INT8) $(GOLDEN) $(HANDLER_FILES) | $(BIN)/torchserv
 $(WEIGHTS):
 	@echo "$(WEIGHTS) is missing: \`make train\` writes it (or pass WEIGHTS=path/to/checkpoint.pt)"; exit 1
 
-archive: $(MAR) ## export the ONNX forwards (fp32, int8) and the golden set, package them with weights, model, handler, configs
+$(METADATA): $(WEIGHTS) proxy.py | $(BIN)/torchserve
+	$(PY) proxy.py metadata $(WEIGHTS) --version $(MODEL_VERSION) --out $@
+
+archive: $(MAR) $(METADATA) ## export the ONNX forwards (fp32, int8) and the golden set, package them with weights, model, handler, configs
 
 serve: $(MAR) ## start TorchServe in the background; returns once a prediction succeeds
 	@$(CHECK_JAVA)
@@ -120,6 +131,17 @@ serve: $(MAR) ## start TorchServe in the background; returns once a prediction s
 
 stop: ## stop the TorchServe that `make serve` started
 	@TMPDIR=$(abspath $(RUN_DIR)) $(BIN)/torchserve --stop --foreground
+
+serve-proxy: serve $(METADATA) ## make serve, then nginx in front on 127.0.0.1:PROXY_PORT (inference) and PROXY_MANAGEMENT_PORT
+	@$(PY) -c "import proxy; proxy.nginx_binary()" 2>/dev/null \
+	  || { echo "make serve-proxy needs nginx (Debian/Ubuntu: apt-get install nginx)"; exit 1; }
+	$(PY) proxy.py start --run-dir $(PROXY_DIR) --ts-config $(TS_CONFIG) \
+	  --model-config $(MODEL_CONFIG) --metadata $(METADATA) \
+	  --listen 127.0.0.1:$(PROXY_PORT) --listen-management 127.0.0.1:$(PROXY_MANAGEMENT_PORT)
+
+stop-proxy: ## stop the nginx of make serve-proxy, then TorchServe (make stop)
+	$(PY) proxy.py stop --run-dir $(PROXY_DIR)
+	@$(MAKE) --no-print-directory stop
 
 status: ## show the model's workers (management API)
 	$(PY) client.py describe
@@ -184,4 +206,4 @@ docker-test: $(BIN)/torchserve ## build the image, serve from it, check answers 
 	$(PY) -m pytest -m container tests/test_container.py
 
 clean: ## remove build outputs (the archive, logs, run files)
-	rm -rf $(MAR) $(ONNX) $(INT8) $(GOLDEN) $(SHIP) logs $(RUN_DIR) .pytest_cache dist
+	rm -rf $(MAR) $(METADATA) $(ONNX) $(INT8) $(GOLDEN) $(SHIP) logs $(RUN_DIR) .pytest_cache dist
