@@ -123,10 +123,10 @@ archive: $(MAR) $(METADATA) ## export the ONNX forwards (fp32, int8) and the gol
 serve: $(MAR) ## start TorchServe in the background; returns once a prediction succeeds
 	@$(CHECK_JAVA)
 	@mkdir -p $(RUN_DIR)
-	@if $(PY) client.py ping --quiet 2>/dev/null; then echo "TorchServe is already running"; \
+	@if $(PY) client.py --config $(TS_CONFIG) ping --quiet 2>/dev/null; then echo "TorchServe is already running"; \
 	else TMPDIR=$(abspath $(RUN_DIR)) TEMP=$(abspath $(RUN_DIR)) $(BIN)/torchserve --start --ncs --ts-config $(TS_CONFIG) --log-config $(abspath log4j2.xml) \
 	  --model-store $(MODEL_STORE) --models cifar10=cifar10.mar >$(RUN_DIR)/torchserve.out 2>&1 \
-	  && $(PY) client.py wait --timeout 60 --worker-log logs/model_log.log || { cat $(RUN_DIR)/torchserve.out; \
+	  && $(PY) client.py --config $(TS_CONFIG) wait --timeout 60 --worker-log logs/model_log.log || { cat $(RUN_DIR)/torchserve.out; \
 	  tail -n 30 logs/model_log.log 2>/dev/null; $(MAKE) --no-print-directory stop; exit 1; }; fi
 
 stop: ## stop the TorchServe that `make serve` started
