@@ -119,7 +119,7 @@ def render(settings, metadata, daemon=True, as_root=None, temp_root=None, logs=N
     run_dir, and any of DEFAULTS) serving ``metadata`` (model_metadata's dict)."""
     s = {**DEFAULTS, **open_files(), **settings}
     as_root = os.geteuid() == 0 if as_root is None else as_root
-    most = s["max_workers"]
+    most, within = s["max_workers"], max(1, s["response_timeout"] // 2)
     inference_routes = (
         "this proxy forwards POST /predictions/cifar10, POST /explanations/cifar10, "
         "POST /v2/models/cifar10/infer, POST /v2/models/cifar10/explain, GET /ping, "
@@ -141,6 +141,7 @@ def render(settings, metadata, daemon=True, as_root=None, temp_root=None, logs=N
         "HEADER_TIMEOUT": s["header_timeout"], "BODY_TIMEOUT": s["body_timeout"],
         "SEND_TIMEOUT": s["send_timeout"], "KEEPALIVE_TIMEOUT": s["keepalive_timeout"],
         "READ_TIMEOUT": f"{s.get('read_timeout', 2 * s['response_timeout'])}s",
+        "RESEND_WITHIN": within, "SECONDS_BELOW": "(?:" + "|".join(map(str, range(within))) + ")",
         "MAX_BODY": s["max_body"], "MAX_WORKERS": most,
         "CONN_PER_CLIENT": s["conn_per_client"], "CONN_PER_SERVER": s["conn_per_server"],
         "LARGE_BODIES": s["large_bodies"],

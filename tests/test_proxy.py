@@ -615,6 +615,20 @@ def test_only_what_torchserve_dropped_or_lost_is_sent_again(make_proxy, tmp_path
 
 
 @needs_nginx
+def test_a_worker_that_hung_is_not_resent(make_proxy, tmp_path):
+    """TorchServe's "Worker died." after over half responseTimeout: the worker hung, perhaps on
+    this very request, so it is answered, not sent to hang the other worker too."""
+    (tmp_path / "config.properties").write_text("max_request_size=8388608\n")
+    with StandIn([(500, "application/json", DROPPED, 1.5),
+                  (200, None, b'{"cat": 1.0}', 0)]) as upstream:
+        front = make_proxy(upstream=upstream, ts_config=tmp_path / "config.properties",
+                           response_timeout=2, read_timeout=5)
+        response = requests.post(f"{front.inference}/predictions/cifar10", data=b"x", timeout=30)
+        assert response.status_code == 500 and len(upstream.received) == 1
+        assert "over 1 s after it was sent" in response.json()["message"]
+
+
+@needs_nginx
 @pytest.mark.parametrize("ping,live,ready", [(200, 200, 200), (500, 200, 400)])
 def test_v2_health_follows_torchserves_ping(make_proxy, tmp_path, ping, live, ready):
     """/ping 200: live and ready; /ping 500 (short of workers, token accepted): live, not ready
