@@ -102,7 +102,7 @@ class Cifar10Handler(BaseHandler):
             if self.enveloped and rows > limit:  # one request's instances
                 raise too_many(rows, limit)
             limits = {**self.limits, "max_images": limit}
-            row.images, row.reply, v2 = self._read(request, headers, limits, row)
+            row.images, row.reply, v2 = self._read_body(request, headers, limits, row)
             if v2 is not None:
                 row.v2 = oip.reply(v2, self.limits["max_id_length"], self.classes,
                                    binary=not self.enveloped)
@@ -115,7 +115,7 @@ class Cifar10Handler(BaseHandler):
                                           "(logged)"), []
         return row
 
-    def _read(self, request, headers, limits, row):
+    def _read_body(self, request, headers, limits, row):
         """(images, reply shape, the v2 request or None) of one request. A request on the v2 (or
         KServe v1) route is answered in v2's shape, its errors too; one in v2's binary data
         extension (an Inference-Header-Content-Length header) is read by oip.read_binary."""
