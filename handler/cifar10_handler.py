@@ -2,6 +2,7 @@
 
 The class TorchServe loads; the work is in the cifar10_serve package beside it in the .mar:
     requests.py   request bodies -> rows (raw, multipart, JSON base64, v2, KServe v1)
+    oip.py        v2's binary tensor data extension (tritonclient's default) and v2 answers
     images.py     where a row's bytes become a tensor (header checks, decoding, the transform)
     runtimes.py   which forward runs: every candidate checked and timed on the serving CPU
     predict.py    the forward passes (and explanations) of a batch
@@ -23,7 +24,7 @@ from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from cifar10_serve import answers, compat, predict, settings
+from cifar10_serve import answers, compat, oip, predict, settings
 from cifar10_serve.images import decode_request, eval_transform
 from cifar10_serve.net import build_net, class_names, load_checkpoint
 from cifar10_serve.requests import Row, read_request, too_many
@@ -100,13 +101,11 @@ class Cifar10Handler(BaseHandler):
             limit = self.limits["max_explain_images" if row.kind == "explain" else "max_images"]
             if self.enveloped and rows > limit:  # one request's instances
                 raise too_many(rows, limit)
-            content_type = next((value for key, value in headers.items() if isinstance(value, str)
-                                 and key.lower() == "content-type"), "")
-            form = None  # a multipart request: each field's own content type ("" for text)
-            if content_type.startswith("multipart/form-data") and isinstance(request, dict):
-                form = {name: _field_type(headers.get(name)) for name in request}
-            row.images, row.reply, row.request_id = read_request(
-                request, {**self.limits, "max_images": limit}, form)
+            limits = {**self.limits, "max_images": limit}
+            row.images, row.reply, v2 = self._read_body(request, headers, limits, row)
+            if v2 is not None:
+                row.v2 = oip.reply(v2, self.limits["max_id_length"], self.classes,
+                                   binary=not self.enveloped)
             row.images = decode_request(row.images, self.limits)
         except PredictionException as err:
             row.error, row.images = (err.error_code, err.message), []
@@ -115,6 +114,29 @@ class Cifar10Handler(BaseHandler):
             row.error, row.images = (500, "the server failed while reading this request "
                                           "(logged)"), []
         return row
+
+    def _read_body(self, request, headers, limits, row):
+        """(images, reply shape, the v2 request or None) of one request. A request on the v2 (or
+        KServe v1) route is answered in v2's shape, its errors too; one in v2's binary data
+        extension (an Inference-Header-Content-Length header) is read by oip.read_binary."""
+        binary = None if self.enveloped else oip.request_header(headers, oip.HEADER_LENGTH)
+        protocol = not self.enveloped and oip.on_protocol_route(headers)
+        if protocol or binary is not None:
+            row.reply = "v2"
+            oip.check_encoding(headers)
+        if binary is not None:
+            return oip.read_binary(request, binary, limits)
+        content_type = oip.request_header(headers, "content-type") or ""
+        form = None  # a multipart request: each field's own content type ("" for text)
+        if content_type.startswith("multipart/form-data") and isinstance(request, dict):
+            form = {name: _field_type(headers.get(name)) for name in request}
+        images, reply, v2 = read_request(request, limits, form)
+        if protocol and reply not in ("v2", "kserve"):  # a raw image, a form, {"data": ...}
+            raise oip.bad("the body is not a v2 inference request (nor, on "
+                          "/v1/models/cifar10:predict, KServe v1's {\"instances\": [...]}); "
+                          "TorchServe passes no URL to the handler, so both routes are read "
+                          "alike")
+        return images, reply, v2
 
     @timed
     def inference(self, rows, *args, **kwargs):
@@ -168,4 +190,5 @@ class Cifar10Handler(BaseHandler):
     def postprocess(self, rows):
         """Per request: its answer, or its error set through the context."""
         answers.set_errors(rows, self.context, self._request_of)
+        answers.set_binary(rows, self.context)
         return [row.answer for row in rows]
