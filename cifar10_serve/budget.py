@@ -9,19 +9,21 @@ batch the requests are admitted (``Budget.admit``) while their estimated cost fi
 
   1. the first request of the batch that needs work, whatever its kind: every request that fits a
      batch alone is served once it is the oldest waiting;
-  2. predictions (/predictions, v2, KServe) in arrival order: images x forward ms x the TTA
-     forwards an image takes on average here (1 + its extra views x the share of images that
-     took them so far);
-  3. explanations in arrival order: images x (Integrated Gradients ms + the forward), all of them
-     together at most `explain_share` of the budget, so that explanations can neither crowd
-     predictions out of a batch nor hold them long.
+  2. predictions (/predictions, v2, KServe): images x forward ms x the TTA forwards an image takes
+     on average here (1 + its extra views x the share of images that took them so far);
+  3. explanations: images x (Integrated Gradients ms + the forward), all of them together at most
+     `explain_share` of the budget, so that explanations can neither crowd predictions out of a
+     batch nor hold them long.
+Within 2 and 3 the lightest go first (fewest images, then fewest bytes to decode; arrival order
+among equals): a request of one small image is not refused because 64-image requests or bodies
+slow to decode happened to arrive before it in the same batch.
 
 The time already spent on the batch (reading its requests, decoding those admitted before) counts
 against the budget, so a request slow to decode leaves less for those after it; decoding itself is
-bounded by `max_decode_ms`. A request refused for the budget is answered at once: 503 with a
-Retry-After header (the time a batch may take), which clients resend after. One that alone costs
-more than a batch may (estimated with every image taking every TTA view) is its 413 naming the
-largest request that fits.
+bounded by `max_decode_ms`. A request refused for the budget is not decoded and is answered as
+soon as its batch ends: 503 with a Retry-After header (the time a batch may take), which clients
+resend after. One that alone costs more than a batch may (estimated with every image taking every
+TTA view) is its 413 naming the largest request that fits.
 """
 import logging
 import math
@@ -110,25 +112,27 @@ class Budget:
         (a KServe envelope), admitted or refused as one."""
         working = [row for row in rows if row.error is None and row.kind in ("predict", "explain")]
         if together:
-            too_costly = sum(self.cost(row, self.costs.views) for row in working) > self.seconds
+            images = sum(len(row.images) for row in working)
+            most = sum(self.cost(row, self.costs.views) for row in working)
             for row in working:
-                if too_costly:
-                    self._refuse(row, 413)
+                if most > self.seconds:
+                    self._refuse(row, 413, images, most)
                 else:
                     decode(row)
             return
-        order = working[:1] + [row for row in working[1:] if row.kind == "predict"] + \
-            [row for row in working[1:] if row.kind == "explain"]
+        first, rest = working[:1], working[1:]
+        order = first + sorted((row for row in rest if row.kind == "predict"), key=_weight) \
+            + sorted((row for row in rest if row.kind == "explain"), key=_weight)
         reserved = explaining = 0.0
         for row in order:
-            cost = self.cost(row)
-            if self.cost(row, self.costs.views) > self.seconds:
-                self._refuse(row, 413)
+            cost, most = self.cost(row), self.cost(row, self.costs.views)
+            if most > self.seconds:
+                self._refuse(row, 413, len(row.images), most)
                 continue
             over = self.clock() - started + reserved + cost > self.seconds
             if row.kind == "explain":
                 over = over or explaining + cost > self.explain_share * self.seconds
-            if over and row is not working[0]:
+            if over and row is not order[0]:
                 self._refuse(row, 503)
                 continue
             decode(row)
@@ -136,13 +140,13 @@ class Budget:
                 reserved += cost
                 explaining += cost if row.kind == "explain" else 0.0
 
-    def _refuse(self, row, code):
+    def _refuse(self, row, code, images=None, cost=None):
+        """The row's 503, or its 413 (``images`` in its request could cost ``cost`` s)."""
         kind = "explanation" if row.kind == "explain" else "prediction"
         if code == 413:
-            message = (f"this {kind} request's {len(row.images)} images could cost "
-                       f"{self.cost(row, self.costs.views):.1f} s on this server, more than the "
-                       f"{self.seconds:.1f} s a batch may take: send at most "
-                       f"{self.largest(row.kind)} images per {kind} request")
+            message = (f"this {kind} request's {images} images could cost {cost:.1f} s on this "
+                       f"server, more than the {self.seconds:.1f} s a batch may take: send at "
+                       f"most {self.largest(row.kind)} images per {kind} request")
         else:
             share = (f" (explanations get at most {self.explain_share:.0%} of it)"
                      if row.kind == "explain" else "")
@@ -160,6 +164,12 @@ class Budget:
                 "largest_request_images": {"predict": self.largest("predict"),
                                            "explain": self.largest("explain")},
                 "retry_after_s": self.retry_after}
+
+
+def _weight(row):
+    """How heavy a request is before decoding: its images, then its encoded bytes (v2 UINT8
+    pixels, already tensors, decode for free)."""
+    return len(row.images), sum(len(image) for image in row.images if isinstance(image, bytes))
 
 
 def measure(forward, net, x, ig_steps, forward_ms=None):

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import yaml
-from conftest import COLOURS, ROOT, solid_png
+from conftest import COLOURS, ROOT, image_bytes, solid_png
 from ts.context import RequestProcessor
 
 import cifar10_handler
@@ -66,16 +66,46 @@ def alone(handler, image, kind="p"):
     return answer
 
 
-def test_a_batch_admits_its_requests_in_arrival_order_while_they_fit(colour_handler):
-    with_budget(colour_handler, forward_ms=125, seconds=1.0)  # 8 images of 0.125 s
+def test_a_batch_admits_its_requests_while_they_fit_and_refuses_the_rest_at_once(
+        colour_handler):
+    """8 images of 0.125 s fit a 1-s batch: the first request, then the lightest (one image
+    each here: fewest bytes, then arrival order); the rest 503 with Retry-After, undecoded."""
+    with_budget(colour_handler, forward_ms=125, seconds=1.0)
     images = IMAGES + IMAGES[:6]
     answers, statuses, retry = run(colour_handler, [{"body": image} for image in images])
-    assert statuses == [200] * 8 + [503] * 8
-    for answer, image in zip(answers[:8], images):
-        assert answer == pytest.approx(alone(colour_handler, image), abs=1e-6)
-    assert retry == [None] * 8 + ["1"] * 8
-    assert answers[8]["code"] == 503 and "busy" in answers[8]["message"]
-    assert "Retry-After" in answers[8]["message"]
+    admitted = {0, *sorted(range(1, 16), key=lambda i: len(images[i]))[:7]}
+    assert statuses == [200 if i in admitted else 503 for i in range(16)]
+    assert retry == [None if i in admitted else "1" for i in range(16)]
+    for i in admitted:
+        assert answers[i] == pytest.approx(alone(colour_handler, images[i]), abs=1e-6)
+    refused = answers[min(set(range(16)) - admitted)]
+    assert refused["code"] == 503 and "busy" in refused["message"]
+    assert "Retry-After" in refused["message"]
+
+
+def test_light_requests_go_before_heavy_ones_that_arrived_earlier(colour_handler, monkeypatch):
+    """After the first request: fewest images first, then fewest bytes to decode (a body slow
+    to decode, here a large noisy PNG, arriving early does not push small images out)."""
+    with_budget(colour_handler, forward_ms=125, seconds=1.0)
+    four = {"data": [base64.b64encode(i).decode() for i in IMAGES[4:8]]}  # 0.5 s
+    rows = [{"body": IMAGES[0]}, {"body": four}] + [{"body": IMAGES[i]} for i in (1, 2, 3, 8)]
+    _, statuses, _ = run(colour_handler, rows)
+    assert statuses == [200, 503, 200, 200, 200, 200]  # arrival order: 200, 200, 200, 200, 503s
+    clock = with_budget(colour_handler, forward_ms=0, seconds=0.4)
+    decoded = []
+
+    def decode_by_bytes(images, limits):  # decoding costs 1 s per MB here
+        decoded.append(len(images[0]))
+        clock.now += len(images[0]) / 1e6
+        return real(images, limits)
+    real = cifar10_handler.decode_request
+    monkeypatch.setattr(cifar10_handler, "decode_request", decode_by_bytes)
+    heavy = [image_bytes(size=(400, 400), seed=seed) for seed in (1, 2)]  # ~0.5 MB each
+    assert min(len(h) for h in heavy) > 0.45e6
+    rows = [IMAGES[0], heavy[0], IMAGES[1], IMAGES[2], heavy[1]]
+    _, statuses, _ = run(colour_handler, [{"body": body} for body in rows])
+    assert statuses == [200, 200, 200, 200, 503]  # arrival order: 200, 200, 503, 503, 503
+    assert decoded == [len(rows[i]) for i in (0, 2, 3, 1)]
 
 
 def test_predictions_are_admitted_before_explanations_which_get_a_share(colour_handler):
