@@ -20,7 +20,10 @@ slow to decode happened to arrive before it in the same batch.
 
 The time already spent on the batch (reading its requests, decoding those admitted before) counts
 against the budget, so a request slow to decode leaves less for those after it; decoding itself is
-bounded by `max_decode_ms`. A request refused for the budget is not decoded and is answered as
+bounded by `max_decode_ms`. On a CPU every figure is the worker's CPU time (``work_clock``), as the
+decoding deadline's is: time spent waiting for a core, on a machine busy with other work, neither
+shrinks what fits at start nor lets one slow request push the rest of its batch out; it stretches
+the batch's wall time, which responseTimeout's headroom (3/4 of it) is for. On a GPU, wall time. A request refused for the budget is not decoded and is answered as
 soon as its batch ends: 503 with a Retry-After header (the time a batch may take), which clients
 resend after. One that alone costs more than a batch may (estimated with every image taking every
 TTA view) is its 413 naming the largest request that fits.
@@ -51,6 +54,12 @@ class Costs:
     views: int = 1     # forwards an image takes when every TTA view runs
 
 
+def work_clock(device):
+    """The clock work is counted on: the worker process's CPU time on a CPU, wall time on a GPU
+    (whose kernels run while the CPU waits)."""
+    return time.monotonic if device.type == "cuda" else time.process_time
+
+
 def batch_seconds(response_timeout, share, max_decode_ms):
     """What a batch may cost by the start-up timings: ``share`` of ``response_timeout`` (s).
     ValueError, naming the settings, where that plus one request's decoding (the most the batch
@@ -68,10 +77,9 @@ def batch_seconds(response_timeout, share, max_decode_ms):
 
 class Budget:
     """Admits a batch's requests (cifar10_serve.requests.Row) while their estimated cost fits
-    ``seconds``; see the module docstring. ``clock``: seconds, monotonic (tests pass their
-    own)."""
+    ``seconds``; see the module docstring. ``clock``: ``work_clock``'s (tests pass their own)."""
 
-    def __init__(self, costs, seconds, explain_share=0.5, limits=None, clock=time.monotonic):
+    def __init__(self, costs, seconds, explain_share=0.5, limits=None, clock=time.process_time):
         self.costs, self.seconds, self.explain_share = costs, seconds, explain_share
         self.limits, self.clock = limits or {}, clock
         self.images = self.looked = 0  # images predicted so far here, and how many took TTA
@@ -181,11 +189,10 @@ def measure(forward, net, x, ig_steps, forward_ms=None):
     of ``net``: ``ig_steps`` scaled copies of it forward and backward in one batch, as Captum's
     IntegratedGradients runs them (without importing Captum, which only explanations need),
     timed on TIMED_STEPS of them and scaled.
-    Each is timed after one untimed call (warm-up). On a CPU in the worker process's CPU time:
-    a worker started while the machine is busy (beside a restarting worker, or other programs)
-    would time the wait for a core too, and refuse requests that fit; responseTimeout's headroom
-    is what covers a batch that shares its core. On a GPU in wall time."""
-    clock = time.perf_counter if x.is_cuda else time.process_time
+    Each is timed after one untimed call (warm-up), on ``work_clock``: on a CPU its CPU time, so
+    that a worker started while the machine is busy (beside a restarting worker, or other
+    programs) does not time the wait for a core too and refuse requests that fit."""
+    clock = work_clock(x.device)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def timed(step):

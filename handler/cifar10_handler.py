@@ -83,7 +83,8 @@ class Cifar10Handler(BaseHandler):
         forward_ms, ig_ms = budget.measure(self.forward, self.model, x, self.settings.ig_steps,
                                            timed)
         found = budget.Budget(budget.Costs(forward_ms, ig_ms, budget.VIEWS[self.settings.tta]),
-                              seconds, self.settings.explain_share, self.limits)
+                              seconds, self.settings.explain_share, self.limits,
+                              budget.work_clock(self.device))
         figures = found.figures()
         largest = figures["largest_request_images"]
         logger.info("batch budget %.2f s (responseTimeout %s s x budget_share %s), timed here: "
