@@ -5,6 +5,7 @@ The class TorchServe loads; the work is in the cifar10_serve package beside it i
     oip.py        v2's binary tensor data extension (tritonclient's default) and v2 answers
     images.py     where a row's bytes become a tensor (header checks, decoding, the transform)
     runtimes.py   which forward runs: every candidate checked and timed on the serving CPU
+    budget.py     what a batch may cost here (timed at start), and which requests fit in it
     predict.py    the forward passes (and explanations) of a batch
     answers.py    rows -> answers in each request's shape, errors per request
     settings.py   model-config.yaml `handler:`, checked at start; compat.py TorchServe's patches
@@ -12,9 +13,11 @@ The class TorchServe loads; the work is in the cifar10_serve package beside it i
 A dynamic batch mixes requests of every kind (/predictions, /explanations, v2, KServe envelopes),
 so the handler owns `handle()`: each request is a Row that carries its own kind, images, reply
 shape and error to its answer. A request the handler cannot use gets a 4xx naming what was wrong
-and what is accepted; an exception of ours while serving one request is that request's 500; the
-other requests of the batch are answered as usual.
+and what is accepted; one that does not fit the batch's budget a prompt 503 with Retry-After; an
+exception of ours while serving one request is that request's 500; the other requests of the
+batch are answered as usual.
 """
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -24,7 +27,7 @@ from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from cifar10_serve import answers, compat, oip, predict, settings
+from cifar10_serve import answers, budget, compat, oip, predict, settings
 from cifar10_serve.images import decode_request, eval_transform
 from cifar10_serve.net import build_net, class_names, load_checkpoint
 from cifar10_serve.requests import Row, read_request, too_many
@@ -63,10 +66,37 @@ class Cifar10Handler(BaseHandler):
             self.forward, self.runtime, self.trials = choose(
                 self.settings.runtime, self.model, model_dir, self.transform,
                 torch.get_num_threads())
+        self.budget = self._measure_budget(context)
         self.enveloped, self.initialized = False, True
         logger.info("cifar10 model loaded on %s (runtime %s, tta=%d, top-%d, %d threads, "
                     "limits %s)", self.device, self.runtime, self.settings.tta,
                     self.settings.topk, torch.get_num_threads(), self.limits)
+
+    def _measure_budget(self, context):
+        """The batch budget from this machine's timings of the served forward (the runtime
+        check's, where it ran) and of one image's Integrated Gradients; logged."""
+        config = getattr(context, "model_yaml_config", None) or {}
+        timeout = config.get("responseTimeout", budget.TORCHSERVE_RESPONSE_TIMEOUT)
+        seconds = budget.batch_seconds(timeout, self.settings.budget_share,
+                                       self.limits["max_decode_ms"])
+        timed = next((t.ms_per_image for t in self.trials if t.forward is self.forward), None)
+        x = self.to_batch([torch.zeros(3, 32, 32, dtype=torch.uint8)] * self.chunk)
+        forward_ms, ig_ms = budget.measure(self.forward, self.model, x, self.settings.ig_steps,
+                                           timed)
+        found = budget.Budget(budget.Costs(forward_ms, ig_ms, budget.VIEWS[self.settings.tta]),
+                              seconds, self.settings.explain_share, self.limits,
+                              budget.work_clock(self.device))
+        figures = found.figures()
+        largest = figures["largest_request_images"]
+        logger.info("batch budget %.2f s (responseTimeout %s s x budget_share %s), timed here: "
+                    "forward %.3f ms per image and view (%s, tta %d: up to %d views), Integrated "
+                    "Gradients %.0f ms per image (%d steps); the largest request that fits: %s "
+                    "images to predict, %s to explain; explanations at most %.0f%% of a batch; "
+                    "refused requests get 503 with Retry-After %d s", seconds, timeout,
+                    self.settings.budget_share, forward_ms, self.runtime, self.settings.tta,
+                    found.costs.views, ig_ms, self.settings.ig_steps, largest["predict"],
+                    largest["explain"], 100 * found.explain_share, found.retry_after)
+        return found
 
     def handle(self, data, context):
         """Answer every request of the batch by its own kind; never fail one for another."""
@@ -88,16 +118,21 @@ class Cifar10Handler(BaseHandler):
 
     @timed
     def preprocess(self, data):
-        """Request rows -> Rows with decoded images, or with their own error."""
-        return [self._prepare(index, request, len(data)) for index, request in enumerate(data)]
+        """Request rows -> Rows, each read and counted against the limits; those the batch's
+        budget admits decoded, the others refused (503, or 413 for one that never fits); each
+        failed row with its own error."""
+        started = self.budget.clock()
+        rows = [self._read(index, request, len(data)) for index, request in enumerate(data)]
+        self.budget.admit(rows, self._decode, started, together=self.enveloped)
+        return rows
 
-    def _prepare(self, index, request, rows):
+    def _read(self, index, request, rows):
         headers = self._headers(index)
         row = Row(kind="explain" if headers.get("explain") == "True" else "predict")
-        try:
-            if not request and headers.get("describe") == "True":
-                row.kind = "describe"  # the management API's GET /models/cifar10?customized=true
-                return row
+        if not request and headers.get("describe") == "True":
+            row.kind = "describe"  # the management API's GET /models/cifar10?customized=true
+            return row
+        with self._own_error(row, f"reading request {index} of the batch"):
             limit = self.limits["max_explain_images" if row.kind == "explain" else "max_images"]
             if self.enveloped and rows > limit:  # one request's instances
                 raise too_many(rows, limit)
@@ -106,14 +141,23 @@ class Cifar10Handler(BaseHandler):
             if v2 is not None:
                 row.v2 = oip.reply(v2, self.limits["max_id_length"], self.classes,
                                    binary=not self.enveloped)
+        return row
+
+    def _decode(self, row):
+        with self._own_error(row, f"decoding a {row.kind} request of the batch"):
             row.images = decode_request(row.images, self.limits)
+
+    @contextlib.contextmanager
+    def _own_error(self, row, doing):
+        """The client's 4xx, or our 500 (logged), as the row's own error."""
+        try:
+            yield
         except PredictionException as err:
             row.error, row.images = (err.error_code, err.message), []
         except Exception:  # noqa: BLE001  (ours, not the client's: this request's 500)
-            logger.exception("preparing request %d of the batch failed", index)
+            logger.exception("%s failed", doing)
             row.error, row.images = (500, "the server failed while reading this request "
                                           "(logged)"), []
-        return row
 
     def _read_body(self, request, headers, limits, row):
         """(images, reply shape, the v2 request or None) of one request. A request on the v2 (or
@@ -162,6 +206,7 @@ class Cifar10Handler(BaseHandler):
         probs, looked = predict.probabilities(rows, self.forward, self.transform, self.device,
                                               self.chunk, self.settings.tta,
                                               self.settings.tta_margin)
+        self.budget.saw(sum(len(p) for p in probs), looked)
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None and self.settings.tta:
             metrics.add_counter("ts_handler_tta_images", sum(len(p) for p in probs), None)
@@ -184,11 +229,16 @@ class Cifar10Handler(BaseHandler):
         """The management API's customized describe: what this model answers and its limits."""
         return {"classes": self.classes, "runtime": self.runtime, "tta": self.settings.tta,
                 "tta_margin": self.settings.tta_margin, "topk": self.settings.topk,
-                "limits": self.limits}
+                "limits": self.limits, "budget": self.budget.figures()}
 
     @timed
     def postprocess(self, rows):
-        """Per request: its answer, or its error set through the context."""
+        """Per request: its answer, or its error set through the context (with Retry-After
+        where the budget refused it)."""
         answers.set_errors(rows, self.context, self._request_of)
         answers.set_binary(rows, self.context)
+        for index, row in enumerate(rows):
+            if row.error is not None and row.error[0] == 503:
+                self.context.set_response_header(self._request_of(index), "Retry-After",
+                                                 str(self.budget.retry_after))
         return [row.answer for row in rows]
