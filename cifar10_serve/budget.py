@@ -4,7 +4,8 @@ TorchServe fails a batch that runs past the model's `responseTimeout` and restar
 no batch may be allowed to get near it, whatever mix of requests it holds. At worker start the
 handler times, on this CPU or GPU, one view of one image through the forward it serves (the
 timing runtimes.py took where it chose one) and one image's Integrated Gradients (``measure``). A
-batch may cost `budget_share` of responseTimeout by these timings (``batch_seconds``), and in each
+batch may cost `budget_share` of responseTimeout by these timings (``batch_seconds``; more where
+the largest request the limits allow needs it on a slow machine: ``stretched``), and in each
 batch the requests are admitted (``Budget.admit``) while their estimated cost fits, in this order:
 
   1. the first request of the batch that needs work, whatever its kind: every request that fits a
@@ -73,6 +74,24 @@ def batch_seconds(response_timeout, share, max_decode_ms):
             f"of responseTimeout as headroom: lower budget_share or max_decode_ms, or raise "
             f"responseTimeout")
     return seconds
+
+
+def stretched(seconds, costs, limits, response_timeout, max_decode_ms):
+    """The batch budget stretched, where this machine is slow, to fit the largest request the
+    limits allow (``max_images`` with every TTA view, ``max_explain_images`` explained): a legal
+    request is served, not refused with a 413, on any CPU. Never past what leaves half of
+    responseTimeout as headroom; where even that is short (logged as a warning naming the
+    settings), the largest requests get their 413 naming what fits."""
+    needed = max(limits.get("max_images", 0) * costs.forward_ms * costs.views,
+                 limits.get("max_explain_images", 0)
+                 * (costs.ig_ms + costs.forward_ms * costs.views)) / 1000
+    cap = response_timeout / 2 - max_decode_ms / 1000
+    if needed > cap:
+        logger.warning("the largest requests the limits allow could cost %.1f s here, more than "
+                       "the %.1f s a batch may take within responseTimeout %s s: they will get "
+                       "a 413; lower max_explain_images or ig_steps (or max_images), or raise "
+                       "responseTimeout", needed, cap, response_timeout)
+    return max(seconds, min(needed, cap))
 
 
 class Budget:

@@ -83,12 +83,15 @@ class Cifar10Handler(BaseHandler):
         x = self.to_batch([torch.zeros(3, 32, 32, dtype=torch.uint8)] * self.chunk)
         forward_ms, ig_ms = budget.measure(self.forward, self.model, x, self.settings.ig_steps,
                                            timed)
-        found = budget.Budget(budget.Costs(forward_ms, ig_ms, budget.VIEWS[self.settings.tta]),
-                              seconds, self.settings.explain_share, self.limits,
+        costs = budget.Costs(forward_ms, ig_ms, budget.VIEWS[self.settings.tta])
+        seconds = budget.stretched(seconds, costs, self.limits, timeout,
+                                   self.limits["max_decode_ms"])
+        found = budget.Budget(costs, seconds, self.settings.explain_share, self.limits,
                               budget.work_clock(self.device))
         figures = found.figures()
         largest = figures["largest_request_images"]
-        logger.info("batch budget %.2f s (responseTimeout %s s x budget_share %s), timed here: "
+        logger.info("batch budget %.2f s (responseTimeout %s s x budget_share %s, or what the "
+                    "largest request allowed needs), timed here: "
                     "forward %.3f ms per image and view (%s, tta %d: up to %d views), Integrated "
                     "Gradients %.0f ms per image (%d steps); the largest request that fits: %s "
                     "images to predict, %s to explain; explanations at most %.0f%% of a batch; "

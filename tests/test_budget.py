@@ -168,6 +168,23 @@ def test_a_request_that_alone_costs_more_than_a_batch_gets_a_413_naming_what_fit
     assert colour_handler.budget.largest("explain") == 4  # max_explain_images
 
 
+
+def test_on_a_slow_cpu_the_budget_stretches_to_serve_every_request_the_limits_allow(caplog):
+    """Integrated Gradients at 0.9 s an image (an AVX2 CPU's order): the 2.5-s budget would
+    refuse a legal 4-image explanation with a 413; it stretches to fit it, never past half of
+    responseTimeout less one request's decoding; where even that is short the worker warns,
+    naming the settings, and the 413 names what fits. A fast machine keeps budget_share's."""
+    limits = {"max_images": 64, "max_explain_images": 4}
+    slow, slower, fast = Costs(1.0, 900.0, 2), Costs(1.0, 2000.0, 2), Costs(0.8, 190.0, 2)
+    assert budget.stretched(2.5, fast, limits, 10, 1000) == 2.5
+    seconds = budget.stretched(2.5, slow, limits, 10, 1000)
+    assert seconds == pytest.approx(4 * 0.902) and "413" not in caplog.text
+    assert Budget(slow, seconds, limits=limits).largest("explain") == 4
+    with caplog.at_level("WARNING"):
+        seconds = budget.stretched(2.5, slower, limits, 10, 1000)
+    assert seconds == 4.0 and Budget(slower, seconds, limits=limits).largest("explain") == 1
+    assert "lower max_explain_images or ig_steps" in caplog.text
+
 def test_expected_tta_forwards_follow_the_second_looks_seen(colour_handler):
     """Until images are seen, every image is costed at every view; then at the share seen."""
     found = Budget(Costs(forward_ms=100, ig_ms=0, views=2), seconds=1.0)
@@ -207,7 +224,7 @@ def test_the_worker_times_its_budget_at_start_logs_and_describes_it(colour_handl
     assert figures["tta_views"] == 2 and figures["explain_share"] == 0.5
     assert figures["largest_request_images"] == {
         "predict": handler.budget.largest("predict"), "explain": handler.budget.largest("explain")}
-    assert "batch budget 2.50 s (responseTimeout 10 s x budget_share 0.25)" in caplog.text
+    assert "batch budget 2.50 s (responseTimeout 10 s x budget_share 0.25," in caplog.text
     handler.context.model_yaml_config = {"responseTimeout": 10,
                                          "handler": {"budget_share": 0.45, "runtime": "torch"}}
     with pytest.raises(ValueError, match="budget_share 0.45 x responseTimeout 10"):
