@@ -25,6 +25,10 @@ def shaped(reply, answers, kserve_key):
     return answers  # a list: several images, and explanations of v2 requests
 
 
+# The error type an answer names, by its status (TorchServe's own answers name their types so).
+ERROR_TYPES = {413: "RequestEntityTooLarge", 503: "ServiceUnavailable"}
+
+
 def set_errors(rows, context, request_of):
     """Each failed row's status through the context, for its own request (``request_of(row
     index)``: under a KServe envelope every row is an instance of request 0, and the first
@@ -40,8 +44,9 @@ def set_errors(rows, context, request_of):
         if request_of(index) != index:  # instances of one enveloped request
             message = f"instance {index}: {message}"
         errors.setdefault(request_of(index), (code, message))
-        row.answer = {"code": code, "type": "BadRequest" if code < 500 else
-                      "InternalServerError", "message": message}
+        row.answer = {"code": code, "type": ERROR_TYPES.get(code, "BadRequest" if code < 500
+                                                            else "InternalServerError"),
+                      "message": message}
         if row.reply == "v2":
             row.answer["error"] = message
     for index, (code, message) in errors.items():
