@@ -1,13 +1,13 @@
 """Answers back: each row's class probabilities (or explanations) in the shape its request asked
 for, and each failed row's error, set for that request alone through TorchServe's context."""
-from cifar10_serve import oip
+from cifar10_serve import oip, oip_reply
 from cifar10_serve.errors import safe
 
 
 def prediction(row, probs, classes, topk, model_name):
     """The answer to a predict row from its images' class probabilities (N, classes)."""
     if row.reply == "v2":
-        return oip.response(probs, classes, model_name, row.v2 or oip.Reply())
+        return oip_reply.response(probs, classes, model_name, row.v2 or oip_reply.Reply())
     if row.reply == "tensor":  # under the kservev2 envelope, which names and shapes it
         return probs.reshape(-1).tolist()
     values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
@@ -54,10 +54,10 @@ def set_errors(rows, context, request_of):
 
 
 def set_binary(rows, context):
-    """Answers in v2's binary data extension (oip.Binary): the body as bytes, and the length of
+    """Answers in v2's binary data extension (oip_reply.Binary): the body as bytes, and the length of
     its JSON header in the response's Inference-Header-Content-Length header."""
     for index, row in enumerate(rows):
-        if isinstance(row.answer, oip.Binary):
+        if isinstance(row.answer, oip_reply.Binary):
             context.set_response_header(index, oip.HEADER_LENGTH, str(row.answer.header_length))
             context.set_response_content_type(index, "application/octet-stream")
             row.answer = row.answer.body

@@ -196,6 +196,28 @@ class Budget:
                 "retry_after_s": self.retry_after}
 
 
+
+def for_worker(settings, response_timeout, forward, net, x, timed_ms, runtime):
+    """A worker's Budget from this machine's timings of the served ``forward`` (``timed_ms`` per
+    image where the runtime check timed it) and of one image's Integrated Gradients of ``net``
+    (on ``x``, a batch of the served shape); its figures logged."""
+    limits, decode_ms = settings.limits, settings.limits["max_decode_ms"]
+    seconds = batch_seconds(response_timeout, settings.budget_share, decode_ms)
+    forward_ms, ig_ms = measure(forward, net, x, settings.ig_steps, timed_ms)
+    costs = Costs(forward_ms, ig_ms, VIEWS[settings.tta])
+    seconds = stretched(seconds, costs, limits, response_timeout, decode_ms)
+    found = Budget(costs, seconds, settings.explain_share, limits, work_clock(x.device))
+    largest = found.largest("predict"), found.largest("explain")
+    logger.info("batch budget %.2f s (responseTimeout %s s x budget_share %s, or what the "
+                "largest request allowed needs), timed here: forward %.3f ms per image and view "
+                "(%s, tta %d: up to %d views), Integrated Gradients %.0f ms per image (%d "
+                "steps); the largest request that fits: %s images to predict, %s to explain; "
+                "explanations at most %.0f%% of a batch; refused requests get 503 with "
+                "Retry-After %d s", seconds, response_timeout, settings.budget_share, forward_ms,
+                runtime, settings.tta, costs.views, ig_ms, settings.ig_steps, *largest,
+                100 * found.explain_share, found.retry_after)
+    return found
+
 def _weight(row):
     """How heavy a request is before decoding: its images, then its encoded bytes (v2 UINT8
     pixels, already tensors, decode for free)."""

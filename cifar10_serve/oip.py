@@ -1,14 +1,10 @@
-"""The Open Inference Protocol (v2) as `tritonclient.http` speaks it with its defaults: the binary
-tensor data extension for inputs and outputs, and the answer's outputs as the request asks.
+"""The Open Inference Protocol (v2) requests as `tritonclient.http` sends them with its defaults:
+the binary tensor data extension for inputs (oip_reply.py writes the answers).
 
 A binary request is one body: a JSON inference header of `Inference-Header-Content-Length` bytes,
 then the bytes of each input whose `parameters.binary_data_size` says so, in input order.
   BYTES  encoded images (PNG, JPEG, ...), each a 4-byte little-endian length and the file's bytes
   UINT8  raw pixels of shape [N, 32, 32, 3], N * 3,072 bytes
-Outputs (`label` BYTES [N], `probabilities` FP32 [N, classes]) come back as JSON or, where the
-request's `binary_data_output` or an output's `binary_data` asks, as binary data after a JSON
-header whose length the response's `Inference-Header-Content-Length` header gives. An output's
-`classification: k` answers its top k as BYTES "probability:index:label" ([N, k]).
 
 TorchServe 0.12 passes the worker no URL: a request on its KServe inference routes
 (/v2/models/cifar10/infer, /v1/models/cifar10:predict) is told by the `explain: False` header those
@@ -19,7 +15,6 @@ body and the limits before any image is copied or allocated.
 import json
 import re
 import struct
-from dataclasses import dataclass, field
 
 import torch
 from ts.utils.util import PredictionException
@@ -27,11 +22,10 @@ from ts.utils.util import PredictionException
 from cifar10_serve import errors
 from cifar10_serve.errors import shown
 from cifar10_serve.net import IMAGE_SIZE
-from cifar10_serve.requests import (PIXELS_PER_IMAGE, json_values, json_values_limit, too_many,
-                                    v2_images)
+from cifar10_serve.requests import (PIXELS_PER_IMAGE, json_values, json_values_limit,
+                                    read_request, too_many, v2_images)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-OUTPUTS = ("label", "probabilities")
 ACCEPTED = ("a v2 request (POST /v2/models/cifar10/infer) is a JSON inference request with one "
             "input: BYTES of encoded images (PNG, JPEG, GIF, BMP, WebP, TIFF), shape [N], as "
             "base64 strings in \"data\", or UINT8 pixels, shape [N, 32, 32, 3], as integers; or, "
@@ -54,21 +48,6 @@ def in_v2_terms(message):
     return message
 
 
-@dataclass
-class Reply:
-    """What a v2 request asks of its answer: its id echoed, and which outputs, in order, each as
-    JSON or binary data, each its full tensor or its top ``classification`` classes."""
-    id: str = None
-    outputs: list = field(default_factory=lambda: [(name, False, 0) for name in OUTPUTS])
-
-
-@dataclass
-class Binary:
-    """An answer in the binary data extension: the body, and the length of its JSON header."""
-    body: bytes
-    header_length: int
-
-
 def request_header(headers, name):
     """A request header's value, whatever case the client gave its name in, or None."""
     name = name.lower()
@@ -89,6 +68,37 @@ def check_encoding(headers):
         raise bad(f"the body is compressed (Content-Encoding: {shown(encoding)}), which "
                   f"TorchServe's frontend does not undo: send it uncompressed (tritonclient: "
                   f"request_compression_algorithm=None, its default)")
+
+
+def read_body(request, headers, limits, row, enveloped=False):
+    """(images, reply shape, the v2 request or None) of any one request (requests.read_request
+    reads every form but v2's binary one). A request on the v2 (or KServe v1) route is answered
+    in v2's shape, its errors too (``row.reply``); one in v2's binary data extension (an
+    Inference-Header-Content-Length header) is read by ``read_binary``. ``enveloped``: the row is
+    an instance of a KServe envelope's request, read as it is."""
+    binary = None if enveloped else request_header(headers, HEADER_LENGTH)
+    protocol = not enveloped and on_protocol_route(headers)
+    if protocol or binary is not None:
+        row.reply = "v2"
+        check_encoding(headers)
+    if binary is not None:
+        return read_binary(request, binary, limits)
+    content_type = request_header(headers, "content-type") or ""
+    form = None  # a multipart request: each field's own content type ("" for text)
+    if content_type.startswith("multipart/form-data") and isinstance(request, dict):
+        form = {name: _field_type(headers.get(name)) for name in request}
+    images, reply, v2 = read_request(request, limits, form)
+    if protocol and reply not in ("v2", "kserve"):  # a raw image, a form, {"data": ...}
+        raise bad("the body is not a v2 inference request (nor, on /v1/models/cifar10:predict, "
+                  "KServe v1's {\"instances\": [...]}); TorchServe passes no URL to the "
+                  "handler, so both routes are read alike")
+    return images, reply, v2
+
+
+def _field_type(headers):
+    """A multipart field's own content type, or None where a request header of the same name
+    (`accept`, `explain`) took its place in TorchServe's one dict of both."""
+    return headers.get("content-type") if isinstance(headers, dict) else None
 
 
 def read_binary(request, header_length, limits):
@@ -221,100 +231,3 @@ def _elements(data, count):
     if len(images) != count:
         raise bad(f"the BYTES input holds {len(images)} images, its shape says {count}")
     return images
-
-
-def reply(header, max_id_length, classes, binary=True):
-    """The Reply a v2 request (its JSON inference header) asks for: its "id", and its outputs:
-    each named in "outputs" (default: all, in the model's order), binary where its
-    parameters.binary_data, else the request's parameters.binary_data_output, says so (and
-    ``binary``: False under TorchServe's KServe envelopes, which write the answer as JSON)."""
-    found = _reply(header, max_id_length, classes)
-    if not binary:
-        found.outputs = [(name, False, top) for name, _, top in found.outputs]
-    return found
-
-
-def _reply(header, max_id_length, classes):
-    request_id = header.get("id")
-    if request_id is not None and not (isinstance(request_id, str)
-                                       and len(request_id) <= max_id_length):
-        raise bad(f"a v2 \"id\" must be a string of at most {max_id_length} characters")
-    parameters = header.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise bad("the request's \"parameters\" must be an object")
-    binary = _flag(parameters, "binary_data_output", "parameters")
-    asked = header.get("outputs")
-    if asked is None:
-        return Reply(request_id, [(name, binary, 0) for name in OUTPUTS])
-    if not (isinstance(asked, list) and asked and len(asked) <= len(OUTPUTS)
-            and all(isinstance(o, dict) for o in asked)):
-        raise bad(f"\"outputs\" must be a list of at most {len(OUTPUTS)} objects, each "
-                  f"{{\"name\": one of {list(OUTPUTS)}}}")
-    outputs = []
-    for index, output in enumerate(asked):
-        name, where = output.get("name"), f"outputs[{index}]"
-        if name not in OUTPUTS or name in [o[0] for o in outputs]:
-            raise bad(f"{where}.name is {shown(name)!r}; the outputs are {list(OUTPUTS)}, each "
-                      f"asked once")
-        options = output.get("parameters") or {}
-        if not isinstance(options, dict):
-            raise bad(f"{where}.parameters must be an object")
-        if any(key.startswith("shared_memory") for key in options):
-            raise bad(f"{where} names a shared memory region; outputs come back in the "
-                      f"response only")
-        own = _flag(options, "binary_data", f"{where}.parameters")
-        top = options.get("classification", 0)
-        if type(top) is not int or not 0 <= top <= len(classes) \
-                or (top and name != "probabilities"):
-            raise bad(f"{where}.parameters.classification must be a whole number from 1 to "
-                      f"{len(classes)}, on the \"probabilities\" output, got {shown(top)!r}")
-        outputs.append((name, binary if own is None else own, top))
-    return Reply(request_id, outputs)
-
-
-def _flag(parameters, name, where):
-    value = parameters.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise bad(f"{where}.{name} must be true or false, got {shown(value)!r}")
-    return value if name == "binary_data" else bool(value)
-
-
-def response(probs, classes, model_name, asked):
-    """The v2 answer to a request's images (their class probabilities, N x classes): a dict to
-    send as JSON, or Binary where any output goes as binary data."""
-    tensors = []
-    for name, binary, top in asked.outputs:
-        if name == "label":
-            tensor = ("BYTES", [len(probs)], [classes[i] for i in probs.argmax(dim=1).tolist()])
-        elif top:
-            values, indices = probs.topk(top, dim=1)
-            tensor = ("BYTES", [len(probs), top],
-                      [f"{p:f}:{i}:{classes[i]}" for row_p, row_i in
-                       zip(values.tolist(), indices.tolist()) for p, i in zip(row_p, row_i)])
-        else:
-            tensor = ("FP32", list(probs.shape), probs.reshape(-1))
-        tensors.append((name, binary, *tensor))
-    answer = {"model_name": model_name, "outputs": []}
-    if asked.id is not None:
-        answer["id"] = asked.id
-    payload = []
-    for name, binary, datatype, shape, data in tensors:
-        output = {"name": name, "datatype": datatype, "shape": shape}
-        if binary:
-            raw = _raw(datatype, data)
-            output["parameters"] = {"binary_data_size": len(raw)}
-            payload.append(raw)
-        else:
-            output["data"] = data.tolist() if isinstance(data, torch.Tensor) else data
-        answer["outputs"].append(output)
-    if not payload:
-        return answer
-    header = json.dumps(answer, separators=(",", ":")).encode()
-    return Binary(header + b"".join(payload), len(header))
-
-
-def _raw(datatype, data):
-    if datatype == "FP32":
-        return data.numpy().astype("<f4").tobytes()
-    return b"".join(struct.pack("<I", len(item)) + item
-                    for item in (text.encode() for text in data))

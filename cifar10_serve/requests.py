@@ -36,7 +36,7 @@ class Row:
 
     kind: "predict", "explain" or "describe"; reply: the answer's shape, "one" (an object), "list",
     "v2", "kserve" or "tensor" (a kservev2 envelope's); images: encoded bytes at first, uint8
-    (3, 32, 32) tensors once decoded; v2: what a v2 request asks of its answer (oip.Reply: its
+    (3, 32, 32) tensors once decoded; v2: what a v2 request asks of its answer (oip_reply.Reply: its
     id, its outputs, JSON or binary); error: (status, message) once anything failed for this
     request alone; answer: what it gets back."""
     kind: str = "predict"
@@ -67,7 +67,7 @@ def json_values(body):
 
 def read_request(row, limits, form=None):
     """(encoded images or uint8 tensors of one request row in order, reply shape, the v2 request
-    itself or None: its "id", "outputs" and "parameters" say what its answer holds, oip.reply).
+    itself or None: its "id", "outputs" and "parameters" say what its answer holds, oip_reply.reply).
 
     ``form``: for a multipart request, each field's own content type ("" for an HTML form's
     text fields, None where unknown); None for any other body. Counts the images against the

@@ -2,7 +2,8 @@
 
 The class TorchServe loads; the work is in the cifar10_serve package beside it in the .mar:
     requests.py   request bodies -> rows (raw, multipart, JSON base64, v2, KServe v1)
-    oip.py        v2's binary tensor data extension (tritonclient's default) and v2 answers
+    oip.py        v2's binary tensor data extension (tritonclient's default) in requests
+    oip_reply.py  v2 answers: the outputs asked, as JSON or binary data
     images.py     where a row's bytes become a tensor (header checks, decoding, the transform)
     runtimes.py   which forward runs: every candidate checked and timed on the serving CPU
     budget.py     what a batch may cost here (timed at start), and which requests fit in it
@@ -27,19 +28,13 @@ from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from cifar10_serve import answers, budget, compat, oip, predict, settings
+from cifar10_serve import answers, budget, compat, oip, oip_reply, predict, settings
 from cifar10_serve.images import decode_request, eval_transform
 from cifar10_serve.net import build_net, class_names, load_checkpoint
-from cifar10_serve.requests import Row, read_request, too_many
+from cifar10_serve.requests import Row, too_many
 from cifar10_serve.runtimes import choose, select_device
 
 logger = logging.getLogger(__name__)
-
-
-def _field_type(headers):
-    """A multipart field's own content type, or None where a request header of the same name
-    (`accept`, `explain`) took its place in TorchServe's one dict of both."""
-    return headers.get("content-type") if isinstance(headers, dict) else None
 
 
 class Cifar10Handler(BaseHandler):
@@ -66,40 +61,16 @@ class Cifar10Handler(BaseHandler):
             self.forward, self.runtime, self.trials = choose(
                 self.settings.runtime, self.model, model_dir, self.transform,
                 torch.get_num_threads())
-        self.budget = self._measure_budget(context)
+        config = getattr(context, "model_yaml_config", None) or {}
+        timed_ms = next((t.ms_per_image for t in self.trials if t.forward is self.forward), None)
+        self.budget = budget.for_worker(
+            self.settings, config.get("responseTimeout", budget.TORCHSERVE_RESPONSE_TIMEOUT),
+            self.forward, self.model, self.to_batch([torch.zeros(3, 32, 32, dtype=torch.uint8)]
+                                                    * self.chunk), timed_ms, self.runtime)
         self.enveloped, self.initialized = False, True
         logger.info("cifar10 model loaded on %s (runtime %s, tta=%d, top-%d, %d threads, "
                     "limits %s)", self.device, self.runtime, self.settings.tta,
                     self.settings.topk, torch.get_num_threads(), self.limits)
-
-    def _measure_budget(self, context):
-        """The batch budget from this machine's timings of the served forward (the runtime
-        check's, where it ran) and of one image's Integrated Gradients; logged."""
-        config = getattr(context, "model_yaml_config", None) or {}
-        timeout = config.get("responseTimeout", budget.TORCHSERVE_RESPONSE_TIMEOUT)
-        seconds = budget.batch_seconds(timeout, self.settings.budget_share,
-                                       self.limits["max_decode_ms"])
-        timed = next((t.ms_per_image for t in self.trials if t.forward is self.forward), None)
-        x = self.to_batch([torch.zeros(3, 32, 32, dtype=torch.uint8)] * self.chunk)
-        forward_ms, ig_ms = budget.measure(self.forward, self.model, x, self.settings.ig_steps,
-                                           timed)
-        costs = budget.Costs(forward_ms, ig_ms, budget.VIEWS[self.settings.tta])
-        seconds = budget.stretched(seconds, costs, self.limits, timeout,
-                                   self.limits["max_decode_ms"])
-        found = budget.Budget(costs, seconds, self.settings.explain_share, self.limits,
-                              budget.work_clock(self.device))
-        figures = found.figures()
-        largest = figures["largest_request_images"]
-        logger.info("batch budget %.2f s (responseTimeout %s s x budget_share %s, or what the "
-                    "largest request allowed needs), timed here: "
-                    "forward %.3f ms per image and view (%s, tta %d: up to %d views), Integrated "
-                    "Gradients %.0f ms per image (%d steps); the largest request that fits: %s "
-                    "images to predict, %s to explain; explanations at most %.0f%% of a batch; "
-                    "refused requests get 503 with Retry-After %d s", seconds, timeout,
-                    self.settings.budget_share, forward_ms, self.runtime, self.settings.tta,
-                    found.costs.views, ig_ms, self.settings.ig_steps, largest["predict"],
-                    largest["explain"], 100 * found.explain_share, found.retry_after)
-        return found
 
     def handle(self, data, context):
         """Answer every request of the batch by its own kind; never fail one for another."""
@@ -140,9 +111,10 @@ class Cifar10Handler(BaseHandler):
             if self.enveloped and rows > limit:  # one request's instances
                 raise too_many(rows, limit)
             limits = {**self.limits, "max_images": limit}
-            row.images, row.reply, v2 = self._read_body(request, headers, limits, row)
+            row.images, row.reply, v2 = oip.read_body(request, headers, limits, row,
+                                                         self.enveloped)
             if v2 is not None:
-                row.v2 = oip.reply(v2, self.limits["max_id_length"], self.classes,
+                row.v2 = oip_reply.reply(v2, self.limits["max_id_length"], self.classes,
                                    binary=not self.enveloped)
         return row
 
@@ -161,29 +133,6 @@ class Cifar10Handler(BaseHandler):
             logger.exception("%s failed", doing)
             row.error, row.images = (500, "the server failed while reading this request "
                                           "(logged)"), []
-
-    def _read_body(self, request, headers, limits, row):
-        """(images, reply shape, the v2 request or None) of one request. A request on the v2 (or
-        KServe v1) route is answered in v2's shape, its errors too; one in v2's binary data
-        extension (an Inference-Header-Content-Length header) is read by oip.read_binary."""
-        binary = None if self.enveloped else oip.request_header(headers, oip.HEADER_LENGTH)
-        protocol = not self.enveloped and oip.on_protocol_route(headers)
-        if protocol or binary is not None:
-            row.reply = "v2"
-            oip.check_encoding(headers)
-        if binary is not None:
-            return oip.read_binary(request, binary, limits)
-        content_type = oip.request_header(headers, "content-type") or ""
-        form = None  # a multipart request: each field's own content type ("" for text)
-        if content_type.startswith("multipart/form-data") and isinstance(request, dict):
-            form = {name: _field_type(headers.get(name)) for name in request}
-        images, reply, v2 = read_request(request, limits, form)
-        if protocol and reply not in ("v2", "kserve"):  # a raw image, a form, {"data": ...}
-            raise oip.bad("the body is not a v2 inference request (nor, on "
-                          "/v1/models/cifar10:predict, KServe v1's {\"instances\": [...]}); "
-                          "TorchServe passes no URL to the handler, so both routes are read "
-                          "alike")
-        return images, reply, v2
 
     @timed
     def inference(self, rows, *args, **kwargs):
