@@ -9,10 +9,14 @@
 ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 
-RUN apt-get update \
+# nginx: deploy/k8s/ runs this image a second time in each pod as TorchServe's proxy (Debian's
+# nginx, the one `make serve-proxy` and tests/test_proxy.py run; README "Reverse proxy"). The
+# policy-rc.d stops its package from starting the system service during the build.
+RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d \
+ && apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-      openjdk-17-jre-headless python3 python3-venv ca-certificates \
- && rm -rf /var/lib/apt/lists/*
+      openjdk-17-jre-headless python3 python3-venv ca-certificates nginx \
+ && rm -rf /var/lib/apt/lists/* /usr/sbin/policy-rc.d
 
 # The non-root user TorchServe runs as. deploy/k8s/deployment.yaml runs the pod as this UID (the
 # kubelet verifies runAsNonRoot only against a number).

@@ -52,6 +52,13 @@ KSERVE_DIR  ?= dist/kserve
 GPU_OUT     ?= $(RUN_DIR)/gpu-check
 GPU_CHECK_ARGS ?=
 DEMO_PORT   ?= 8090
+# make serve-proxy: nginx in front of TorchServe on 127.0.0.1 (deploy/nginx/; README "Reverse proxy")
+PROXY_PORT  ?= 8000
+PROXY_MANAGEMENT_PORT ?= 8001
+PROXY_DIR   ?= $(RUN_DIR)/proxy
+# The archive's version, and its Open Inference Protocol metadata (served by the proxy)
+MODEL_VERSION ?= 1.0
+METADATA    ?= $(MODEL_STORE)/cifar10.v2.json
 
 BIN := $(VENV)/bin
 JAVA_MSG := TorchServe 0.12 needs Java 17+ (Debian/Ubuntu: apt-get install openjdk-17-jre-headless)
@@ -79,7 +86,8 @@ HANDLER_FILES := handler/cifar10_handler.py $(PACKAGE_FILES) $(INDEX_TO_NAME) \
 
 .DEFAULT_GOAL := help
 .PHONY: help install train archive serve stop status predict scale test evaluate bench clean \
-        docker docker-run docker-stop kserve-bundle demo gpu-check docker-test
+        docker docker-run docker-stop kserve-bundle demo gpu-check docker-test serve-proxy \
+        stop-proxy
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -102,7 +110,7 @@ $(ONNX) $(INT8) $(GOLDEN) &: $(WEIGHTS) $(PACKAGE_FILES) export_onnx.py | $(BIN)
 
 $(MAR): $(WEIGHTS) $(ONNX) $(INT8) $(GOLDEN) $(HANDLER_FILES) | $(BIN)/torchserve
 	@rm -rf $(SHIP) && mkdir -p $(SHIP)/cifar10_serve && cp $(PACKAGE_FILES) $(SHIP)/cifar10_serve/
-	$(BIN)/torch-model-archiver --force --model-name cifar10 --version 1.0 \
+	$(BIN)/torch-model-archiver --force --model-name cifar10 --version $(MODEL_VERSION) \
 	  --serialized-file $(WEIGHTS) --handler handler/cifar10_handler.py \
 	  --extra-files $(SHIP),$(INDEX_TO_NAME),$(ONNX),$(INT8),$(GOLDEN) \
 	  --config-file $(MODEL_CONFIG) --export-path $(MODEL_STORE)
@@ -110,19 +118,33 @@ $(MAR): $(WEIGHTS) $(ONNX) $(INT8) $(GOLDEN) $(HANDLER_FILES) | $(BIN)/torchserv
 $(WEIGHTS):
 	@echo "$(WEIGHTS) is missing: \`make train\` writes it (or pass WEIGHTS=path/to/checkpoint.pt)"; exit 1
 
-archive: $(MAR) ## export the ONNX forwards (fp32, int8) and the golden set, package them with weights, model, handler, configs
+$(METADATA): $(WEIGHTS) proxy.py | $(BIN)/torchserve
+	$(PY) proxy.py metadata $(WEIGHTS) --version $(MODEL_VERSION) --out $@
+
+archive: $(MAR) $(METADATA) ## export the ONNX forwards (fp32, int8) and the golden set, package them with weights, model, handler, configs
 
 serve: $(MAR) ## start TorchServe in the background; returns once a prediction succeeds
 	@$(CHECK_JAVA)
 	@mkdir -p $(RUN_DIR)
-	@if $(PY) client.py ping --quiet 2>/dev/null; then echo "TorchServe is already running"; \
+	@if $(PY) client.py --config $(TS_CONFIG) ping --quiet 2>/dev/null; then echo "TorchServe is already running"; \
 	else TMPDIR=$(abspath $(RUN_DIR)) TEMP=$(abspath $(RUN_DIR)) $(BIN)/torchserve --start --ncs --ts-config $(TS_CONFIG) --log-config $(abspath log4j2.xml) \
 	  --model-store $(MODEL_STORE) --models cifar10=cifar10.mar >$(RUN_DIR)/torchserve.out 2>&1 \
-	  && $(PY) client.py wait --timeout 60 --worker-log logs/model_log.log || { cat $(RUN_DIR)/torchserve.out; \
+	  && $(PY) client.py --config $(TS_CONFIG) wait --timeout 60 --worker-log logs/model_log.log || { cat $(RUN_DIR)/torchserve.out; \
 	  tail -n 30 logs/model_log.log 2>/dev/null; $(MAKE) --no-print-directory stop; exit 1; }; fi
 
 stop: ## stop the TorchServe that `make serve` started
 	@TMPDIR=$(abspath $(RUN_DIR)) $(BIN)/torchserve --stop --foreground
+
+serve-proxy: serve $(METADATA) ## make serve, then nginx in front on 127.0.0.1:PROXY_PORT (inference) and PROXY_MANAGEMENT_PORT
+	@$(PY) -c "import proxy; proxy.nginx_binary()" 2>/dev/null \
+	  || { echo "make serve-proxy needs nginx (Debian/Ubuntu: apt-get install nginx)"; exit 1; }
+	$(PY) proxy.py start --run-dir $(PROXY_DIR) --ts-config $(TS_CONFIG) \
+	  --model-config $(MODEL_CONFIG) --metadata $(METADATA) \
+	  --listen 127.0.0.1:$(PROXY_PORT) --listen-management 127.0.0.1:$(PROXY_MANAGEMENT_PORT)
+
+stop-proxy: ## stop the nginx of make serve-proxy, then TorchServe (make stop)
+	$(PY) proxy.py stop --run-dir $(PROXY_DIR)
+	@$(MAKE) --no-print-directory stop
 
 status: ## show the model's workers (management API)
 	$(PY) client.py describe
@@ -191,4 +213,4 @@ docker-test: $(BIN)/torchserve ## build the image, serve from it, check answers 
 	$(PY) -m pytest -m container tests/test_container.py
 
 clean: ## remove build outputs (the archive, logs, run files)
-	rm -rf $(MAR) $(ONNX) $(INT8) $(GOLDEN) $(SHIP) logs $(RUN_DIR) .pytest_cache dist
+	rm -rf $(MAR) $(METADATA) $(ONNX) $(INT8) $(GOLDEN) $(SHIP) logs $(RUN_DIR) .pytest_cache dist

@@ -11,8 +11,10 @@ writes where it starts (both in the repo root for `make serve`).
 
 TorchServe's tokens expire (token_expiration_min, 60 min by default); the client renews an expired
 one with the key file's API key and resends the request once. An inference request answered 503
-(queue full, no worker) or 507 (its worker died mid-request) is sent again, at most twice, after
-0.5 s and 1 s. `scale` refuses counts TorchServe's management API would mishandle.
+(queue full, no worker), 507 (its worker died mid-request) or TorchServe's own 500 for a request a
+worker stopped by a scale-down dropped is sent again, at most twice, after 0.5 s and 1 s. `scale`
+refuses counts TorchServe's management API would mishandle. `--config .run/proxy/client.properties`
+goes through the proxy of `make serve-proxy`.
 """
 import argparse
 import base64
@@ -40,6 +42,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".ti
 MODEL_CONFIG = yaml.safe_load((Path(__file__).resolve().parent / "handler" / "model-config.yaml")
                               .read_text())
 RETRY_STATUSES = (503, 507)  # TorchServe: queue full or no worker; the worker died mid-request
+# TorchServe's own answer (not the handler's) to the requests of a worker a scale-down stopped.
+DROPPED_BY_WORKER = ("Worker died.", "Worker scaled down.")
 RETRY_DELAYS = (0.5, 1.0)  # seconds before each resend
 
 
@@ -77,11 +81,12 @@ class TorchServeClient:
         return self._call("GET", f"{self.inference}/ping", "inference", timeout=5)
 
     def _infer(self, url, **kwargs):
-        """An inference POST, resent after RETRY_DELAYS while TorchServe answers 503 or 507
-        (safe: a prediction changes nothing on the server)."""
+        """An inference POST, resent after RETRY_DELAYS while TorchServe answers 503 or 507, or
+        500 for a request a stopped worker dropped (safe: a prediction changes nothing on the
+        server)."""
         response = self._call("POST", url, "inference", timeout=60, **kwargs)
         for delay in RETRY_DELAYS:
-            if response.status_code not in RETRY_STATUSES:
+            if response.status_code not in RETRY_STATUSES and not dropped(response):
                 break
             log.warning("%s answered %d; sending again in %.1f s", url, response.status_code,
                         delay)
@@ -113,13 +118,16 @@ class TorchServeClient:
     def scale(self, workers):
         """Set the worker count, from 1 to model-config.yaml's maxWorkers (ValueError otherwise:
         TorchServe 0.12 itself answers min_worker=-1 with a 500 and leaves no worker, and takes
-        counts over maxWorkers). TorchServe sets max_worker to the count too: that many run."""
+        counts over maxWorkers), as min_worker and max_worker both (the proxy takes no other
+        form): that many run. TorchServe stops a worker mid-batch when scaling down; what it
+        drops, the proxy (or _infer) sends again."""
         most = MODEL_CONFIG["maxWorkers"]
         if not (type(workers) is int and 1 <= workers <= most):
             raise ValueError(f"workers must be a whole number from 1 to {most} (maxWorkers in "
                              f"handler/model-config.yaml), got {workers!r}")
         return self._call("PUT", f"{self.management}/models/{self.model}", "management",
-                          params=dict(min_worker=workers, synchronous="true"),
+                          params=dict(min_worker=workers, max_worker=workers,
+                                      synchronous="true"),
                           timeout=120)
 
     def metrics(self):
@@ -154,6 +162,19 @@ class TorchServeClient:
                 last = repr(err)
             time.sleep(0.25)
         raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s: {last}")
+
+
+def dropped(response):
+    """Whether ``response`` is TorchServe's 500 for a request that a stopped worker dropped
+    (its frontend's InternalServerException, not an answer of the handler)."""
+    if response.status_code != 500:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return (isinstance(body, dict) and body.get("type") == "InternalServerException"
+            and body.get("message") in DROPPED_BY_WORKER)
 
 
 def free_port():

@@ -5,6 +5,8 @@ against the Kubernetes API schemas offline (kubernetes-validate --strict; KServe
 InferenceService, a custom resource, has its own checks here), and the fields that decide whether
 a deployment works (kinds, API versions, runtime, storage, GPU, selectors, ports, users,
 draining) are checked against each other and against the TorchServe configs they run.
+The nginx sidecar's ConfigMap is checked to be proxy.py's render of deploy/nginx/ for the pod
+(tests/test_proxy.py runs that config's template in front of a real TorchServe).
 Run alone with `.venv/bin/python -m pytest tests/test_deploy.py`.
 """
 import fnmatch
@@ -17,13 +19,16 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import proxy
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 API_VERSIONS = {"InferenceService": "serving.kserve.io/v1beta1", "Deployment": "apps/v1",
                 "Service": "v1", "HorizontalPodAutoscaler": "autoscaling/v2",
-                "NetworkPolicy": "networking.k8s.io/v1", "PodDisruptionBudget": "policy/v1"}
+                "NetworkPolicy": "networking.k8s.io/v1", "PodDisruptionBudget": "policy/v1",
+                "ConfigMap": "v1"}
 EXPECTED_KINDS = {"kserve": ["InferenceService", "NetworkPolicy"],
-                  "k8s": ["Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
+                  "k8s": ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
                           "PodDisruptionBudget", "Service"],
                   "k8s-gpu": ["Deployment"]}
 CUSTOM_RESOURCES = {"InferenceService"}  # no schema in Kubernetes itself: checked below
@@ -167,20 +172,25 @@ def pod(deployment):
     return deployment["spec"]["template"]
 
 
-def container(deployment):
-    (only,) = pod(deployment)["spec"]["containers"]
-    return only
+def container(deployment, name="torchserve"):
+    """The pod's TorchServe container, or its nginx sidecar (name="proxy")."""
+    containers = pod(deployment)["spec"]["containers"]
+    assert sorted(c["name"] for c in containers) == ["proxy", "torchserve"]
+    (found,) = [c for c in containers if c["name"] == name]
+    return found
 
 
 def named_ports(deployment):
-    return {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    return {p["name"]: p["containerPort"] for c in pod(deployment)["spec"]["containers"]
+            for p in c.get("ports", [])}
 
 
-def test_deployment_selects_its_own_pods_and_runs_as_a_non_root_user():
+@pytest.mark.parametrize("name", ["torchserve", "proxy"])
+def test_deployment_selects_its_own_pods_and_runs_as_a_non_root_user(name):
     deployment = one("k8s", "Deployment")
     labels = pod(deployment)["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    spec, ctr = pod(deployment)["spec"], container(deployment)
+    spec, ctr = pod(deployment)["spec"], container(deployment, name)
     context = {**spec.get("securityContext", {}), **ctr.get("securityContext", {})}
     assert context["runAsNonRoot"] is True
     assert isinstance(context["runAsUser"], int) and context["runAsUser"] > 0
@@ -195,21 +205,53 @@ def test_dockerfile_creates_the_uid_that_the_deployment_runs_as():
                for arg in instruction_args("RUN"))
 
 
-def test_deployment_ports_and_probe_agree_with_the_container_config():
+def test_deployment_ports_and_probes_agree_with_the_container_config():
+    """TorchServe's inference and management APIs on the pod's loopback, where the proxy's
+    config looks for them; the pod's ports are the proxy's and the metrics; probes go through
+    the proxy's /v2/health/ready (TorchServe's /ping)."""
     deployment = one("k8s", "Deployment")
     ports = named_ports(deployment)
-    inference = address(DOCKER_CONFIG, "inference_address")[1]
     metrics = address(DOCKER_CONFIG, "metrics_address")[1]
-    assert sorted(ports.values()) == sorted([inference, metrics])
-    probe = container(deployment)["readinessProbe"]["httpGet"]
-    assert probe["path"] == "/ping" and ports.get(probe["port"], probe["port"]) == inference
+    listen = int(proxy.K8S["listen_inference"].rsplit(":", 1)[1])
+    assert ports == {"http": listen, "metrics": metrics}
+    assert [p["containerPort"] for p in container(deployment, "proxy")["ports"]] == [listen]
+    for name in ("torchserve", "proxy"):
+        probe = container(deployment, name)["readinessProbe"]["httpGet"]
+        assert probe["path"] == "/v2/health/ready"
+        assert ports.get(probe["port"], probe["port"]) == listen
+        assert "requests" in container(deployment, name)["resources"]
     env = {e["name"]: e["value"] for e in container(deployment)["env"]}
     # An un-tokened /ping needs token auth off, which the env can only do with envvars enabled;
     # with tokens off, the management API must stay on the pod's loopback.
     assert DOCKER_CONFIG["enable_envvars_config"] == "true"
     assert env["TS_DISABLE_TOKEN_AUTHORIZATION"] == "true"
-    assert urlsplit(env["TS_MANAGEMENT_ADDRESS"]).hostname == "127.0.0.1"
-    assert "requests" in container(deployment)["resources"]
+    for api, key in (("inference", "ts_inference"), ("management", "ts_management")):
+        url = urlsplit(env[f"TS_{api.upper()}_ADDRESS"])
+        assert url.hostname == "127.0.0.1" and url.netloc == proxy.K8S[key], api
+    liveness = container(deployment)["livenessProbe"]["exec"]["command"]
+    assert f"('127.0.0.1', {proxy.K8S['ts_inference'].rsplit(':', 1)[1]})" in liveness[-1]
+
+
+def test_proxy_sidecar_runs_the_configmap_that_proxy_py_renders():
+    """deploy/k8s/proxy-configmap.yaml is proxy.py's render of deploy/nginx/nginx.conf.template
+    for the pod, with the shipped weights' metadata; the sidecar mounts it and a writable run
+    directory where the config puts its pid and temporary files."""
+    configmap = one("k8s", "ConfigMap")
+    metadata = proxy.model_metadata(ROOT / "weights" / "cifar10.pt", "1.0")
+    expected = yaml.safe_load(proxy.configmap(metadata))
+    assert configmap == expected, ("deploy/k8s/proxy-configmap.yaml is stale: regenerate it "
+                                   "with `proxy.py configmap` (its header says how)")
+    deployment = one("k8s", "Deployment")
+    sidecar = container(deployment, "proxy")
+    mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod(deployment)["spec"]["volumes"]}
+    assert volumes["proxy-config"]["configMap"]["name"] == configmap["metadata"]["name"]
+    conf = sidecar["command"][sidecar["command"].index("-c") + 1]
+    assert Path(conf) == Path(mounts["proxy-config"]) / "nginx.conf"
+    assert "emptyDir" in volumes["proxy-run"] and mounts["proxy-run"] == proxy.K8S["run_dir"]
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+    assert sidecar["image"] == container(deployment)["image"]  # Debian's nginx in our image
+    assert any("nginx" in arg.split() for arg in instruction_args("RUN"))
 
 
 def test_service_reaches_the_deployments_pods_and_ports():
@@ -221,6 +263,11 @@ def test_service_reaches_the_deployments_pods_and_ports():
     for port in service["spec"]["ports"]:
         target = port["targetPort"]
         assert target in ports or target in ports.values(), f"no container port {target}"
+    # Inference reaches the pod through the proxy only.
+    (http,) = [p for p in service["spec"]["ports"] if p["name"] == "http"]
+    proxy_ports = {p["name"]: p["containerPort"]
+                   for p in container(deployment, "proxy")["ports"]}
+    assert http["targetPort"] in proxy_ports or http["targetPort"] in proxy_ports.values()
     management = address(DOCKER_CONFIG, "management_address")[1]
     assert management not in {ports.get(p["targetPort"], p["targetPort"])
                                for p in service["spec"]["ports"]}
@@ -245,7 +292,7 @@ def test_k8s_network_policy_admits_the_inference_port_to_the_deployments_pods():
     labels = pod(deployment)["metadata"]["labels"]
     assert policy["podSelector"]["matchLabels"].items() <= labels.items()
     allowed = {p["port"] for rule in policy["ingress"] for p in rule.get("ports", [])}
-    assert address(DOCKER_CONFIG, "inference_address")[1] in allowed
+    assert named_ports(deployment)["http"] in allowed  # the proxy
     assert address(DOCKER_CONFIG, "management_address")[1] not in allowed
 
 
@@ -326,6 +373,11 @@ def test_pods_drain_before_torchserve_stops_and_updates_keep_one_serving():
     pause = re.fullmatch(r"sleep (\d+) && torchserve --stop", command[-1])
     assert command[:2] == ["/bin/sh", "-c"] and pause, command
     assert int(pause[1]) + 30 <= pod(deployment)["spec"]["terminationGracePeriodSeconds"]
+    # The proxy keeps forwarding as long as TorchServe serves, then finishes what it holds.
+    command = container(deployment, "proxy")["lifecycle"]["preStop"]["exec"]["command"]
+    quit_ = re.fullmatch(r"sleep (\d+) && nginx -c (\S+) -s quit", command[-1])
+    assert quit_ and int(quit_[1]) >= int(pause[1]), command
+    assert quit_[2] == container(deployment, "proxy")["command"][-1]
     rolling = deployment["spec"]["strategy"]["rollingUpdate"]
     assert rolling["maxUnavailable"] == 0 and rolling["maxSurge"] >= 1
 
@@ -340,15 +392,16 @@ def test_disruption_budget_covers_the_deployments_pods_and_leaves_one_serving():
 
 def test_gpu_deployment_differs_from_the_cpu_one_only_where_gpus_need_it():
     cpu, gpu = one("k8s", "Deployment"), one("k8s-gpu", "Deployment")
-    gpu_container = container(gpu)
-    assert gpu_container["image"] == container(cpu)["image"].replace(":cpu", ":gpu") != \
-        container(cpu)["image"]
-    resources = gpu_container["resources"]
+    for name in ("torchserve", "proxy"):
+        assert container(gpu, name)["image"] == container(cpu, name)["image"].replace(
+            ":cpu", ":gpu") != container(cpu, name)["image"]
+    resources = container(gpu)["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
         pod(gpu)["spec"]["tolerations"]
     for deployment in (cpu, gpu):  # the rest must be the same Deployment
         pod(deployment)["spec"].pop("tolerations", None)
         container(deployment).pop("resources")
-        container(deployment).pop("image")
+        for name in ("torchserve", "proxy"):
+            container(deployment, name).pop("image")
     assert gpu == cpu

@@ -1,0 +1,369 @@
+"""nginx in front of TorchServe: render deploy/nginx/nginx.conf.template, start and stop it.
+
+The template's @NAME@ fields are filled from the TorchServe config (its addresses and
+max_request_size), the model config (maxWorkers, responseTimeout) and the model's Open Inference
+Protocol metadata, which `make archive` writes from the checkpoint (`metadata`). README
+"Reverse proxy".
+
+    python proxy.py metadata weights/cifar10.pt --version 1.0 --out model_store/cifar10.v2.json
+    python proxy.py start --run-dir .run/proxy --metadata model_store/cifar10.v2.json
+    python proxy.py stop --run-dir .run/proxy
+    python proxy.py configmap --metadata ... > deploy/k8s/proxy-configmap.yaml
+
+`start` writes the config, the pid file, error.log and access.log into --run-dir, and
+client.properties there: `client.py --config <run-dir>/client.properties` goes through the proxy.
+"""
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import zlib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+TEMPLATE = ROOT / "deploy" / "nginx" / "nginx.conf.template"
+MODEL = "cifar10"
+# Connections a worker process may hold: idle clients cost one descriptor each, proxied requests
+# two. 20,000 idle connections fit in one worker with room for the good clients.
+WORKER_CONNECTIONS = 32768
+NOFILE = 65536
+# Limits per client address (and for all together), and the timeouts; tests render lower ones.
+DEFAULTS = {"conn_per_client": 128, "conn_per_server": 1024, "large_bodies": 32,
+            "req_rate": 1000, "req_burst": 2000,
+            "header_timeout": "10s", "body_timeout": "10s", "send_timeout": "10s",
+            "keepalive_timeout": "15s", "worker_processes": "auto"}
+GET_ONLY = '{"code": 405, "type": "MethodNotAllowed", "message": "this route takes GET only", ' \
+           '"error": "this route takes GET only"}\\n'
+# The Kubernetes pod (deploy/k8s/): TorchServe on the pod's loopback, the proxy on the pod's
+# address (inference: the Service's target) and on its loopback (management: port-forward).
+# Two worker processes: nginx's "auto" would count the node's CPUs, not the pod's.
+K8S = {"ts_inference": "127.0.0.1:8080", "ts_management": "127.0.0.1:8081",
+       "listen_inference": "0.0.0.0:8000", "listen_management": "127.0.0.1:8001",
+       "run_dir": "/tmp/nginx", "worker_processes": 2, "nofile": NOFILE,
+       "worker_connections": WORKER_CONNECTIONS,
+       # Clients reach the pod through the ingress controller (networkpolicy.yaml admits only
+       # it), which names them in X-Forwarded-For: the per-client limits key on that address.
+       "real_ip": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]}
+K8S_CONFIGS = (ROOT / "deploy" / "docker" / "config.properties",
+               ROOT / "handler" / "model-config.yaml")
+
+
+def model_metadata(weights, version, name=MODEL):
+    """The Open Inference Protocol model metadata of a checkpoint: the images as BYTES (encoded
+    files) or UINT8 pixels in, the label and every class probability out."""
+    import torch  # noqa: PLC0415  (only `make archive` needs it)
+    from cifar10_serve.net import IMAGE_SIZE  # noqa: PLC0415
+    classes = torch.load(weights, map_location="cpu", weights_only=True)["classes"]
+    return {"name": name, "versions": [str(version)], "platform": "pytorch_torchserve",
+            "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]},
+                       {"name": "images", "datatype": "UINT8",
+                        "shape": [-1, IMAGE_SIZE, IMAGE_SIZE, 3]}],
+            "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
+                        {"name": "probabilities", "datatype": "FP32",
+                         "shape": [-1, len(classes)]}]}
+
+
+def server_metadata():
+    return {"name": "cifar10-torchserve", "version": importlib.metadata.version("torchserve"),
+            "extensions": []}
+
+
+def open_files():
+    """worker_rlimit_nofile and worker_connections within this process's hard limit on open
+    files, which nginx inherits (a container's root cannot raise it either)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nofile = NOFILE if hard == resource.RLIM_INFINITY else min(NOFILE, hard)
+    return {"nofile": nofile, "worker_connections": min(WORKER_CONNECTIONS, nofile - 32)}
+
+
+def nginx_string(value):
+    """JSON for a single-quoted nginx string ('\\' and "'" escaped; nginx has no escape for
+    '$', which would start a variable, so JSON holding one is refused)."""
+    text = json.dumps(value, separators=(", ", ": "))
+    if "$" in text:
+        raise ValueError(f"'$' cannot be served in an nginx string: {text}")
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def settings_from(ts_config, model_config):
+    """Render settings from TorchServe's config.properties and the model's model-config.yaml."""
+    props = dict(line.split("=", 1) for line in Path(ts_config).read_text().splitlines()
+                 if "=" in line and not line.lstrip().startswith("#"))
+    model = yaml.safe_load(Path(model_config).read_text())
+    return {"ts_inference": urlsplit(props.get("inference_address", "http://127.0.0.1:8080")
+                                     .strip()).netloc,
+            "ts_management": urlsplit(props.get("management_address", "http://127.0.0.1:8081")
+                                      .strip()).netloc,
+            "max_body": int(props.get("max_request_size", 6553500)),
+            "max_workers": int(model["maxWorkers"]), "response_timeout":
+            int(model.get("responseTimeout", 120))}
+
+
+def render(settings, metadata, daemon=True, as_root=None, temp_root=None, logs=None):
+    """The nginx config text for ``settings`` (settings_from's keys, the listen addresses,
+    run_dir, and any of DEFAULTS) serving ``metadata`` (model_metadata's dict)."""
+    s = {**DEFAULTS, **open_files(), **settings}
+    as_root = os.geteuid() == 0 if as_root is None else as_root
+    most = s["max_workers"]
+    inference_routes = (
+        "this proxy forwards POST /predictions/cifar10, POST /explanations/cifar10, "
+        "POST /v2/models/cifar10/infer, POST /v2/models/cifar10/explain, GET /ping, "
+        "GET /v2/health/live, GET /v2/health/ready, GET /v2, GET /v2/models/cifar10 and "
+        "GET /v2/models/cifar10/ready only")
+    scale_rule = nginx_string({
+        "code": 400, "type": "BadRequest", "message":
+        f"scaling takes PUT /models/cifar10?min_worker=N&max_worker=M with both given, each "
+        f"once, whole numbers 1 <= N <= M <= {most} (maxWorkers in the model config), and "
+        f"optionally synchronous=true|false; nothing else"}) + "\\n"
+    fields = {
+        "USER": "user nobody nogroup;" if as_root else "",
+        "DAEMON": "" if daemon else "daemon off;",
+        "RUN_DIR": str(s["run_dir"]),
+        "ERROR_LOG": logs["error"] if logs else f"{s['run_dir']}/error.log",
+        "ACCESS_LOG": logs["access"] if logs else f"{s['run_dir']}/access.log",
+        "WORKER_PROCESSES": s["worker_processes"], "NOFILE": s["nofile"],
+        "WORKER_CONNECTIONS": s["worker_connections"],
+        "HEADER_TIMEOUT": s["header_timeout"], "BODY_TIMEOUT": s["body_timeout"],
+        "SEND_TIMEOUT": s["send_timeout"], "KEEPALIVE_TIMEOUT": s["keepalive_timeout"],
+        "READ_TIMEOUT": f"{s.get('read_timeout', 2 * s['response_timeout'])}s",
+        "MAX_BODY": s["max_body"], "MAX_WORKERS": most,
+        "CONN_PER_CLIENT": s["conn_per_client"], "CONN_PER_SERVER": s["conn_per_server"],
+        "LARGE_BODIES": s["large_bodies"],
+        "REQ_RATE": s["req_rate"], "REQ_BURST": s["req_burst"],
+        "REAL_IP": "".join(f"    set_real_ip_from {cidr};\n" for cidr in s.get("real_ip", []))
+        + ("    real_ip_header X-Forwarded-For;\n" if s.get("real_ip") else ""),
+        "TS_INFERENCE": s["ts_inference"], "TS_MANAGEMENT": s["ts_management"],
+        "LISTEN_INFERENCE": s["listen_inference"], "LISTEN_MANAGEMENT": s["listen_management"],
+        "SCALE_PAIRS": "\n".join(f'        "{n} {m}" 1;' for n in range(1, most + 1)
+                                 for m in range(n, most + 1)),
+        "SCALE_RULE": scale_rule, "GET_ONLY": GET_ONLY,
+        "INFERENCE_ROUTES": inference_routes,
+        "SERVER_METADATA": nginx_string(server_metadata()),
+        "MODEL_METADATA": nginx_string(metadata)}
+    text = TEMPLATE.read_text()
+    for key, value in fields.items():
+        text = text.replace(f"@{key}@", str(value))
+    if temp_root is not None:  # workers that cannot reach run_dir write their temp files here
+        text = text.replace(f"{s['run_dir']}/tmp/", f"{temp_root}/")
+    left = re.findall(r"@[A-Z_]+@", text)
+    if left:
+        raise ValueError(f"template fields without a value: {sorted(set(left))}")
+    return text
+
+
+def nginx_binary():
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
+                                      else None)
+    if found is None:
+        raise FileNotFoundError("nginx is not installed (Debian/Ubuntu: apt-get install nginx)")
+    return found
+
+
+def prepare(run_dir, settings, metadata, daemon=True):
+    """Write run_dir/nginx.conf (and its temp folders) for ``settings`` and check it with
+    `nginx -t`; returns the config's path. Started as root, nginx's workers run as nobody: their
+    temp files then go to a folder under /tmp (the run dir's parents may be closed to them)."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    temp_root = None
+    if os.geteuid() == 0:
+        temp_root = Path(tempfile.gettempdir()) / f"cifar10-proxy-{zlib.crc32(bytes(run_dir)):08x}"
+        temp_root.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(temp_root, 0o755)
+    else:
+        (run_dir / "tmp").mkdir(exist_ok=True)
+    text = render({**settings, "run_dir": run_dir}, metadata, daemon=daemon, temp_root=temp_root)
+    conf = run_dir / "nginx.conf"
+    conf.write_text(text)
+    check = subprocess.run([nginx_binary(), "-t", "-q", "-p", str(run_dir), "-c", str(conf)],
+                           capture_output=True, text=True)
+    if check.returncode:
+        raise RuntimeError(f"nginx -t refused {conf}:\n{check.stderr}")
+    return conf
+
+
+def write_client_properties(run_dir, settings, ts_config):
+    """A config.properties for client.py that goes through the proxy (metrics: TorchServe's)."""
+    props = Path(ts_config).read_text()
+    metrics = re.search(r"^metrics_address=(.*)$", props, re.M)
+    lines = [f"inference_address=http://{settings['listen_inference']}",
+             f"management_address=http://{settings['listen_management']}"]
+    if metrics:
+        lines.append(f"metrics_address={metrics[1].strip()}")
+    (Path(run_dir) / "client.properties").write_text("\n".join(lines) + "\n")
+
+
+def wait_listening(address, process=None, timeout=10.0):
+    host, port = address.rsplit(":", 1)
+    host = "127.0.0.1" if host == "0.0.0.0" else host
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"nginx exited with {process.returncode}")
+        with contextlib.suppress(OSError):
+            with socket.create_connection((host, int(port)), timeout=1):
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nginx is not listening on {address} after {timeout:.0f} s")
+
+
+def start(run_dir, settings, metadata):
+    """Start nginx as a daemon (make serve-proxy); returns the master's pid."""
+    pid_file = Path(run_dir) / "nginx.pid"
+    if pid_file.exists() and psutil.pid_exists(int(pid_file.read_text() or 0)):
+        raise RuntimeError(f"nginx of {run_dir} is already running (pid {pid_file.read_text()})")
+    conf = prepare(run_dir, settings, metadata)
+    subprocess.run([nginx_binary(), "-p", str(Path(run_dir).resolve()), "-c", str(conf)],
+                   check=True)
+    wait_listening(settings["listen_inference"])
+    return int(pid_file.read_text())
+
+
+def stop(run_dir, timeout=15.0):
+    """Stop the nginx whose pid file is in run_dir: finish what is in progress (SIGQUIT), then
+    SIGTERM and SIGKILL if it takes longer than ``timeout``. False if none was running."""
+    pid_file = Path(run_dir) / "nginx.pid"
+    if not pid_file.exists():
+        return False
+    try:
+        master = psutil.Process(int(pid_file.read_text()))
+        stop_process(master, timeout)
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+    return True
+
+
+def stop_process(master, timeout=15.0):
+    """Stop an nginx master and its workers, by pid."""
+    processes = [master] + master.children(recursive=True)
+    for sig in (signal.SIGQUIT, signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            master.send_signal(sig)
+        _, alive = psutil.wait_procs(processes, timeout=timeout if sig == signal.SIGQUIT else 5)
+        if not alive:
+            return
+        processes = alive
+        if sig == signal.SIGTERM:
+            for process in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+
+
+class Proxy:
+    """A running nginx: its URLs and its master process."""
+
+    def __init__(self, settings, process, conf):
+        self.inference = f"http://{settings['listen_inference']}"
+        self.management = f"http://{settings['listen_management']}"
+        self.process, self.conf, self.settings = process, conf, settings
+
+
+@contextlib.contextmanager
+def local_proxy(client, run_dir, metadata, ts_config=None, **overrides):
+    """nginx in front of the TorchServe ``client`` talks to (client.py's TorchServeClient) on
+    free loopback ports, in the foreground of this process; always stopped, by pid. Keyword
+    arguments override DEFAULTS (lower limits for tests)."""
+    from client import free_port  # noqa: PLC0415
+    settings = {"ts_inference": urlsplit(client.inference).netloc,
+                "ts_management": urlsplit(client.management).netloc,
+                "listen_inference": f"127.0.0.1:{free_port()}",
+                "listen_management": f"127.0.0.1:{free_port()}",
+                **settings_from(ts_config or client.run_dir / "config.properties",
+                                ROOT / "handler" / "model-config.yaml"),
+                "worker_processes": 1, **overrides}
+    settings.update(ts_inference=urlsplit(client.inference).netloc,
+                    ts_management=urlsplit(client.management).netloc)
+    conf = prepare(run_dir, settings, metadata, daemon=False)
+    with open(Path(run_dir) / "nginx.out", "wb") as out:
+        process = subprocess.Popen([nginx_binary(), "-p", str(Path(run_dir).resolve()), "-c",
+                                    str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    master = psutil.Process(process.pid)
+    try:
+        wait_listening(settings["listen_inference"], process)
+        yield Proxy(settings, master, conf)
+    finally:
+        stop_process(master, timeout=5)
+        process.wait()
+
+
+def configmap(metadata):
+    """deploy/k8s/proxy-configmap.yaml: the config the Kubernetes sidecar runs (K8S settings)."""
+    text = render({**settings_from(*K8S_CONFIGS), **K8S}, metadata, daemon=False,
+                  as_root=False, temp_root=K8S["run_dir"],
+                  logs={"error": "stderr", "access": "/dev/stdout"})
+    head = yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "cifar10-proxy", "labels": {"app.kubernetes.io/name": "cifar10-torchserve"}}},
+        sort_keys=False)
+    return ("# The nginx sidecar's config (deploy/k8s/deployment.yaml): proxy.py's render of\n"
+            "# deploy/nginx/nginx.conf.template for the pod, with the shipped weights' metadata.\n"
+            "# Regenerate, never edit: .venv/bin/python proxy.py configmap --metadata "
+            "model_store/cifar10.v2.json > deploy/k8s/proxy-configmap.yaml\n"
+            + head + "data:\n  nginx.conf: |\n" + textwrap.indent(text, "    "))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    meta = sub.add_parser("metadata", help="write the model's v2 metadata from a checkpoint")
+    meta.add_argument("weights", type=Path)
+    meta.add_argument("--version", default="1.0", help="the archive's version (default: 1.0)")
+    meta.add_argument("--out", type=Path, required=True)
+    run = sub.add_parser("start", help="render the config and start nginx in the background")
+    run.add_argument("--run-dir", type=Path, default=Path(".run/proxy"),
+                     help="config, pid, logs (default: .run/proxy)")
+    run.add_argument("--ts-config", type=Path, default=Path("config.properties"),
+                     help="TorchServe's config.properties (default: config.properties)")
+    run.add_argument("--model-config", type=Path, default=Path("handler/model-config.yaml"),
+                     help="maxWorkers and responseTimeout (default: handler/model-config.yaml)")
+    run.add_argument("--metadata", type=Path, required=True, help="`metadata`'s JSON file")
+    run.add_argument("--listen", default="127.0.0.1:8000",
+                     help="inference address (default: 127.0.0.1:8000)")
+    run.add_argument("--listen-management", default="127.0.0.1:8001",
+                     help="management address (default: 127.0.0.1:8001)")
+    halt = sub.add_parser("stop", help="stop the nginx that `start` started")
+    halt.add_argument("--run-dir", type=Path, default=Path(".run/proxy"))
+    cmap = sub.add_parser("configmap", help="print deploy/k8s/proxy-configmap.yaml")
+    cmap.add_argument("--metadata", type=Path, required=True)
+    args = p.parse_args(argv)
+
+    if args.command == "metadata":
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(model_metadata(args.weights, args.version), indent=2)
+                            + "\n")
+        print(f"wrote {args.out}")
+    elif args.command == "start":
+        settings = {**settings_from(args.ts_config, args.model_config),
+                    "listen_inference": args.listen, "listen_management": args.listen_management}
+        pid = start(args.run_dir, settings, json.loads(args.metadata.read_text()))
+        write_client_properties(args.run_dir, settings, args.ts_config)
+        room = open_files()
+        print(f"nginx (pid {pid}) on http://{args.listen} (inference) and "
+              f"http://{args.listen_management} (management), room for "
+              f"{room['worker_connections']} connections per worker process (open-file limit "
+              f"{room['nofile']}); client.py --config {args.run_dir}/client.properties goes "
+              f"through it")
+    elif args.command == "stop":
+        if not stop(args.run_dir):
+            print(f"no nginx running from {args.run_dir}")
+    else:
+        sys.stdout.write(configmap(json.loads(args.metadata.read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
