@@ -32,6 +32,9 @@ BENCH_ARGS  ?=
 BENCH_COMPARE ?= onnx
 # make bench also serves the same weights with a peer server and compares (litserve; empty: skip)
 BENCH_PEER  ?=
+# make flood: seconds per flood, more bench/flood.py flags
+FLOOD_SECONDS ?= 90
+FLOOD_ARGS  ?=
 IMAGE       ?= cifar10-torchserve
 # cpu, or gpu: the archive built with handler/model-config.gpu.yaml in MODEL_STORE/gpu
 IMAGE_TAG   ?= cpu
@@ -167,6 +170,10 @@ bench: $(MAR) ## load-test a TorchServe started here with wrk, beside the handle
 	$(PY) -m bench.bench --start --config $(TS_CONFIG) --mar $(MAR) \
 	  $(if $(BENCH_COMPARE),--compare-runtime $(BENCH_COMPARE)) \
 	  $(if $(BENCH_PEER),--peer $(BENCH_PEER)) $(BENCH_ARGS)
+
+.PHONY: flood
+flood: $(MAR) ## flood a TorchServe of its own (free ports) with explanations, then 64-image v2 requests, beside good traffic; prints good p50/p99, failures, worker restarts
+	$(PY) -m bench.flood --start --mar $(MAR) --duration $(FLOOD_SECONDS) $(FLOOD_ARGS)
 
 gpu-check: $(BIN)/torchserve ## the GPU check: CUDA tests, GPU training, GPU workers, img/s -> GPU_OUT (a dry run without CUDA)
 	$(PY) -m bench.gpu_check $(GPU_OUT) --data-dir $(DATA_DIR) $(GPU_CHECK_ARGS)

@@ -9,6 +9,10 @@ maintenance), and the worker logs a warning on any other version.
    8 MiB body of 2.8 M empty objects took ~170 MB and 0.5 s, a batch of 16 of them 3.6 GB).
 3. The rows TorchServe built for a batch are kept, so the handler can tell them from the rows
    a KServe envelope (`service_envelope`) made of one request's instances.
+4. A body the reader cannot decode (bad JSON, bad UTF-8 text, JSON over the limit) is logged in
+   one line with the reason, not with a traceback: TorchServe logs a 10-line traceback for each,
+   so a client sending such bodies could fill the log ten times faster than the access log. The
+   handler still answers each with its 400/413.
 """
 import json
 import logging
@@ -57,6 +61,19 @@ def keep_repeated_fields(retrieve):
     return staticmethod(retrieve_data_for_inference)
 
 
+class OneLineDecodingWarnings(logging.Filter):
+    """On the root logger (where the reader logs): its "Failed ... decoding" warnings keep the
+    reason, cut to 200 characters, and lose the traceback."""
+
+    def filter(self, record):
+        if record.exc_info and str(record.msg).startswith("Failed ") and "decoding" in str(
+                record.msg):
+            error = record.exc_info[1]
+            record.msg = f"{record.msg}: {type(error).__name__}: {str(error)[:200]}"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def taken_rows():
     """The rows TorchServe built for the batch being handled (once: the next call gets None), or
     None where no TorchServe worker built them (a test calling the handler directly)."""
@@ -72,3 +89,4 @@ if not getattr(Service.retrieve_data_for_inference, "patched_by_cifar10_serve", 
                        TORCHSERVE_VERSION)
     Service.retrieve_data_for_inference = keep_repeated_fields(Service.retrieve_data_for_inference)
     otf_message_handler.json = SimpleNamespace(loads=bounded_loads, dumps=json.dumps)
+    logging.getLogger().addFilter(OneLineDecodingWarnings())

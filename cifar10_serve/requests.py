@@ -6,6 +6,7 @@ A request carries one or more images, as
                                   (an HTML form's text fields beside the files are not images)
   - JSON with base64:             {"data": "<base64>"} or {"data": ["<base64>", ...]}
   - Open Inference Protocol v2:   POST /v2/models/cifar10/infer, BYTES (base64) or UINT8 pixels
+                                  (as binary tensor data too: oip.py)
   - KServe v1:                    {"instances": [{"data": "<base64>"}, ...]}
 Every count (images, JSON values, id length) is checked against the limits before the work it
 bounds; a request the handler cannot use is its own 4xx (errors.bad_request).
@@ -35,12 +36,13 @@ class Row:
 
     kind: "predict", "explain" or "describe"; reply: the answer's shape, "one" (an object), "list",
     "v2", "kserve" or "tensor" (a kservev2 envelope's); images: encoded bytes at first, uint8
-    (3, 32, 32) tensors once decoded; error: (status, message) once anything failed for this
+    (3, 32, 32) tensors once decoded; v2: what a v2 request asks of its answer (oip_reply.Reply: its
+    id, its outputs, JSON or binary); error: (status, message) once anything failed for this
     request alone; answer: what it gets back."""
     kind: str = "predict"
     reply: str = "one"
     images: list = field(default_factory=list)
-    request_id: str = None
+    v2: object = None
     error: tuple = None
     answer: object = None
 
@@ -64,7 +66,8 @@ def json_values(body):
 
 
 def read_request(row, limits, form=None):
-    """(encoded images or uint8 tensors of one request row in order, reply shape, v2 request id).
+    """(encoded images or uint8 tensors of one request row in order, reply shape, the v2 request
+    itself or None: its "id", "outputs" and "parameters" say what its answer holds, oip_reply.reply).
 
     ``form``: for a multipart request, each field's own content type ("" for an HTML form's
     text fields, None where unknown); None for any other body. Counts the images against the
@@ -81,7 +84,7 @@ def read_request(row, limits, form=None):
                           "the first boundary, a preamble, makes it drop every part)"
                           if form is not None else "the request is empty")
     if _is_v2_tensor(row):  # one tensor, from TorchServe's kservev2 envelope
-        return _v2_images({"inputs": [_envelope_tensor(row)]}, max_images), "tensor", None
+        return v2_images({"inputs": [_envelope_tensor(row)]}, max_images), "tensor", None
     texts = {name for name in row if form is not None and form.get(name) == ""}
     if len(row) - len(texts) > max_images:
         raise too_many(len(row) - len(texts), max_images)
@@ -93,8 +96,7 @@ def read_request(row, limits, form=None):
         if isinstance(value, (bytes, bytearray)) and JSON_START.match(value):
             value = _parse_json(value, max_images)  # not parsed by TorchServe: see compat.py
         if isinstance(value, dict) and len(row) == 1 and "inputs" in value:
-            return (_v2_images(value, max_images), "v2",
-                    _v2_id(value, limits["max_id_length"]))
+            return v2_images(value, max_images), "v2", value
         if isinstance(value, dict) and len(row) == 1 and "instances" in value:
             return _kserve_images(value, max_images), "kserve", None
         if isinstance(value, (dict, list)):
@@ -150,14 +152,7 @@ def _envelope_tensor(row):
     return {**row, "data": [data] if isinstance(data, str) else data}
 
 
-def _v2_id(request, limit):
-    request_id = request.get("id")
-    if request_id is not None and not (isinstance(request_id, str) and len(request_id) <= limit):
-        raise bad_request(f"a v2 \"id\" must be a string of at most {limit} characters")
-    return request_id
-
-
-def _v2_images(request, max_images):
+def v2_images(request, max_images):
     """The images of an Open Inference Protocol v2 request: one BYTES input of base64 images,
     shape [N], or one UINT8 input of pixels, shape [N, 32, 32, 3]; shapes are checked against
     the limits and the data sent before anything is allocated."""

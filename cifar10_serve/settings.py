@@ -28,6 +28,8 @@ class Settings:
     tta_margin: float = 1.0  # the extra views only below this lead (gated TTA); 1: every image
     runtime: str = "auto"
     profile: bool = False
+    budget_share: float = 0.25  # of responseTimeout: what a batch may cost (budget.py)
+    explain_share: float = 0.5  # of that: what a batch's explanations may cost together
     limits: dict = field(default_factory=lambda: dict(LIMITS))
 
 
@@ -36,7 +38,7 @@ def read(config):
     ValueError naming the setting when one is unknown or out of range."""
     config = dict(config or {})
     unknown = set(config) - {"topk", "tta", "tta_margin", "ig_steps", "threads", "runtime",
-                             "profile", *LIMITS}
+                             "profile", "budget_share", "explain_share", *LIMITS}
     if unknown:
         raise ValueError(f"model-config.yaml handler: unknown settings {sorted(unknown)}")
     settings = Settings()
@@ -51,17 +53,23 @@ def read(config):
     if settings.tta not in TTA_LEVELS:
         raise ValueError(f"model-config.yaml handler.tta must be one of {TTA_LEVELS}, "
                          f"got {settings.tta}")
-    margin = config.get("tta_margin", 1.0)
-    if type(margin) not in (int, float) or not 0 <= margin <= 1:
-        raise ValueError(f"model-config.yaml handler.tta_margin must be a number from 0 to 1, "
-                         f"got {margin!r}")
-    settings.tta_margin = float(margin)
+    settings.tta_margin = _fraction("tta_margin", config.get("tta_margin", 1.0), zero=True)
+    settings.budget_share = _fraction("budget_share", config.get("budget_share", 0.25))
+    settings.explain_share = _fraction("explain_share", config.get("explain_share", 0.5))
     settings.runtime = config.get("runtime", "auto")
     if settings.runtime not in RUNTIMES:
         raise ValueError(f"model-config.yaml handler.runtime must be one of {RUNTIMES}, "
                          f"got {settings.runtime!r}")
     settings.profile = bool(config.get("profile", False))
     return settings
+
+
+def _fraction(name, value, zero=False):
+    """``value`` as a float from 0 to 1 (0 itself only where ``zero``)."""
+    if type(value) not in (int, float) or not 0 <= value <= 1 or (value == 0 and not zero):
+        raise ValueError(f"model-config.yaml handler.{name} must be a number from 0 to 1"
+                         f"{'' if zero else ', not 0'}, got {value!r}")
+    return float(value)
 
 
 def _whole(name, value, least=1):

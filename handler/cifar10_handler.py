@@ -2,8 +2,11 @@
 
 The class TorchServe loads; the work is in the cifar10_serve package beside it in the .mar:
     requests.py   request bodies -> rows (raw, multipart, JSON base64, v2, KServe v1)
+    oip.py        v2's binary tensor data extension (tritonclient's default) in requests
+    oip_reply.py  v2 answers: the outputs asked, as JSON or binary data
     images.py     where a row's bytes become a tensor (header checks, decoding, the transform)
     runtimes.py   which forward runs: every candidate checked and timed on the serving CPU
+    budget.py     what a batch may cost here (timed at start), and which requests fit in it
     predict.py    the forward passes (and explanations) of a batch
     answers.py    rows -> answers in each request's shape, errors per request
     settings.py   model-config.yaml `handler:`, checked at start; compat.py TorchServe's patches
@@ -11,9 +14,11 @@ The class TorchServe loads; the work is in the cifar10_serve package beside it i
 A dynamic batch mixes requests of every kind (/predictions, /explanations, v2, KServe envelopes),
 so the handler owns `handle()`: each request is a Row that carries its own kind, images, reply
 shape and error to its answer. A request the handler cannot use gets a 4xx naming what was wrong
-and what is accepted; an exception of ours while serving one request is that request's 500; the
-other requests of the batch are answered as usual.
+and what is accepted; one that does not fit the batch's budget a prompt 503 with Retry-After; an
+exception of ours while serving one request is that request's 500; the other requests of the
+batch are answered as usual.
 """
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -23,19 +28,13 @@ from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from cifar10_serve import answers, compat, predict, settings
+from cifar10_serve import answers, budget, compat, oip, oip_reply, predict, settings
 from cifar10_serve.images import decode_request, eval_transform
 from cifar10_serve.net import build_net, class_names, load_checkpoint
-from cifar10_serve.requests import Row, read_request, too_many
+from cifar10_serve.requests import Row, too_many
 from cifar10_serve.runtimes import choose, select_device
 
 logger = logging.getLogger(__name__)
-
-
-def _field_type(headers):
-    """A multipart field's own content type, or None where a request header of the same name
-    (`accept`, `explain`) took its place in TorchServe's one dict of both."""
-    return headers.get("content-type") if isinstance(headers, dict) else None
 
 
 class Cifar10Handler(BaseHandler):
@@ -62,6 +61,12 @@ class Cifar10Handler(BaseHandler):
             self.forward, self.runtime, self.trials = choose(
                 self.settings.runtime, self.model, model_dir, self.transform,
                 torch.get_num_threads())
+        config = getattr(context, "model_yaml_config", None) or {}
+        timed_ms = next((t.ms_per_image for t in self.trials if t.forward is self.forward), None)
+        self.budget = budget.for_worker(
+            self.settings, config.get("responseTimeout", budget.TORCHSERVE_RESPONSE_TIMEOUT),
+            self.forward, self.model, self.to_batch([torch.zeros(3, 32, 32, dtype=torch.uint8)]
+                                                    * self.chunk), timed_ms, self.runtime)
         self.enveloped, self.initialized = False, True
         logger.info("cifar10 model loaded on %s (runtime %s, tta=%d, top-%d, %d threads, "
                     "limits %s)", self.device, self.runtime, self.settings.tta,
@@ -87,34 +92,47 @@ class Cifar10Handler(BaseHandler):
 
     @timed
     def preprocess(self, data):
-        """Request rows -> Rows with decoded images, or with their own error."""
-        return [self._prepare(index, request, len(data)) for index, request in enumerate(data)]
+        """Request rows -> Rows, each read and counted against the limits; those the batch's
+        budget admits decoded, the others refused (503, or 413 for one that never fits); each
+        failed row with its own error."""
+        started = self.budget.clock()
+        rows = [self._read(index, request, len(data)) for index, request in enumerate(data)]
+        self.budget.admit(rows, self._decode, started, together=self.enveloped)
+        return rows
 
-    def _prepare(self, index, request, rows):
+    def _read(self, index, request, rows):
         headers = self._headers(index)
         row = Row(kind="explain" if headers.get("explain") == "True" else "predict")
-        try:
-            if not request and headers.get("describe") == "True":
-                row.kind = "describe"  # the management API's GET /models/cifar10?customized=true
-                return row
+        if not request and headers.get("describe") == "True":
+            row.kind = "describe"  # the management API's GET /models/cifar10?customized=true
+            return row
+        with self._own_error(row, f"reading request {index} of the batch"):
             limit = self.limits["max_explain_images" if row.kind == "explain" else "max_images"]
             if self.enveloped and rows > limit:  # one request's instances
                 raise too_many(rows, limit)
-            content_type = next((value for key, value in headers.items() if isinstance(value, str)
-                                 and key.lower() == "content-type"), "")
-            form = None  # a multipart request: each field's own content type ("" for text)
-            if content_type.startswith("multipart/form-data") and isinstance(request, dict):
-                form = {name: _field_type(headers.get(name)) for name in request}
-            row.images, row.reply, row.request_id = read_request(
-                request, {**self.limits, "max_images": limit}, form)
+            limits = {**self.limits, "max_images": limit}
+            row.images, row.reply, v2 = oip.read_body(request, headers, limits, row,
+                                                         self.enveloped)
+            if v2 is not None:
+                row.v2 = oip_reply.reply(v2, self.limits["max_id_length"], self.classes,
+                                   binary=not self.enveloped)
+        return row
+
+    def _decode(self, row):
+        with self._own_error(row, f"decoding a {row.kind} request of the batch"):
             row.images = decode_request(row.images, self.limits)
+
+    @contextlib.contextmanager
+    def _own_error(self, row, doing):
+        """The client's 4xx, or our 500 (logged), as the row's own error."""
+        try:
+            yield
         except PredictionException as err:
             row.error, row.images = (err.error_code, err.message), []
         except Exception:  # noqa: BLE001  (ours, not the client's: this request's 500)
-            logger.exception("preparing request %d of the batch failed", index)
+            logger.exception("%s failed", doing)
             row.error, row.images = (500, "the server failed while reading this request "
                                           "(logged)"), []
-        return row
 
     @timed
     def inference(self, rows, *args, **kwargs):
@@ -140,6 +158,7 @@ class Cifar10Handler(BaseHandler):
         probs, looked = predict.probabilities(rows, self.forward, self.transform, self.device,
                                               self.chunk, self.settings.tta,
                                               self.settings.tta_margin)
+        self.budget.saw(sum(len(p) for p in probs), looked)
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None and self.settings.tta:
             metrics.add_counter("ts_handler_tta_images", sum(len(p) for p in probs), None)
@@ -162,10 +181,16 @@ class Cifar10Handler(BaseHandler):
         """The management API's customized describe: what this model answers and its limits."""
         return {"classes": self.classes, "runtime": self.runtime, "tta": self.settings.tta,
                 "tta_margin": self.settings.tta_margin, "topk": self.settings.topk,
-                "limits": self.limits}
+                "limits": self.limits, "budget": self.budget.figures()}
 
     @timed
     def postprocess(self, rows):
-        """Per request: its answer, or its error set through the context."""
+        """Per request: its answer, or its error set through the context (with Retry-After
+        where the budget refused it)."""
         answers.set_errors(rows, self.context, self._request_of)
+        answers.set_binary(rows, self.context)
+        for index, row in enumerate(rows):
+            if row.error is not None and row.error[0] == 503:
+                self.context.set_response_header(self._request_of(index), "Retry-After",
+                                                 str(self.budget.retry_after))
         return [row.answer for row in rows]

@@ -9,6 +9,7 @@ one TorchServe for this module (test_serving's `server` fixture: free ports, sto
 import base64
 import io
 import json
+import logging
 import random
 import signal
 import struct
@@ -250,6 +251,26 @@ def test_json_bodies_over_the_largest_request_are_refused_before_the_worker_pars
                                             for image in map(image_bytes_of, pixels)]
     assert statuses[1][0] == 413 and f"holds more than {limit:,} values" in statuses[1][1]
 
+
+
+def test_a_body_the_reader_cannot_decode_costs_one_log_line_not_a_traceback(caplog):
+    """TorchServe's reader logged a 10-line traceback for every bad JSON or UTF-8 body, so a
+    client could fill the log ten times faster than the access log; now one line with the reason
+    (and the body still reaches the handler as bytes, for its own 400)."""
+    import cifar10_serve.compat  # noqa: F401  (its import applies the patches)
+    amplified = b'{"data": [' + b"{}," * 10 ** 5 + b"{}]}"
+    bodies = [("application/json", b'{"data": '), ("application/json", amplified),
+              ("text/plain", b"\xff\xfe not utf-8")]
+    with caplog.at_level(logging.WARNING):
+        read = [otf_message_handler._retrieve_input_data(FrontendSocket(frontend_frame(*body)))
+                for body in bodies]
+    assert [r["value"] for r in read] == [body for _, body in bodies]
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 3 and all(r.exc_info is None for r in warned)
+    messages = [r.getMessage() for r in warned]
+    assert "JSONDecodeError" in messages[0] and "JSON values" in messages[1]
+    assert "UnicodeDecodeError" in messages[2]
+    assert all("\n" not in m and len(m) < 300 for m in messages)
 
 def image_bytes_of(pixels):
     """A lossless PNG of (32, 32, 3) uint8 pixels."""

@@ -182,9 +182,14 @@ def test_served_workers_run_the_fastest_forward_that_passes(server):
                 timed = dict(re.findall(r"^ +(\w+) +top-1 as fp32.* ([\d.]+) ms/image +passes$",
                                         "\n".join(lines[i + 1:i + 5]), re.M))
                 best = min(float(ms) for ms in timed.values())  # near-ties go to precision
-                near = [n for n, ms in timed.items() if float(ms) <= runtimes.TIE * best]
-                assert "torch" in timed and chosen[1] == min(
-                    near, key=lambda n: (runtimes.RANK[n], float(timed[n])))
+
+                def pick(tie):
+                    near = [n for n, ms in timed.items() if float(ms) <= tie * best]
+                    return min(near, key=lambda n: (runtimes.RANK[n], float(timed[n])))
+                # The log rounds to 3 decimals: a ratio within that of TIE may go either way.
+                slack = 0.0011 / best
+                assert "torch" in timed and chosen[1] in {pick(runtimes.TIE * (1 - slack)),
+                                                          pick(runtimes.TIE * (1 + slack))}
     assert len(choices) >= 2 and len(set(choices)) == 1  # one per worker, all alike
 
 

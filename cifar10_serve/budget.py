@@ -1,0 +1,258 @@
+"""What one batch may cost on the machine that serves, and which of its requests fit in it.
+
+TorchServe fails a batch that runs past the model's `responseTimeout` and restarts its worker, so
+no batch may be allowed to get near it, whatever mix of requests it holds. At worker start the
+handler times, on this CPU or GPU, one view of one image through the forward it serves (the
+timing runtimes.py took where it chose one) and one image's Integrated Gradients (``measure``). A
+batch may cost `budget_share` of responseTimeout by these timings (``batch_seconds``; more where
+the largest request the limits allow needs it on a slow machine: ``stretched``), and in each
+batch the requests are admitted (``Budget.admit``) while their estimated cost fits, in this order:
+
+  1. the first request of the batch that needs work, whatever its kind: every request that fits a
+     batch alone is served once it is the oldest waiting;
+  2. predictions (/predictions, v2, KServe): images x forward ms x the TTA forwards an image takes
+     on average here (1 + its extra views x the share of images that took them so far);
+  3. explanations: images x (Integrated Gradients ms + the forward), all of them together at most
+     `explain_share` of the budget, so that explanations can neither crowd predictions out of a
+     batch nor hold them long.
+Within 2 and 3 the lightest go first (fewest images, then fewest bytes to decode; arrival order
+among equals): a request of one small image is not refused because 64-image requests or bodies
+slow to decode happened to arrive before it in the same batch.
+
+The time already spent on the batch (reading its requests, decoding those admitted before) counts
+against the budget, so a request slow to decode leaves less for those after it; decoding itself is
+bounded by `max_decode_ms`. On a CPU every figure is the worker's CPU time (``work_clock``), as the
+decoding deadline's is: time spent waiting for a core, on a machine busy with other work, neither
+shrinks what fits at start nor lets one slow request push the rest of its batch out; it stretches
+the batch's wall time, which responseTimeout's headroom (3/4 of it) is for. On a GPU, wall time. A request refused for the budget is not decoded and is answered as
+soon as its batch ends: 503 with a Retry-After header (the time a batch may take), which clients
+resend after. One that alone costs more than a batch may (estimated with every image taking every
+TTA view) is its 413 naming the largest request that fits.
+"""
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+# TorchServe's own responseTimeout (seconds) where model-config.yaml names none.
+TORCHSERVE_RESPONSE_TIMEOUT = 120
+# Integrated Gradients steps timed at start, the cost scaled to ig_steps: from 8 on a step costs
+# the same (here: 8 steps x 4 = 198 ms, 32 steps 193-199 ms), and start-up stays short.
+TIMED_STEPS = 8
+# Forwards an image takes when its TTA runs (net.tta_views): plain; + mirror; + two shifts, each
+# with its mirror.
+VIEWS = {0: 1, 1: 2, 2: 6}
+
+
+@dataclass
+class Costs:
+    """What work costs on this machine, timed at worker start."""
+    forward_ms: float  # one view of one image through the served forward
+    ig_ms: float       # one image's Integrated Gradients (ig_steps forward+backward passes)
+    views: int = 1     # forwards an image takes when every TTA view runs
+
+
+def work_clock(device):
+    """The clock work is counted on: the worker process's CPU time on a CPU, wall time on a GPU
+    (whose kernels run while the CPU waits)."""
+    return time.monotonic if device.type == "cuda" else time.process_time
+
+
+def batch_seconds(response_timeout, share, max_decode_ms):
+    """What a batch may cost by the start-up timings: ``share`` of ``response_timeout`` (s).
+    ValueError, naming the settings, where that plus one request's decoding (the most the batch
+    can run past its budget: decoding is timed as it happens) leaves less than half of
+    responseTimeout for the timings being off (a busier machine, a slower batch than timed)."""
+    seconds = share * response_timeout
+    if seconds + max_decode_ms / 1000 > response_timeout / 2:
+        raise ValueError(
+            f"model-config.yaml: budget_share {share} x responseTimeout {response_timeout} s "
+            f"= {seconds:g} s per batch, plus max_decode_ms {max_decode_ms} ms, must leave half "
+            f"of responseTimeout as headroom: lower budget_share or max_decode_ms, or raise "
+            f"responseTimeout")
+    return seconds
+
+
+def stretched(seconds, costs, limits, response_timeout, max_decode_ms):
+    """The batch budget stretched, where this machine is slow, to fit the largest request the
+    limits allow (``max_images`` with every TTA view, ``max_explain_images`` explained): a legal
+    request is served, not refused with a 413, on any CPU. Never past what leaves half of
+    responseTimeout as headroom; where even that is short (logged as a warning naming the
+    settings), the largest requests get their 413 naming what fits."""
+    needed = max(limits.get("max_images", 0) * costs.forward_ms * costs.views,
+                 limits.get("max_explain_images", 0)
+                 * (costs.ig_ms + costs.forward_ms * costs.views)) / 1000
+    cap = response_timeout / 2 - max_decode_ms / 1000
+    if needed > cap:
+        logger.warning("the largest requests the limits allow could cost %.1f s here, more than "
+                       "the %.1f s a batch may take within responseTimeout %s s: they will get "
+                       "a 413; lower max_explain_images or ig_steps (or max_images), or raise "
+                       "responseTimeout", needed, cap, response_timeout)
+    return max(seconds, min(needed, cap))
+
+
+class Budget:
+    """Admits a batch's requests (cifar10_serve.requests.Row) while their estimated cost fits
+    ``seconds``; see the module docstring. ``clock``: ``work_clock``'s (tests pass their own)."""
+
+    def __init__(self, costs, seconds, explain_share=0.5, limits=None, clock=time.process_time):
+        self.costs, self.seconds, self.explain_share = costs, seconds, explain_share
+        self.limits, self.clock = limits or {}, clock
+        self.images = self.looked = 0  # images predicted so far here, and how many took TTA
+
+    def saw(self, images, looked):
+        """Count a batch's images and how many of them took the extra TTA views."""
+        self.images += images
+        self.looked += looked
+
+    def forwards(self):
+        """Forwards an image takes on average: 1 + its extra views x the share of images here
+        that took them (all of them, until any image has been seen)."""
+        share = self.looked / self.images if self.images else 1.0
+        return 1 + (self.costs.views - 1) * share
+
+    def cost(self, row, forwards=None):
+        """Seconds the row's images are estimated to cost (``forwards`` per image; default the
+        average here)."""
+        forward = self.costs.forward_ms * (self.forwards() if forwards is None else forwards)
+        per_image = forward + (self.costs.ig_ms if row.kind == "explain" else 0.0)
+        return len(row.images) * per_image / 1000
+
+    def largest(self, kind):
+        """The most images a request of ``kind`` ("predict", "explain") may carry: what fits a
+        batch with every image taking every TTA view, and the configured limit."""
+        per_image = (self.costs.forward_ms * self.costs.views
+                     + (self.costs.ig_ms if kind == "explain" else 0.0)) / 1000
+        fits = math.floor(self.seconds / per_image) if per_image > 0 else math.inf
+        limit = self.limits.get("max_explain_images" if kind == "explain" else "max_images")
+        return min(fits, limit or math.inf)
+
+    @property
+    def retry_after(self):
+        """Whole seconds after which a refused request is worth sending again: a batch's time."""
+        return max(1, math.ceil(self.seconds))
+
+    def admit(self, rows, decode, started, together=False):
+        """Decode (``decode(row)``) the rows that fit the batch begun at ``started`` (on
+        ``clock``), in the order of the module docstring; every other row that needs work gets
+        its 503, or 413, as ``row.error``. ``together``: the rows are one request's instances
+        (a KServe envelope), admitted or refused as one."""
+        working = [row for row in rows if row.error is None and row.kind in ("predict", "explain")]
+        if together:
+            images = sum(len(row.images) for row in working)
+            most = sum(self.cost(row, self.costs.views) for row in working)
+            for row in working:
+                if most > self.seconds:
+                    self._refuse(row, 413, images, most)
+                else:
+                    decode(row)
+            return
+        first, rest = working[:1], working[1:]
+        order = first + sorted((row for row in rest if row.kind == "predict"), key=_weight) \
+            + sorted((row for row in rest if row.kind == "explain"), key=_weight)
+        reserved = explaining = 0.0
+        for row in order:
+            cost, most = self.cost(row), self.cost(row, self.costs.views)
+            if most > self.seconds:
+                self._refuse(row, 413, len(row.images), most)
+                continue
+            over = self.clock() - started + reserved + cost > self.seconds
+            if row.kind == "explain":
+                over = over or explaining + cost > self.explain_share * self.seconds
+            if over and row is not order[0]:
+                self._refuse(row, 503)
+                continue
+            decode(row)
+            if row.error is None:  # a request that failed to decode costs nothing more
+                reserved += cost
+                explaining += cost if row.kind == "explain" else 0.0
+
+    def _refuse(self, row, code, images=None, cost=None):
+        """The row's 503, or its 413 (``images`` in its request could cost ``cost`` s)."""
+        kind = "explanation" if row.kind == "explain" else "prediction"
+        if code == 413:
+            message = (f"this {kind} request's {images} images could cost {cost:.1f} s on this "
+                       f"server, more than the {self.seconds:.1f} s a batch may take: send at "
+                       f"most {self.largest(row.kind)} images per {kind} request")
+        else:
+            share = (f" (explanations get at most {self.explain_share:.0%} of it)"
+                     if row.kind == "explain" else "")
+            message = (f"the server is busy: the requests before this one take this batch's "
+                       f"{self.seconds:.1f} s of work{share}; send it again after the "
+                       f"Retry-After header's {self.retry_after} s")
+        row.error, row.images = (code, message), []
+
+    def figures(self):
+        """The derived figures, as the worker logs them and the management API describes."""
+        return {"forward_ms_per_image": round(self.costs.forward_ms, 3),
+                "tta_views": self.costs.views, "forwards_per_image": round(self.forwards(), 3),
+                "explain_ms_per_image": round(self.costs.ig_ms, 1),
+                "batch_budget_s": round(self.seconds, 3), "explain_share": self.explain_share,
+                "largest_request_images": {"predict": self.largest("predict"),
+                                           "explain": self.largest("explain")},
+                "retry_after_s": self.retry_after}
+
+
+
+def for_worker(settings, response_timeout, forward, net, x, timed_ms, runtime):
+    """A worker's Budget from this machine's timings of the served ``forward`` (``timed_ms`` per
+    image where the runtime check timed it) and of one image's Integrated Gradients of ``net``
+    (on ``x``, a batch of the served shape); its figures logged."""
+    limits, decode_ms = settings.limits, settings.limits["max_decode_ms"]
+    seconds = batch_seconds(response_timeout, settings.budget_share, decode_ms)
+    forward_ms, ig_ms = measure(forward, net, x, settings.ig_steps, timed_ms)
+    costs = Costs(forward_ms, ig_ms, VIEWS[settings.tta])
+    seconds = stretched(seconds, costs, limits, response_timeout, decode_ms)
+    found = Budget(costs, seconds, settings.explain_share, limits, work_clock(x.device))
+    largest = found.largest("predict"), found.largest("explain")
+    logger.info("batch budget %.2f s (responseTimeout %s s x budget_share %s, or what the "
+                "largest request allowed needs), timed here: forward %.3f ms per image and view "
+                "(%s, tta %d: up to %d views), Integrated Gradients %.0f ms per image (%d "
+                "steps); the largest request that fits: %s images to predict, %s to explain; "
+                "explanations at most %.0f%% of a batch; refused requests get 503 with "
+                "Retry-After %d s", seconds, response_timeout, settings.budget_share, forward_ms,
+                runtime, settings.tta, costs.views, ig_ms, settings.ig_steps, *largest,
+                100 * found.explain_share, found.retry_after)
+    return found
+
+def _weight(row):
+    """How heavy a request is before decoding: its images, then its encoded bytes (v2 UINT8
+    pixels, already tensors, decode for free)."""
+    return len(row.images), sum(len(image) for image in row.images if isinstance(image, bytes))
+
+
+def measure(forward, net, x, ig_steps, forward_ms=None):
+    """Costs on this machine: ``forward_ms`` (where runtimes.py timed the served forward) or one
+    timed call of ``forward`` on the batch ``x``, per image; and one image's Integrated Gradients
+    of ``net``: ``ig_steps`` scaled copies of it forward and backward in one batch, as Captum's
+    IntegratedGradients runs them (without importing Captum, which only explanations need),
+    timed on TIMED_STEPS of them and scaled.
+    Each is timed after one untimed call (warm-up), on ``work_clock``: on a CPU its CPU time, so
+    that a worker started while the machine is busy (beside a restarting worker, or other
+    programs) does not time the wait for a core too and refuse requests that fit."""
+    clock = work_clock(x.device)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
+    def timed(step):
+        step()
+        sync()
+        start = clock()
+        step()
+        sync()
+        return 1000 * (clock() - start)
+
+    if forward_ms is None:
+        with torch.inference_mode():
+            forward_ms = timed(lambda: forward(x)) / len(x)
+    steps = min(ig_steps, TIMED_STEPS)
+    alphas = torch.linspace(1 / steps, 1, steps, device=x.device).view(-1, 1, 1, 1)
+
+    def integrated_gradients():
+        with torch.enable_grad():
+            scaled = (alphas * x[:1]).contiguous(memory_format=torch.channels_last)
+            scaled.requires_grad_(True)
+            torch.autograd.grad(net(scaled)[:, 0].sum(), scaled)
+    return forward_ms, timed(integrated_gradients) * ig_steps / steps
