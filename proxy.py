@@ -79,8 +79,10 @@ def model_metadata(weights, version, name=MODEL):
 
 
 def server_metadata():
+    """The v2 server metadata: TorchServe's version, and the protocol extensions the handler
+    reads (cifar10_serve/oip.py: binary tensor data; class_count outputs, "classification")."""
     return {"name": "cifar10-torchserve", "version": importlib.metadata.version("torchserve"),
-            "extensions": []}
+            "extensions": ["binary_tensor_data", "classification"]}
 
 
 def open_files():

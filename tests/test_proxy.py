@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 import requests
 import yaml
@@ -491,6 +492,14 @@ def test_v2_health_and_metadata_answer_tritonclient_with_the_token(front, served
         ("images", "BYTES", (-1,)), ("images", "UINT8", (-1, 32, 32, 3))}
     server = triton.get_server_metadata(headers=headers)
     assert server["name"] == "cifar10-torchserve" and server["version"] == "0.12.0"
+    assert server["extensions"] == ["binary_tensor_data", "classification"]
+    # and inference as the client sends it by default (binary tensor data) through the proxy
+    images = tritonclient.InferInput("images", [3], "BYTES")
+    images.set_data_from_numpy(np.array([solid_png(c) for c in COLOURS[:3]], dtype=np.object_))
+    labels = triton.infer("cifar10", [images], headers=dict(headers)).as_numpy("label")
+    assert [label.decode() for label in labels] == [top(requests.post(
+        f"{served.inference}/predictions/cifar10", data=solid_png(c), headers=headers,
+        timeout=30)) for c in COLOURS[:3]]
     body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2],
                         "data": [base64.b64encode(solid_png(c)).decode() for c in COLOURS[:2]]}]}
     answer = requests.post(f"{front.inference}/v2/models/cifar10/infer", json=body,
