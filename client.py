@@ -120,15 +120,25 @@ class TorchServeClient:
         TorchServe 0.12 itself answers min_worker=-1 with a 500 and leaves no worker, and takes
         counts over maxWorkers), as min_worker and max_worker both (the proxy takes no other
         form): that many run. TorchServe stops a worker mid-batch when scaling down; what it
-        drops, the proxy (or _infer) sends again."""
+        drops, the proxy (or _infer) sends again. TorchServe 0.12 sometimes answers a
+        scale-down 500 (a ConcurrentModificationException while it fails the stopped worker's
+        batch) after stopping the worker: the call, which sets the same counts again, is sent
+        once more."""
         most = MODEL_CONFIG["maxWorkers"]
         if not (type(workers) is int and 1 <= workers <= most):
             raise ValueError(f"workers must be a whole number from 1 to {most} (maxWorkers in "
                              f"handler/model-config.yaml), got {workers!r}")
-        return self._call("PUT", f"{self.management}/models/{self.model}", "management",
-                          params=dict(min_worker=workers, max_worker=workers,
-                                      synchronous="true"),
-                          timeout=120)
+        for delay in (0.0, *RETRY_DELAYS[:1]):
+            time.sleep(delay)
+            response = self._call("PUT", f"{self.management}/models/{self.model}",
+                                  "management", timeout=120, params=dict(
+                                      min_worker=workers, max_worker=workers,
+                                      synchronous="true"))
+            if response.status_code != 500:
+                break
+            log.warning("scaling to %d answered 500 (%s); sending it once more", workers,
+                        response.text.strip()[:200])
+        return response
 
     def metrics(self):
         return self.session.get(f"{self.metrics_url}/metrics", timeout=10)
