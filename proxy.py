@@ -177,15 +177,22 @@ def nginx_binary():
     return found
 
 
+def root_temp(run_dir):
+    """Where nginx started as root keeps its workers' temporary files (None: in run_dir)."""
+    if os.geteuid() != 0:
+        return None
+    name = f"cifar10-proxy-{zlib.crc32(bytes(Path(run_dir).resolve())):08x}"
+    return Path(tempfile.gettempdir()) / name
+
+
 def prepare(run_dir, settings, metadata, daemon=True):
     """Write run_dir/nginx.conf (and its temp folders) for ``settings`` and check it with
     `nginx -t`; returns the config's path. Started as root, nginx's workers run as nobody: their
     temp files then go to a folder under /tmp (the run dir's parents may be closed to them)."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    temp_root = None
-    if os.geteuid() == 0:
-        temp_root = Path(tempfile.gettempdir()) / f"cifar10-proxy-{zlib.crc32(bytes(run_dir)):08x}"
+    temp_root = root_temp(run_dir)
+    if temp_root is not None:
         temp_root.mkdir(mode=0o755, exist_ok=True)
         os.chmod(temp_root, 0o755)
     else:
@@ -248,6 +255,9 @@ def stop(run_dir, timeout=15.0):
         stop_process(master, timeout)
     except (psutil.NoSuchProcess, ValueError):
         return False
+    finally:
+        if root_temp(run_dir) is not None:
+            shutil.rmtree(root_temp(run_dir), ignore_errors=True)
     return True
 
 
@@ -302,6 +312,8 @@ def local_proxy(client, run_dir, metadata, ts_config=None, **overrides):
     finally:
         stop_process(master, timeout=5)
         process.wait()
+        if root_temp(run_dir) is not None:
+            shutil.rmtree(root_temp(run_dir), ignore_errors=True)
 
 
 def configmap(metadata):
