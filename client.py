@@ -143,12 +143,13 @@ class TorchServeClient:
     def metrics(self):
         return self.session.get(f"{self.metrics_url}/metrics", timeout=10)
 
-    def wait_ready(self, timeout=120.0, worker_log=None, probe=None):
+    def wait_ready(self, timeout=120.0, worker_log=None, probe=None, server=None):
         """Block until every worker is READY and a prediction of ``probe`` (a request body; by
         default a small PNG) answers 200; raise on timeout.
 
         With ``worker_log`` (TorchServe's model_log.log), a worker that fails to load the model
-        ends the wait at once with its message: TorchServe would retry it for minutes.
+        ends the wait at once with its message: TorchServe would retry it for minutes. With
+        ``server`` (its Java process), a server that exits ends it too (ServerExited).
         """
         deadline, last = time.monotonic() + timeout, "no answer yet"
         if probe is None:
@@ -159,6 +160,9 @@ class TorchServeClient:
         while time.monotonic() < deadline:
             if worker_log:
                 log_read = _raise_on_load_failure(worker_log, log_read)
+            if server is not None and (not server.is_running()
+                                       or server.status() == psutil.STATUS_ZOMBIE):
+                raise ServerExited(f"TorchServe exited while starting: {last}")
             try:
                 workers = self.describe().json()[0]["workers"]
                 if workers and all(w["status"] == "READY" for w in workers):
@@ -172,6 +176,10 @@ class TorchServeClient:
                 last = repr(err)
             time.sleep(0.25)
         raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s: {last}")
+
+
+class ServerExited(RuntimeError):
+    """TorchServe's Java process ended before it was ready (a port taken, a bad config)."""
 
 
 def dropped(response):
@@ -202,6 +210,32 @@ def local_torchserve(store, run, extra_config="", timeout=180, probe=None, env=N
     pid. ``env``: more environment variables (JAVA_HOME picks the Java that TorchServe's launcher
     runs)."""
     run = Path(run)
+    for attempt in range(2):  # a free port can be taken by another program before TorchServe
+        java = _start_torchserve(store, run, extra_config, env)  # binds it: once more if so
+        client = TorchServeClient(run / "config.properties", run / "key_file.json")
+        try:
+            client.wait_ready(timeout=timeout, worker_log=run / "logs" / "model_log.log",
+                              probe=probe, server=java)
+        except ServerExited:
+            stop_torchserve(java)
+            out = run / "torchserve.out"  # the server's stdout: its bind failure
+            if attempt or "Address already in use" not in out.read_text(errors="replace"):
+                raise
+            out.rename(run / "torchserve.first-start.out")
+            continue
+        except BaseException:
+            stop_torchserve(java)
+            raise
+        break
+    client.run_dir, client.server = run, java
+    try:
+        yield client
+    finally:
+        stop_torchserve(java)
+
+
+def _start_torchserve(store, run, extra_config, env):
+    """Start a TorchServe in ``run`` on free ports; its Java process."""
     config = (Path(__file__).resolve().parent / "config.properties").read_text()
     for name in ("inference", "management", "metrics"):
         config = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{free_port()}",
@@ -219,14 +253,7 @@ def local_torchserve(store, run, extra_config="", timeout=180, probe=None, env=N
                         "--log-config", str(Path(__file__).resolve().parent / "log4j2.xml"),
                         "--model-store", str(store), "--models", "cifar10=cifar10.mar"],
                        cwd=run, env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
-    java = psutil.Process(int((run / ".model_server.pid").read_text()))
-    client = TorchServeClient(run / "config.properties", run / "key_file.json")
-    try:
-        client.wait_ready(timeout=timeout, worker_log=run / "logs" / "model_log.log", probe=probe)
-        client.run_dir, client.server = run, java
-        yield client
-    finally:
-        stop_torchserve(java)
+    return psutil.Process(int((run / ".model_server.pid").read_text()))
 
 
 def stop_torchserve(java):

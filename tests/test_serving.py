@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import threading
+import socket
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -110,6 +111,26 @@ def test_a_worker_that_cannot_load_stops_the_start_with_its_message(tiny_checkpo
         with torchserve(tiny_checkpoint, tmp_path, swap_weights=junk):
             pass
 
+
+
+def test_a_port_taken_before_torchserve_binds_it_costs_a_second_start_not_the_test(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    """free_port() finds a port, then another program can take it before TorchServe binds it
+    (seen with several test sessions on one machine: a 180-s wait, then a failure). The server
+    that exits is seen at once and started again on other ports."""
+    import client
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports, real = [taken.getsockname()[1]], client.free_port
+    monkeypatch.setattr(client, "free_port", lambda: ports.pop() if ports else real())
+    try:
+        with torchserve(tiny_checkpoint, tmp_path) as served:
+            assert served.predict(FIXTURES / "cat.jpg").status_code == 200
+            assert str(taken.getsockname()[1]) not in served.inference
+    finally:
+        taken.close()
+    assert "Address already in use" in (tmp_path / "torchserve.first-start.out").read_text()
 
 def test_ping_with_the_token(server):
     response = server.ping()
