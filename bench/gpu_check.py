@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--images-per-request", type=int, default=16)
     p.add_argument("--workers", type=int, default=4, help="workers to scale to (management API)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="serve the same weights again with these model-config.gpu.yaml handler "
+                        "settings (e.g. tta_margin=0.3) and report both side by side")
     return p.parse_args(argv)
 
 
@@ -96,15 +99,28 @@ def train(args, out, dry):
                      "model_args": checkpoint.get("model_args")}
 
 
-def archive(weights, out):
-    """`make archive` into out/store with the GPU model-config, with this Python's environment."""
-    store = out / "store"
+def archive(weights, out, config=GPU_CONFIG, name="store"):
+    """`make archive` into out/name with ``config`` (the GPU model-config), with this Python's
+    environment."""
+    store = out / name
     venv = Path(sys.executable).parent.parent
     subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "archive",
                     f"VENV={venv}", f"WEIGHTS={weights}", f"MODEL_STORE={store}",
-                    f"MODEL_CONFIG={GPU_CONFIG}"],
+                    f"MODEL_CONFIG={config}"],
                    check=True)
     return store
+
+
+def compared_config(out, settings):
+    """model-config.gpu.yaml with ``settings`` ("KEY=VALUE", YAML values) in its handler
+    section, written to out: (its path, the settings as a dict)."""
+    overrides = {key: yaml.safe_load(value) for key, value in
+                 (setting.split("=", 1) for setting in settings)}
+    config = yaml.safe_load(GPU_CONFIG.read_text())
+    config["handler"].update(overrides)
+    path = out / "model-config.compare.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, overrides
 
 
 def workers(client):
@@ -158,8 +174,8 @@ def load(client, images, concurrency, per_request, seconds):
             if latencies else None}
 
 
-def serve_and_measure(args, store, out, dry):
-    run = out / "run"
+def serve_and_measure(args, store, out, dry, run_name="run"):
+    run = out / run_name
     run.mkdir(exist_ok=True)
     images = [p.read_bytes() for p in sorted(HOLDOUT.rglob("*.jpg"))]
     seconds = args.seconds or (2.0 if dry else 10.0)
@@ -210,6 +226,18 @@ def markdown(report):
     lines += [f"| {r['concurrency']} | {r['images_per_request']} | {r['images_per_s']} | "
               f"{r['p50_ms']} | {r['p99_ms']} | {r['requests']} | {r['errors']} |"
               for r in s["load"]]
+    if "compare" in report:
+        c = report["compare"]["serving"]
+        setting = ", ".join(f"{k}={v}" for k, v in report["compare"]["settings"].items())
+        lines += ["", f"Beside the same weights served with {setting} (same run, one server after "
+                  f"the other):", "", f"| | GPU config | {setting} |", "|---|--:|--:|",
+                  f"| held-out accuracy over REST | {100 * s['holdout_accuracy']:.2f} % | "
+                  f"{100 * c['holdout_accuracy']:.2f} % |",
+                  f"| one image at a time, p50 ms | {s['one_image_p50_ms']} | "
+                  f"{c['one_image_p50_ms']} |"]
+        lines += [f"| images/s, {a['concurrency']} connections x {a['images_per_request']} images "
+                  f"| {a['images_per_s']} | {b['images_per_s']} |"
+                  for a, b in zip(s["load"], c["load"])]
     lines += ["", "Seconds per step: " + ", ".join(f"{k} {v:.0f}"
                                                   for k, v in report["seconds"].items()), ""]
     return "\n".join(lines)
@@ -238,12 +266,20 @@ def main(argv=None):
     step(report, "serving")
     report["serving"] = serve_and_measure(args, store, out, dry)
     done(report, "serving")
+    if args.compare:
+        step(report, "compare")
+        config, settings = compared_config(out, args.compare)
+        report["compare"] = {"settings": settings, "serving": serve_and_measure(
+            args, archive(weights, out, config, "store-compare"), out, dry, "run-compare")}
+        done(report, "compare")
     report["weights"], report["store"] = str(weights), str(store)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     print(markdown(report))
     served = report["serving"]
-    failed = (report["cuda_tests"]["exit_code"] != 0 or any(r["errors"] for r in served["load"])
+    compared = report.get("compare", {}).get("serving", {}).get("load", [])
+    failed = (report["cuda_tests"]["exit_code"] != 0
+              or any(r["errors"] for r in served["load"] + compared)
               or (not dry and served["workers_at_start"]["on_gpu"] == 0))
     return 1 if failed else 0
 
