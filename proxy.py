@@ -128,11 +128,11 @@ def render(settings, metadata, daemon=True, as_root=None, temp_root=None, logs=N
         "POST /v2/models/cifar10/infer, POST /v2/models/cifar10/explain, GET /ping, "
         "GET /v2/health/live, GET /v2/health/ready, GET /v2, GET /v2/models/cifar10 and "
         "GET /v2/models/cifar10/ready only")
-    scale_rule = nginx_string({
-        "code": 400, "type": "BadRequest", "message":
-        f"scaling takes PUT /models/cifar10?min_worker=N&max_worker=M with both given, each "
-        f"once, whole numbers 1 <= N <= M <= {most} (maxWorkers in the model config), and "
-        f"optionally synchronous=true|false; nothing else"}) + "\\n"
+    rule = (f"scaling takes PUT /models/cifar10?min_worker=N&max_worker=M with both given, each "
+            f"once, whole numbers 1 <= N <= M <= {most} (maxWorkers in the model config), and "
+            f"optionally synchronous=true|false; nothing else")
+    scale_rule = nginx_string({"code": 400, "type": "BadRequest", "message": rule,
+                               "error": rule}) + "\\n"
     fields = {
         "USER": "user nobody nogroup;" if as_root else "",
         "DAEMON": "" if daemon else "daemon off;",
@@ -169,6 +169,11 @@ def render(settings, metadata, daemon=True, as_root=None, temp_root=None, logs=N
                                  for m in range(n, most + 1)),
         "SCALE_RULE": scale_rule, "GET_ONLY": GET_ONLY,
         "INFERENCE_ROUTES": inference_routes,
+        "FORM_REFUSED": "the body is labelled application/x-www-form-urlencoded (curl "
+                        "--data-binary without -H does so), which the model server would parse "
+                        "as form fields; send an image as the raw body with Content-Type "
+                        "application/octet-stream or image/*, images as multipart/form-data, or "
+                        "JSON (application/json)",
         "SERVER_METADATA": nginx_string(server_metadata()),
         "MODEL_METADATA": nginx_string(metadata)}
     text = TEMPLATE.read_text()
