@@ -44,6 +44,7 @@ WORKER_CONNECTIONS = 32768
 NOFILE = 65536
 # Limits per client address (and for all together), and the timeouts; tests render lower ones.
 DEFAULTS = {"conn_per_client": 128, "conn_per_server": 1024, "large_bodies": 32,
+            "large_per_client": 8,
             "req_rate": 1000, "req_burst": 2000,
             "header_timeout": "10s", "body_timeout": "10s", "send_timeout": "10s",
             "keepalive_timeout": "15s", "worker_processes": "auto"}
@@ -127,11 +128,11 @@ def render(settings, metadata, daemon=True, as_root=None, temp_root=None, logs=N
         "POST /v2/models/cifar10/infer, POST /v2/models/cifar10/explain, GET /ping, "
         "GET /v2/health/live, GET /v2/health/ready, GET /v2, GET /v2/models/cifar10 and "
         "GET /v2/models/cifar10/ready only")
-    scale_rule = nginx_string({
-        "code": 400, "type": "BadRequest", "message":
-        f"scaling takes PUT /models/cifar10?min_worker=N&max_worker=M with both given, each "
-        f"once, whole numbers 1 <= N <= M <= {most} (maxWorkers in the model config), and "
-        f"optionally synchronous=true|false; nothing else"}) + "\\n"
+    rule = (f"scaling takes PUT /models/cifar10?min_worker=N&max_worker=M with both given, each "
+            f"once, whole numbers 1 <= N <= M <= {most} (maxWorkers in the model config), and "
+            f"optionally synchronous=true|false; nothing else")
+    scale_rule = nginx_string({"code": 400, "type": "BadRequest", "message": rule,
+                               "error": rule}) + "\\n"
     fields = {
         "USER": "user nobody nogroup;" if as_root else "",
         "DAEMON": "" if daemon else "daemon off;",
@@ -146,7 +147,19 @@ def render(settings, metadata, daemon=True, as_root=None, temp_root=None, logs=N
         "RESEND_WITHIN": within, "SECONDS_BELOW": "(?:" + "|".join(map(str, range(within))) + ")",
         "MAX_BODY": s["max_body"], "MAX_WORKERS": most,
         "CONN_PER_CLIENT": s["conn_per_client"], "CONN_PER_SERVER": s["conn_per_server"],
-        "LARGE_BODIES": s["large_bodies"],
+        "LARGE_BODIES": s["large_bodies"], "LARGE_PER_CLIENT": s["large_per_client"],
+        "RESEND_CONNS": max(1, s["conn_per_server"] // 8),
+        "RESEND_LARGE": max(1, s["large_bodies"] // 8),
+        "PER_CLIENT": f"over {s['conn_per_client']} requests, or {s['large_per_client']} bodies "
+                      f"of 1 MB or more (or chunked), of this client address in progress at "
+                      f"once; retry after 1 s",
+        "BUSY": f"the model server has {s['conn_per_server']} requests (or {s['large_bodies']} "
+                f"bodies of 1 MB or more) of all clients in progress, as many as it takes at "
+                f"once; retry after 1 s",
+        "UNAVAILABLE": nginx_string({
+            "code": 503, "type": "ServiceUnavailable", "message":
+            "the model server behind this proxy did not answer (not started, restarting or over "
+            "its time); retry after 5 s", "error": "model server unavailable"}) + "\\n",
         "REQ_RATE": s["req_rate"], "REQ_BURST": s["req_burst"],
         "REAL_IP": "".join(f"    set_real_ip_from {cidr};\n" for cidr in s.get("real_ip", []))
         + ("    real_ip_header X-Forwarded-For;\n" if s.get("real_ip") else ""),
@@ -156,6 +169,11 @@ def render(settings, metadata, daemon=True, as_root=None, temp_root=None, logs=N
                                  for m in range(n, most + 1)),
         "SCALE_RULE": scale_rule, "GET_ONLY": GET_ONLY,
         "INFERENCE_ROUTES": inference_routes,
+        "FORM_REFUSED": "the body is labelled application/x-www-form-urlencoded (curl "
+                        "--data-binary without -H does so), which the model server would parse "
+                        "as form fields; send an image as the raw body with Content-Type "
+                        "application/octet-stream or image/*, images as multipart/form-data, or "
+                        "JSON (application/json)",
         "SERVER_METADATA": nginx_string(server_metadata()),
         "MODEL_METADATA": nginx_string(metadata)}
     text = TEMPLATE.read_text()

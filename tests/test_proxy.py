@@ -297,6 +297,38 @@ def test_only_the_apis_methods_and_paths_are_forwarded(front, served, method, pa
 
 
 @needs_nginx
+@pytest.mark.parametrize("data,status", [
+    (b"TRACE /predictions/cifar10 HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    (b"GET /ping HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"POST /predictions/cifar10 HTTP/1.1\r\nHost: x\r\n"
+     b"Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n", 501),
+    (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+], ids=["TRACE", "HTTP/2.0", "chunked-identity", "star"])
+def test_nginx_own_refusals_are_json_with_the_error_key_tritonclient_reads(front, data, status):
+    """nginx's own HTML error pages (TRACE, HTTP/2.0, a Transfer-Encoding other than chunked)
+    are the proxy's JSON like its other errors, each with "error" (tritonclient reads it:
+    without it "an exception occurred in the client while decoding the response: 'error'")."""
+    (got, headers, body), = exchange(front.inference, data)
+    answer = json.loads(body)
+    assert (got, answer["code"]) == (status, status)
+    assert headers["content-type"] == "application/json" and answer["error"]
+
+
+@needs_nginx
+def test_a_form_encoded_image_gets_a_415_naming_the_accepted_content_types(front, served):
+    """`curl --data-binary @cat.jpg` without -H labels the image form-encoded: TorchServe
+    alone answers 500 "Bad end of line" (which the proxy resent as a dropped job); the
+    proxy answers 415 naming what is accepted, before a byte reaches TorchServe."""
+    image = noise_png(64)
+    response = requests.post(f"{front.inference}/predictions/cifar10", data=image, timeout=30,
+                             headers={**inference_headers(served), "Content-Type":
+                                      "application/x-www-form-urlencoded"})
+    assert response.status_code == 415, response.text
+    assert "application/octet-stream" in response.json()["error"]
+    assert "multipart/form-data" in response.json()["message"]
+
+
+@needs_nginx
 def test_bodies_over_the_limit_get_413_naming_it(front, served):
     """Over TorchServe's max_request_size (8 MiB): refused before a byte is forwarded, whether
     Content-Length says so or a chunked body grows past it."""
@@ -307,6 +339,7 @@ def test_bodies_over_the_limit_get_413_naming_it(front, served):
                                  headers={**inference_headers(served), **extra}, timeout=30)
         assert response.status_code == 413
         assert "8388608 bytes" in response.json()["message"]
+        assert "8388608 bytes" in response.json()["error"]
 
 
 @needs_nginx
@@ -446,6 +479,7 @@ def test_request_rate_per_client_is_bounded_with_a_429_and_retry_after(make_prox
     assert len(refused) >= 6 and {a.status_code for a in answers} == {200, 429}
     assert all(a.headers["Retry-After"] == "1" for a in refused)
     assert "requests per second" in refused[0].json()["message"]
+    assert "requests per second" in refused[0].json()["error"]
     log = (Path(limited.conf).parent / "access.log").read_text()
     assert " 429 " not in log and log.count(" 200 ") == 12 - len(refused)
 
@@ -453,11 +487,11 @@ def test_request_rate_per_client_is_bounded_with_a_429_and_retry_after(make_prox
 @needs_nginx
 def test_requests_in_progress_are_bounded_per_client_and_for_large_bodies(make_proxy, served):
     """Two requests whose bodies are still arriving hold this client's two places: a third
-    gets a 429 at once; and one large body (1 MB or more) in progress holds the one place
-    for large bodies of all clients."""
+    gets a 429 at once; and one large body (1 MB or more) in progress holds this client's
+    one place for large bodies."""
     headers = inference_headers(served)
     for settings, holding, length in (({"conn_per_client": 2}, 2, 1000),
-                                      ({"large_bodies": 1}, 1, 2_000_000)):
+                                      ({"large_per_client": 1}, 1, 2_000_000)):
         limited = make_proxy(**settings)
         holders = hold(limited.inference, holding)
         for sock in holders:
@@ -469,6 +503,45 @@ def test_requests_in_progress_are_bounded_per_client_and_for_large_bodies(make_p
         assert response.status_code == 429, response.text
         assert response.headers["Retry-After"] == "1"
         assert "in progress at once" in response.json()["message"]
+        for sock in holders:
+            sock.close()
+
+
+def noise_png(side=700):
+    """A PNG of noise (it does not compress: over 1 MB at 700x700)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@needs_nginx
+def test_slow_bodies_from_a_few_addresses_do_not_deny_service(make_proxy, served):
+    """The attack of issue 27 (F1, F2) scaled down: three addresses hold five trickling bodies
+    each and two chunked ones each, more than the places for all clients (8) and for large
+    bodies (2). A good client from another address still gets 200 for a small image and for
+    a PNG of over 1 MB, whole (the shipped config counted bodies still arriving against all
+    clients' places: 429 "... of all clients")."""
+    target = make_proxy(conn_per_server=8, large_bodies=2, body_timeout="30s")
+    headers = inference_headers(served)
+    holders = []
+    for source in ("127.0.1.1", "127.0.1.2", "127.0.1.3"):
+        for chunked in (False,) * 5 + (True,) * 2:
+            sock = socket.create_connection(address(target.inference), timeout=5,
+                                            source_address=(source, 0))
+            framing = {"Transfer-Encoding": "chunked"} if chunked else {"Content-Length": 100000}
+            sock.sendall(request_bytes("POST", "/predictions/cifar10", framing,
+                                       b"1\r\na\r\n" if chunked else b"a"))
+            holders.append(sock)
+    try:
+        time.sleep(0.3)
+        big, small = noise_png(), solid_png(COLOURS[2])
+        assert len(big) > 1_000_000
+        for body in (small, big):
+            response = requests.post(f"{target.inference}/predictions/cifar10", data=body,
+                                     headers=headers, timeout=30)
+            assert top(response) == top(served.predict(body))
+    finally:
         for sock in holders:
             sock.close()
 
@@ -621,6 +694,25 @@ def test_only_what_torchserve_dropped_or_lost_is_sent_again(make_proxy, tmp_path
         else:
             assert response.json() == {"code": status}
             assert response.headers["Retry-After"] == "7"
+
+
+@needs_nginx
+def test_requests_handed_to_torchserve_are_bounded_with_a_429(make_proxy, tmp_path):
+    """At most conn_per_server requests (here 4, and 1 place for resends) are with TorchServe
+    at once: the others get a prompt 429 naming it, with Retry-After 1 and the "error" key
+    tritonclient reads."""
+    (tmp_path / "config.properties").write_text("max_request_size=8388608\n")
+    with StandIn([(200, None, b'{"cat": 1.0}', 1.5)] * 7) as upstream:
+        front = make_proxy(upstream=upstream, ts_config=tmp_path / "config.properties",
+                           conn_per_server=4)
+        with ThreadPoolExecutor(7) as pool:
+            answers = list(pool.map(lambda _: requests.post(
+                f"{front.inference}/predictions/cifar10", data=b"x", timeout=30), range(7)))
+        assert sorted(a.status_code for a in answers) == [200] * 5 + [429] * 2
+        refused = [a for a in answers if a.status_code == 429]
+        assert all(a.headers["Retry-After"] == "1" for a in refused)
+        assert "4 requests" in refused[0].json()["error"]
+        assert len(upstream.received) == 5
 
 
 @needs_nginx
