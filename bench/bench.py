@@ -82,7 +82,7 @@ def parse_args(argv=None):
     a("--wrk-threads", type=int, default=2,
       help="wrk threads, at most one per connection (default: 2)")
     a("--timeout", type=int, default=30,
-      help="seconds before wrk counts a request as timed out (default: 30, TorchServe's "
+      help="seconds before wrk counts a request as timed out (default: 30, 3x the model's "
            "responseTimeout)")
     a("--multi-images", type=int, default=16, help="images per multi-image request (default: 16)")
     a("--multi-connections", type=int, default=4,
