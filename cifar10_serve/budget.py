@@ -54,6 +54,17 @@ class Costs:
     ig_ms: float       # one image's Integrated Gradients (ig_steps forward+backward passes)
     views: int = 1     # forwards an image takes when every TTA view runs
 
+    def most_ms(self, kind):
+        """The most one image of a ``kind`` ("predict", "explain") request can cost: every TTA
+        view, and Integrated Gradients for an explanation."""
+        return self.forward_ms * self.views + (self.ig_ms if kind == "explain" else 0.0)
+
+
+def headroom_cap(response_timeout, max_decode_ms):
+    """The most a batch may be budgeted (s): what leaves half of responseTimeout as headroom
+    after one request's decoding, the most a batch can run past its budget."""
+    return response_timeout / 2 - max_decode_ms / 1000
+
 
 def work_clock(device):
     """The clock work is counted on: the worker process's CPU time on a CPU, wall time on a GPU
@@ -67,7 +78,7 @@ def batch_seconds(response_timeout, share, max_decode_ms):
     can run past its budget: decoding is timed as it happens) leaves less than half of
     responseTimeout for the timings being off (a busier machine, a slower batch than timed)."""
     seconds = share * response_timeout
-    if seconds + max_decode_ms / 1000 > response_timeout / 2:
+    if seconds > headroom_cap(response_timeout, max_decode_ms):
         raise ValueError(
             f"model-config.yaml: budget_share {share} x responseTimeout {response_timeout} s "
             f"= {seconds:g} s per batch, plus max_decode_ms {max_decode_ms} ms, must leave half "
@@ -82,10 +93,9 @@ def stretched(seconds, costs, limits, response_timeout, max_decode_ms):
     request is served, not refused with a 413, on any CPU. Never past what leaves half of
     responseTimeout as headroom; where even that is short (logged as a warning naming the
     settings), the largest requests get their 413 naming what fits."""
-    needed = max(limits.get("max_images", 0) * costs.forward_ms * costs.views,
-                 limits.get("max_explain_images", 0)
-                 * (costs.ig_ms + costs.forward_ms * costs.views)) / 1000
-    cap = response_timeout / 2 - max_decode_ms / 1000
+    needed = max(limits.get("max_images", 0) * costs.most_ms("predict"),
+                 limits.get("max_explain_images", 0) * costs.most_ms("explain")) / 1000
+    cap = headroom_cap(response_timeout, max_decode_ms)
     if needed > cap:
         logger.warning("the largest requests the limits allow could cost %.1f s here, more than "
                        "the %.1f s a batch may take within responseTimeout %s s: they will get "
@@ -124,8 +134,7 @@ class Budget:
     def largest(self, kind):
         """The most images a request of ``kind`` ("predict", "explain") may carry: what fits a
         batch with every image taking every TTA view, and the configured limit."""
-        per_image = (self.costs.forward_ms * self.costs.views
-                     + (self.costs.ig_ms if kind == "explain" else 0.0)) / 1000
+        per_image = self.costs.most_ms(kind) / 1000
         fits = math.floor(self.seconds / per_image) if per_image > 0 else math.inf
         limit = self.limits.get("max_explain_images" if kind == "explain" else "max_images")
         return min(fits, limit or math.inf)

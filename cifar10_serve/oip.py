@@ -141,6 +141,17 @@ def _parse_header(raw, length, max_images):
     return header
 
 
+def parameters_of(tensor, where, shared):
+    """A tensor's (an input's, an output's) "parameters" object; a 400 where it is not one, or
+    where it names a shared memory region (``shared``: what this server does instead)."""
+    parameters = tensor.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise bad(f"{where}.parameters must be an object")
+    if any(key.startswith("shared_memory") for key in parameters):
+        raise bad(f"{where} names a shared memory region; {shared}")
+    return parameters
+
+
 def _images(header, data, max_images):
     """The images of the one input, found in ``data`` (the bytes after the header) by the inputs'
     binary_data_size; sizes that do not add up to the data are the client's mistake."""
@@ -149,12 +160,8 @@ def _images(header, data, max_images):
         raise bad("the inference header needs \"inputs\": a list of tensors")
     parts, offset = [], 0
     for index, tensor in enumerate(inputs):
-        parameters = tensor.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise bad(f"inputs[{index}].parameters must be an object")
-        if any(key.startswith("shared_memory") for key in parameters):
-            raise bad(f"inputs[{index}] names a shared memory region; this server reads data "
-                      f"from the request only")
+        parameters = parameters_of(tensor, f"inputs[{index}]",
+                                   "this server reads data from the request only")
         size = parameters.get("binary_data_size")
         if size is None:
             parts.append(None)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cifar10_serve.errors import shown
-from cifar10_serve.oip import bad
+from cifar10_serve.oip import bad, parameters_of
 
 OUTPUTS = ("label", "probabilities")
 
@@ -65,12 +65,7 @@ def _reply(header, max_id_length, classes):
         if name not in OUTPUTS or name in [o[0] for o in outputs]:
             raise bad(f"{where}.name is {shown(name)!r}; the outputs are {list(OUTPUTS)}, each "
                       f"asked once")
-        options = output.get("parameters") or {}
-        if not isinstance(options, dict):
-            raise bad(f"{where}.parameters must be an object")
-        if any(key.startswith("shared_memory") for key in options):
-            raise bad(f"{where} names a shared memory region; outputs come back in the "
-                      f"response only")
+        options = parameters_of(output, where, "outputs come back in the response only")
         own = _flag(options, "binary_data", f"{where}.parameters")
         top = options.get("classification", 0)
         if type(top) is not int or not 0 <= top <= len(classes) \
