@@ -32,6 +32,7 @@ import torch
 import yaml
 
 import evaluate
+from cifar10_serve.runtimes import cpu_flags, cpu_name
 from client import TorchServeClient, local_torchserve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,7 +196,7 @@ def serve_and_measure(args, store, out, dry, run_name="run"):
 
 def machine(dry):
     info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads()}
+            "cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": torch.get_num_threads()}
     if not dry:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
