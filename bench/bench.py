@@ -27,6 +27,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -216,7 +217,7 @@ def _answers(client):
 def compare_runtime(args, folder):
     """Serve the archive again with model-config.yaml's handler.runtime set to
     --compare-runtime (its own model store), measured as the first: {runtime, cold start, rows}."""
-    config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+    config = yaml.safe_load(model_config(args).read_text())
     name, _, value = args.compare_runtime.rpartition("=")
     config["handler"][name or "runtime"] = yaml.safe_load(value)
     config_file = folder / "model-config.yaml"
@@ -228,6 +229,14 @@ def compare_runtime(args, folder):
     with server(args, make_vars) as (client, cold):
         return {"runtime": args.compare_runtime, "cold_start_s": cold,
                 "served": served(client, args, folder), "second_looks": second_looks(client)}
+
+
+def model_config(args):
+    """The model-config.yaml `make archive` packs: MODEL_CONFIG of --make-var or of the make
+    that runs this, else handler/model-config.yaml."""
+    given = [v.split("=", 1)[1] for v in [*make_assignments(), *args.make_var]
+             if v.startswith("MODEL_CONFIG=")]
+    return Path(given[-1]) if given else ROOT / "handler" / "model-config.yaml"
 
 
 def second_looks(client):
@@ -243,9 +252,8 @@ def second_looks(client):
 def served_runtime(args, client):
     """handler.runtime of the served archive's model-config.yaml (--make-var MODEL_CONFIG=...),
     and the forward the workers chose for it where that differs (auto: "auto (int8)")."""
-    path = next((v.split("=", 1)[1] for v in args.make_var if v.startswith("MODEL_CONFIG=")),
-                ROOT / "handler" / "model-config.yaml")
-    configured = yaml.safe_load(Path(path).read_text()).get("handler", {}).get("runtime", "auto")
+    configured = yaml.safe_load(model_config(args).read_text()).get("handler", {}).get(
+        "runtime", "auto")
     response = client._call("GET", f"{client.management}/models/{client.model}?customized=true",
                             "management", timeout=10)
     chosen = (response.json()[0].get("customizedMetadata") or {}).get("runtime")
@@ -324,8 +332,10 @@ def run_wrk(url, authorization, body, content_type, connections, args, seconds=N
     seconds = seconds or args.duration
     cmd = ["wrk", f"-t{min(args.wrk_threads, connections)}", f"-c{connections}", f"-d{seconds}s",
            "--timeout", f"{args.timeout}s", "-s", str(LUA), url, "--", str(body), content_type]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + args.timeout + 60,
                          env=dict(os.environ, BENCH_AUTHORIZATION=authorization))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = [line for line in out.stdout.splitlines() if line.startswith("BENCH_JSON ")]
     if out.returncode or not lines:
         sys.exit(f"wrk failed ({out.returncode}): {out.stderr or out.stdout}")
@@ -334,6 +344,42 @@ def run_wrk(url, authorization, body, content_type, connections, args, seconds=N
     result["non_2xx"] = sum(n for status, n in result["statuses"].items()
                             if not 200 <= int(status) < 300)
     result["socket_errors"] = sum(v for k, v in result["errors"].items() if k != "status")
+    result["wrk_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return result
+
+
+def server_processes(client):
+    """{"frontend": [pid], "workers": [pids]} of the server on this machine: the workers the
+    management API lists and their parent (TorchServe's Java frontend); empty without /proc."""
+    workers = [w["pid"] for w in client.describe().json()[0].get("workers", []) if w.get("pid")]
+    try:
+        parents = {int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                   for pid in workers}
+    except (OSError, ValueError, IndexError):
+        return {}
+    return {"frontend": sorted(parents), "workers": workers}
+
+
+def cpu_seconds(processes):
+    """{role: CPU seconds (user + system) its processes have used so far}; a role is left out
+    where one of its processes cannot be read (a worker replaced mid-run)."""
+    tick, found = os.sysconf("SC_CLK_TCK"), {}
+    for role, pids in processes.items():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            found[role] = sum(sum(map(int, Path(f"/proc/{pid}/stat").read_text()
+                                      .rsplit(")", 1)[1].split()[11:13])) for pid in pids) / tick
+    return found
+
+
+def with_cpu(processes, run):
+    """``run()``'s result with "cpu_ms_per_request": the CPU time the frontend, the workers and
+    wrk used per answered request during it (what the 2 cores are shared out to)."""
+    start = cpu_seconds(processes)
+    result = run()
+    end, requests = cpu_seconds(processes), max(result["requests"], 1)
+    spent = {role: end[role] - start[role] for role in start if role in end}
+    spent["wrk"] = result["wrk_cpu_s"]
+    result["cpu_ms_per_request"] = {role: 1000 * s / requests for role, s in spent.items()}
     return result
 
 
@@ -346,13 +392,14 @@ def served(client, args, folder):
     single, *multi = bodies.items()
     if args.warmup:
         run_wrk(url, authorization, single[1][0], single[1][1], 4, args, seconds=args.warmup)
-    rows = []
+    rows, processes = [], server_processes(client)
     one_json = [(JSON_ONE, (json_bodies(folder, sample(args)), "application/json", 1), c)
                 for c in (args.peer_connections if args.peer else [])]
     for kind, (path, content_type, count), connections in (
             [(*single, c) for c in args.concurrency]
             + [(*m, args.multi_connections) for m in multi] + one_json):
-        result = run_wrk(url, authorization, path, content_type, connections, args)
+        result = with_cpu(processes, lambda: run_wrk(url, authorization, path, content_type,
+                                                     connections, args))
         rows.append(dict(result, kind=kind, connections=connections, images=count,
                          img_s=result["req_s"] * count))
         log.info("%-24s %3d connections: %8.1f req/s  p50 %7.1f ms  p99 %7.1f ms  non-2xx %d",
@@ -570,12 +617,14 @@ def markdown(report):
     if report.get("served"):
         lines += ["", f"## Served (wrk, {report['duration_s']} s per row, latency per request)", "",
                   "| request | connections | req/s | img/s | p50 ms | p90 ms | p99 ms | non-2xx "
-                  "| socket errors |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+                  "| socket errors | CPU ms per request: frontend / workers / wrk |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for r in report["served"]:
             lat = {k: v / 1e3 for k, v in r["latency_us"].items()}
             lines.append(f"| {r['kind']} | {r['connections']} | {r['req_s']:.1f} | "
                          f"{r['img_s']:.1f} | {lat['p50']:.1f} | {lat['p90']:.1f} | "
-                         f"{lat['p99']:.1f} | {r['non_2xx']} | {r['socket_errors']} |")
+                         f"{lat['p99']:.1f} | {r['non_2xx']} | {r['socket_errors']} | "
+                         f"{cpu_cell(r)} |")
         bad = {k: v for r in report["served"] for k, v in r["statuses"].items()
                if not 200 <= int(k) < 300}
         if bad:
@@ -599,6 +648,12 @@ def markdown(report):
                   f"{ratio['handler_img_s']:.1f} img/s of the handler in-process at batch "
                   f"{ratio['batch']}."]
     return "\n".join(lines) + "\n"
+
+
+def cpu_cell(row):
+    """"frontend / workers / wrk" CPU ms per request, "-" for what was not measured."""
+    cpu = row.get("cpu_ms_per_request", {})
+    return " / ".join(f"{cpu[k]:.2f}" if k in cpu else "-" for k in ("frontend", "workers", "wrk"))
 
 
 def peer_table(report):
@@ -637,6 +692,12 @@ def compare_table(report):
         if twin:
             rows.append((f"img/s, {r['kind']}, {r['connections']} conn", r["img_s"],
                          twin["img_s"]))
+            for role in ("frontend", "workers"):
+                if r["images"] == 1 and r["connections"] > 1 and all(
+                        role in x.get("cpu_ms_per_request", {}) for x in (r, twin)):
+                    rows.append((f"CPU ms per request, {role}, {r['kind']}, {r['connections']} "
+                                 "conn", r["cpu_ms_per_request"][role],
+                                 twin["cpu_ms_per_request"][role]))
             if r["images"] == 1 and r["connections"] == 1:
                 rows.append((f"p50 ms, {r['kind']}, 1 conn", r["latency_us"]["p50"] / 1e3,
                              twin["latency_us"]["p50"] / 1e3))
@@ -645,7 +706,9 @@ def compare_table(report):
              f"{other['runtime']} |", "|---|--:|--:|--:|"]
     for what, mine, theirs in rows:
         if mine is not None and theirs:
-            lines.append(f"| {what} | {mine:.1f} | {theirs:.1f} | {mine / theirs:.2f} |")
+            digits = 2 if what.startswith("CPU") else 1
+            lines.append(f"| {what} | {mine:.{digits}f} | {theirs:.{digits}f} | "
+                         f"{mine / theirs:.2f} |")
     return lines
 
 
@@ -718,12 +781,17 @@ def command_line():
     with contextlib.suppress(ValueError):
         python = python.relative_to(Path.cwd())
     cmd = f"`{shlex.join([str(python), *sys.argv])}`"
+    assigned = make_assignments()
+    return f"{cmd}, run by make with `{shlex.join(assigned)}`" if assigned else cmd
+
+
+def make_assignments():
+    """The NAME=VALUE variables given to the make that runs this process (none outside make)."""
     flags = os.environ.get("MAKEFLAGS", "").split("-- ", 1) if "MAKELEVEL" in os.environ else []
     if len(flags) < 2:
-        return cmd
+        return []
     # make escapes the spaces inside a value with a backslash
-    assigned = [v.replace("\\ ", " ") for v in re.split(r"(?<!\\) ", flags[1].strip()) if v]
-    return f"{cmd}, run by make with `{shlex.join(assigned)}`"
+    return [v.replace("\\ ", " ") for v in re.split(r"(?<!\\) ", flags[1].strip()) if v]
 
 
 def main(argv=None):

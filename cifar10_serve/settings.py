@@ -28,7 +28,7 @@ class Settings:
     tta_margin: float = 1.0  # the extra views only below this lead (gated TTA); 1: every image
     runtime: str = "auto"
     profile: bool = False
-    budget_share: float = 0.25  # of responseTimeout: what a batch may cost (budget.py)
+    budget_share: float = 0.2  # of responseTimeout: what a batch may cost (budget.py)
     explain_share: float = 0.5  # of that: what a batch's explanations may cost together
     limits: dict = field(default_factory=lambda: dict(LIMITS))
 
@@ -54,7 +54,7 @@ def read(config):
         raise ValueError(f"model-config.yaml handler.tta must be one of {TTA_LEVELS}, "
                          f"got {settings.tta}")
     settings.tta_margin = _fraction("tta_margin", config.get("tta_margin", 1.0), zero=True)
-    settings.budget_share = _fraction("budget_share", config.get("budget_share", 0.25))
+    settings.budget_share = _fraction("budget_share", config.get("budget_share", 0.2))
     settings.explain_share = _fraction("explain_share", config.get("explain_share", 0.5))
     settings.runtime = config.get("runtime", "auto")
     if settings.runtime not in RUNTIMES:
