@@ -30,11 +30,11 @@ ARG PIP_CERT
 COPY requirements.txt /tmp/requirements.txt
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install -q --no-cache-dir --disable-pip-version-check \
-      $(grep -iE '^(torch|torchserve|pyyaml|pillow|numpy|psutil|captum|onnxruntime)==' /tmp/requirements.txt) \
+      $(grep -iE '^(torch|torchserve|pyyaml|python-multipart|pillow|numpy|psutil|captum|onnxruntime)==' /tmp/requirements.txt) \
  && rm /tmp/requirements.txt
 ENV PATH=/opt/venv/bin:$PATH
 # Fail the build, not the first request, when the handler's imports are missing.
-RUN python -c "import numpy, PIL, torch, yaml, onnxruntime, ts, captum"
+RUN python -c "import numpy, PIL, torch, yaml, onnxruntime, ts, captum, python_multipart"
 
 USER model-server
 WORKDIR /home/model-server

@@ -174,8 +174,6 @@ def render(settings, metadata, daemon=True, as_root=None, temp_root=None, logs=N
                         "as form fields; send an image as the raw body with Content-Type "
                         "application/octet-stream or image/*, images as multipart/form-data, or "
                         "JSON (application/json)",
-        "PART_ENCODING": "send the bytes of each image file as its part (7bit, 8bit or binary, "
-                         "or no Content-Transfer-Encoding: curl -F data=@cat.jpg)",
         "SERVER_METADATA": nginx_string(server_metadata()),
         "MODEL_METADATA": nginx_string(metadata)}
     text = TEMPLATE.read_text()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pack what `make gpu-check` needs beyond a CUDA machine's own PyTorch image, for a machine with no
 # network and no Java:
-#   OUT/wheels/   TorchServe, its archiver, captum, pyyaml, psutil: the versions requirements.txt
+#   OUT/wheels/   TorchServe, its archiver, captum, pyyaml, psutil, python-multipart: the versions requirements.txt
 #                 pins, for Python PYVER (default 3.12) on x86-64 Linux. TorchServe's wheel without
 #                 its 46 MB frontend jar, whose entries for x86-64 Linux travel as one solid .tar.xz (16 MB)
 #   OUT/jre/      a Java 17 runtime cut down with jlink to the modules TorchServe uses, as .tar.xz
@@ -26,7 +26,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$pyve
   --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform manylinux_2_28_x86_64 -d "$out/wheels" \
   "$(pin torchserve)" "$(pin torch-model-archiver)" "$(pin captum)" "$(pin pyyaml)" \
-  "$(pin psutil)"
+  "$(pin psutil)" "$(pin python-multipart)"
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

@@ -4,8 +4,10 @@ TorchServe loads) works through, shipped inside the .mar beside it. One module p
     net.py       the net, its TTA, checkpoints and class names (training imports it too)
     images.py    where a request's bytes become a tensor: header checks, decoding, the transform
     requests.py  request bodies -> rows (raw, multipart, JSON base64, v2, KServe v1)
+    forms.py     multipart bodies the reverse proxy passes on unparsed -> form fields
     oip.py       the Open Inference Protocol (v2): binary tensor data in requests
     oip_reply.py v2 answers: the outputs asked, as JSON or binary data
+    budget.py    what a batch may cost here (timed at start), and which requests fit in it
     deadline.py  the CPU-time deadline that bounds decoding
     runtimes.py  which forward runs: every candidate checked and timed on the serving CPU
     predict.py   the forward passes and explanations of a batch

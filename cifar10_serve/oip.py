@@ -19,11 +19,11 @@ import struct
 import torch
 from ts.utils.util import PredictionException
 
-from cifar10_serve import errors
+from cifar10_serve import errors, forms
 from cifar10_serve.errors import shown
 from cifar10_serve.net import IMAGE_SIZE
-from cifar10_serve.requests import (PIXELS_PER_IMAGE, json_values, json_values_limit,
-                                    read_request, too_many, v2_images)
+from cifar10_serve.requests import (MAX_TEXT_FIELDS, PIXELS_PER_IMAGE, json_values,
+                                    json_values_limit, read_request, too_many, v2_images)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 ACCEPTED = ("a v2 request (POST /v2/models/cifar10/infer) is a JSON inference request with one "
@@ -85,7 +85,11 @@ def read_body(request, headers, limits, row, enveloped=False):
         return read_binary(request, binary, limits)
     content_type = request_header(headers, "content-type") or ""
     form = None  # a multipart request: each field's own content type ("" for text)
-    if content_type.startswith("multipart/form-data") and isinstance(request, dict):
+    proxied_form = request_header(headers, forms.FORM_HEADER)
+    if proxied_form is not None and isinstance(request, dict) and len(request) == 1:
+        request, form = forms.read_form(next(iter(request.values())), proxied_form,
+                                        limits["max_images"] + MAX_TEXT_FIELDS)
+    elif content_type.startswith("multipart/form-data") and isinstance(request, dict):
         form = {name: _field_type(headers.get(name)) for name in request}
     images, reply, v2 = read_request(request, limits, form)
     if protocol and reply not in ("v2", "kserve"):  # a raw image, a form, {"data": ...}

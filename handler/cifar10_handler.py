@@ -2,6 +2,7 @@
 
 The class TorchServe loads; the work is in the cifar10_serve package beside it in the .mar:
     requests.py   request bodies -> rows (raw, multipart, JSON base64, v2, KServe v1)
+    forms.py      multipart bodies the reverse proxy passes on unparsed -> form fields
     oip.py        v2's binary tensor data extension (tritonclient's default) in requests
     oip_reply.py  v2 answers: the outputs asked, as JSON or binary data
     images.py     where a row's bytes become a tensor (header checks, decoding, the transform)

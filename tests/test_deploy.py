@@ -335,11 +335,13 @@ def test_dockerfile_installs_what_serving_needs_at_the_pins():
     assert grep, "the Dockerfile should install its packages from requirements.txt's pins"
     pins = {line.split("==")[0].lower() for line in (ROOT / "requirements.txt").read_text().split()
             if "==" in line}
-    wanted = {"torch", "torchserve", "pyyaml", "pillow", "numpy", "psutil", "captum", "onnxruntime"}
+    wanted = {"torch", "torchserve", "pyyaml", "pillow", "numpy", "psutil", "captum", "onnxruntime",
+              "python-multipart"}
     assert set(grep[1].split("|")) == wanted and wanted <= pins
     checks = [set(names.replace(" ", "").split(","))
               for names in re.findall(r'python -c "import ([\w, ]+)"', runs)]
-    assert any({"yaml", "onnxruntime", "torch", "PIL", "numpy", "ts"} <= names for names in checks)
+    assert any({"yaml", "onnxruntime", "torch", "PIL", "numpy", "ts", "python_multipart"} <= names
+               for names in checks)
 
 
 def docker_ignored(path, patterns):
