@@ -13,6 +13,8 @@ maintenance), and the worker logs a warning on any other version.
    one line with the reason, not with a traceback: TorchServe logs a 10-line traceback for each,
    so a client sending such bodies could fill the log ten times faster than the access log. The
    handler still answers each with its 400/413.
+5. python-multipart (cifar10_serve/forms.py) logs a warning for each malformed multipart body;
+   the handler answers each with a 400 naming the problem, so only its errors are logged.
 """
 import json
 import logging
@@ -90,3 +92,4 @@ if not getattr(Service.retrieve_data_for_inference, "patched_by_cifar10_serve", 
     Service.retrieve_data_for_inference = keep_repeated_fields(Service.retrieve_data_for_inference)
     otf_message_handler.json = SimpleNamespace(loads=bounded_loads, dumps=json.dumps)
     logging.getLogger().addFilter(OneLineDecodingWarnings())
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
