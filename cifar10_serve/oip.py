@@ -85,8 +85,9 @@ def read_body(request, headers, limits, row, enveloped=False):
         return read_binary(request, binary, limits)
     content_type = request_header(headers, "content-type") or ""
     form = None  # a multipart request: each field's own content type ("" for text)
-    proxied_form = request_header(headers, forms.FORM_HEADER)
-    if proxied_form is not None and isinstance(request, dict) and len(request) == 1:
+    proxied_form = request_header(headers, forms.FORM_HEADER)  # read only as the proxy sends it
+    if proxied_form is not None and content_type.startswith("application/octet-stream") \
+            and isinstance(request, dict) and len(request) == 1:
         request, form = forms.read_form(next(iter(request.values())), proxied_form,
                                         limits["max_images"] + MAX_TEXT_FIELDS)
     elif content_type.startswith("multipart/form-data") and isinstance(request, dict):

@@ -262,6 +262,28 @@ def test_a_form_field_named_like_a_header_is_answered(server):
     assert list(predicted.json()) == list(server.predict(cat).json())
 
 
+def test_x_form_content_type_is_read_only_as_the_proxy_sends_it(server):
+    """The proxy sends a multipart body as application/octet-stream with its Content-Type in
+    X-Form-Content-Type (cifar10_serve/forms.py): such a body is read as that form. The same
+    header sent straight to TorchServe beside a raw image or a form changes nothing (a raw JPEG
+    with it was a 400; a form of one field too, of two fields not)."""
+    cat = (FIXTURES / "cat.jpg").read_bytes()
+    form = (b"--XyZ\r\nContent-Disposition: form-data; name=\"img\"; filename=\"cat.jpg\"\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n" + cat + b"\r\n--XyZ--\r\n")
+    stray = {**server._token("inference"),
+             "X-Form-Content-Type": "multipart/form-data; boundary=XyZ"}
+    url, alone = f"{server.inference}/predictions/cifar10", list(server.predict(cat).json())
+    as_proxied = server.session.post(url, data=form, timeout=60, headers={
+        **stray, "Content-Type": "application/octet-stream"})
+    raw = server.session.post(url, data=cat, timeout=60,
+                              headers={**stray, "Content-Type": "image/jpeg"})
+    one_field = server.session.post(url, files={"img": ("cat.jpg", cat, "image/jpeg")},
+                                    headers=stray, timeout=60)
+    for response in (as_proxied, raw, one_field):
+        assert response.status_code == 200, response.text
+        assert list(response.json()) == alone
+
+
 def test_a_multipart_preamble_gets_a_400_that_says_so(server):
     """TorchServe's frontend drops every part of a multipart body with text before its first
     boundary (allowed by RFC 2046): the handler cannot recover them, and says why."""
