@@ -353,11 +353,15 @@ def server_processes(client):
     management API lists and their parent (TorchServe's Java frontend); empty without /proc."""
     workers = [w["pid"] for w in client.describe().json()[0].get("workers", []) if w.get("pid")]
     try:
-        parents = {int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                   for pid in workers}
+        parents = {int(proc_stat(pid)[1]) for pid in workers}
     except (OSError, ValueError, IndexError):
         return {}
     return {"frontend": sorted(parents), "workers": workers}
+
+
+def proc_stat(pid):
+    """/proc/<pid>/stat's fields after the command name (state, ppid, ...; utime is [11])."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def cpu_seconds(processes):
@@ -366,8 +370,7 @@ def cpu_seconds(processes):
     tick, found = os.sysconf("SC_CLK_TCK"), {}
     for role, pids in processes.items():
         with contextlib.suppress(OSError, ValueError, IndexError):
-            found[role] = sum(sum(map(int, Path(f"/proc/{pid}/stat").read_text()
-                                      .rsplit(")", 1)[1].split()[11:13])) for pid in pids) / tick
+            found[role] = sum(sum(map(int, proc_stat(pid)[11:13])) for pid in pids) / tick
     return found
 
 

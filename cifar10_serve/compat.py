@@ -24,7 +24,7 @@ from ts.protocol import otf_message_handler
 from ts.service import Service
 from ts.version import __version__ as TORCHSERVE_VERSION
 
-from cifar10_serve.requests import json_values, json_values_limit, text
+from cifar10_serve.requests import json_values, json_values_limit, numbered
 
 logger = logging.getLogger(__name__)
 WRITTEN_FOR = "0.12."
@@ -55,7 +55,7 @@ def keep_repeated_fields(retrieve):
             parameters = request.get("parameters") or ()
             if len(parameters) > 1:
                 for position, parameter in enumerate(parameters, 1):
-                    parameter["name"] = f"{text(parameter['name'])}#{position}"
+                    parameter["name"] = numbered(parameter["name"], position)
         headers, rows, ids = retrieve(batch)
         _state["rows"] = rows
         return headers, rows, ids

@@ -10,6 +10,7 @@ fields as TorchServe would have given them, and a malformed body is that request
 """
 import base64
 import binascii
+import contextlib
 import quopri
 import re
 
@@ -17,6 +18,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from cifar10_serve.errors import bad_request, shown
+from cifar10_serve.requests import numbered
 
 # The request header the proxy puts a multipart request's own Content-Type in.
 FORM_HEADER = "x-form-content-type"
@@ -62,7 +64,7 @@ def read_form(body, content_type, max_parts):
         "on_end": lambda: ended.append(True)}
     try:
         parser = MultipartParser(boundary, callbacks)
-        parser.write(bytes(body))
+        parser.write(body)
         parser.finalize()
     except FormParserError as error:
         raise bad_request(f"the multipart body is malformed ({error}); send files as curl -F "
@@ -73,7 +75,7 @@ def read_form(body, content_type, max_parts):
     fields, types = {}, {}
     for position, part in enumerate(parts, 1):
         name, value, field_type = _field(part, position)
-        name = f"{name}#{position}" if len(parts) > 1 else name
+        name = numbered(name, position) if len(parts) > 1 else name
         fields[name], types[name] = value, field_type
     return fields, types
 
@@ -103,9 +105,7 @@ def _field(part, position):
     if b"filename" not in options:  # a text field: TorchServe gives its bytes, no type
         return name, data, ""
     field_type = headers.get(b"content-type", b"application/octet-stream").decode("latin-1")
-    if field_type.startswith("text"):
-        try:
-            return name, data.decode("utf-8"), field_type
-        except UnicodeDecodeError:
-            return name, data, field_type
+    if field_type.startswith("text"):  # TorchServe's worker decodes text/* where it can
+        with contextlib.suppress(UnicodeDecodeError):
+            data = data.decode("utf-8")
     return name, data, field_type

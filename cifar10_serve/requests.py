@@ -51,6 +51,12 @@ def text(name):
     return name.decode("utf-8", "replace") if isinstance(name, (bytes, bytearray)) else str(name)
 
 
+def numbered(name, position):
+    """A form field's name with its position (data#1, data#2, ...): several fields keep
+    their images whatever names they repeat (read_request drops the number from messages)."""
+    return f"{text(name)}#{position}"
+
+
 def json_values_limit(max_images):
     """The most values (as `json_values` counts them) a JSON body may hold: what the largest
     request accepted needs, ``max_images`` images as v2 UINT8 pixels nested [N, 32, 32, 3] (per

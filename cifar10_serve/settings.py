@@ -49,18 +49,21 @@ def read(config):
         else:
             setattr(settings, name, value)
     settings.threads = _whole("threads", config.get("threads") or 0, least=0)
-    settings.tta = _whole("tta", config.get("tta", 0), least=0)
+    settings.tta = _whole("tta", config.get("tta", settings.tta), least=0)
     if settings.tta not in TTA_LEVELS:
         raise ValueError(f"model-config.yaml handler.tta must be one of {TTA_LEVELS}, "
                          f"got {settings.tta}")
-    settings.tta_margin = _fraction("tta_margin", config.get("tta_margin", 1.0), zero=True)
-    settings.budget_share = _fraction("budget_share", config.get("budget_share", 0.2))
-    settings.explain_share = _fraction("explain_share", config.get("explain_share", 0.5))
-    settings.runtime = config.get("runtime", "auto")
+    settings.tta_margin = _fraction("tta_margin", config.get("tta_margin", settings.tta_margin),
+                                    zero=True)
+    settings.budget_share = _fraction("budget_share",
+                                      config.get("budget_share", settings.budget_share))
+    settings.explain_share = _fraction("explain_share",
+                                       config.get("explain_share", settings.explain_share))
+    settings.runtime = config.get("runtime", settings.runtime)
     if settings.runtime not in RUNTIMES:
         raise ValueError(f"model-config.yaml handler.runtime must be one of {RUNTIMES}, "
                          f"got {settings.runtime!r}")
-    settings.profile = bool(config.get("profile", False))
+    settings.profile = bool(config.get("profile", settings.profile))
     return settings
 
 
