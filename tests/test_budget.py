@@ -281,13 +281,15 @@ def test_the_shipped_configs_keep_a_budgeted_batch_inside_half_the_response_time
 # --- a real TorchServe under an explanation flood ------------------------------------------------
 
 def flood_config(tmp_path):
-    """The shipped model-config.yaml with a 4-s responseTimeout (a batch may cost 0.8 s) and
-    Integrated Gradients slowed (256 steps: ~0.1 s per image of the tiny net here), so that a batch
-    of 16 four-image explanations would take ~6 s: past the timeout, a worker restart, without
-    the budget."""
+    """The shipped model-config.yaml with a 6-s responseTimeout (a batch may cost 1.2 s, one
+    request alone up to 2 s) and Integrated Gradients slowed (384 steps: 0.13-0.2 s per image of
+    the tiny net here), so that a batch of 16 four-image explanations would take 9-13 s: past the
+    timeout, a worker restart, without the budget. (With 4 s and 256 steps, a worker that timed
+    its Integrated Gradients at start 2.5x slower than usual, once in CI, found a 4-image
+    explanation over the 1 s a request may cost alone and answered 413.)"""
     config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
-    config["responseTimeout"] = 4
-    config["handler"].update(ig_steps=256, runtime="torch")
+    config["responseTimeout"] = 6
+    config["handler"].update(ig_steps=384, runtime="torch")
     path = tmp_path / "model-config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
