@@ -77,10 +77,11 @@ DOCKER_STORE = $(if $(filter gpu,$(IMAGE_TAG)),$(MODEL_STORE)/gpu,$(MODEL_STORE)
 DOCKER_CONFIG = $(if $(filter gpu,$(IMAGE_TAG)),handler/model-config.gpu.yaml,$(MODEL_CONFIG))
 # The torch build arguments: the GPU image's from pip's index (the pinned CUDA build), the CPU
 # image's from TORCH_CPU_INDEX, or its local wheel (mounted into podman builds).
-DOCKER_TORCH = $(if $(filter gpu,$(IMAGE_TAG)),--build-arg TORCH_INDEX_URL=,$(if $(and \
-  $(TORCH_CPU_WHEEL),$(filter-out docker,$(CONTAINER))),-v $(abspath $(dir $(TORCH_CPU_WHEEL))):$(abspath \
-  $(dir $(TORCH_CPU_WHEEL))):ro --build-arg TORCH=$(abspath $(TORCH_CPU_WHEEL)) --build-arg \
-  TORCH_INDEX_URL=,--build-arg TORCH_INDEX_URL=$(TORCH_CPU_INDEX)))
+TORCH_WHEEL_DIR = $(abspath $(dir $(TORCH_CPU_WHEEL)))
+DOCKER_TORCH = $(if $(filter gpu,$(IMAGE_TAG)),--build-arg TORCH_INDEX_URL=,$(if \
+  $(and $(TORCH_CPU_WHEEL),$(filter-out docker,$(CONTAINER))),-v $(TORCH_WHEEL_DIR):$(TORCH_WHEEL_DIR):ro \
+  --build-arg TORCH=$(abspath $(TORCH_CPU_WHEEL)) --build-arg TORCH_INDEX_URL=,--build-arg \
+  TORCH_INDEX_URL=$(TORCH_CPU_INDEX)))
 # The container's APIs on the host's loopback: published ports with docker; with podman's host
 # network TorchServe itself listens there (deploy/docker/config.properties reads TS_* variables).
 DOCKER_PORTS = $(if $(filter docker,$(CONTAINER)),-p 127.0.0.1:8080:8080 \
