@@ -5,7 +5,7 @@
 #   make docker IMAGE_TAG=gpu        # cifar10-torchserve:gpu: the archive built with
 #                                    # handler/model-config.gpu.yaml and the pinned CUDA torch
 #   make docker-run / make docker-stop
-# The CPU image carries PyTorch's CPU-only torch (no CUDA libraries: ~1.3 GB rather than ~6.6 GB
+# The CPU image carries PyTorch's CPU-only torch (no CUDA libraries: 1.45 GB rather than 6.4 GB
 # to pull on every new node); the GPU image the CUDA build requirements.txt pins. TorchServe's
 # worker imports torch even where ONNX Runtime runs the forward, and Captum's explanations need it.
 ARG BASE=debian:bookworm-slim
