@@ -3,19 +3,23 @@
 # deploy/docker/config.properties.
 #   make docker                      # cifar10-torchserve:cpu (docker; podman where docker is not)
 #   make docker IMAGE_TAG=gpu        # cifar10-torchserve:gpu: the archive built with
-#                                    # handler/model-config.gpu.yaml (the pinned torch is a CUDA
-#                                    # build: the same packages run on CPUs and GPUs)
+#                                    # handler/model-config.gpu.yaml and the pinned CUDA torch
 #   make docker-run / make docker-stop
+# The CPU image carries PyTorch's CPU-only torch (no CUDA libraries: 1.45 GB rather than 6.4 GB
+# to pull on every new node); the GPU image the CUDA build requirements.txt pins. TorchServe's
+# worker imports torch even where ONNX Runtime runs the forward, and Captum's explanations need it.
 ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 
 # nginx: deploy/k8s/ runs this image a second time in each pod as TorchServe's proxy (Debian's
 # nginx, the one `make serve-proxy` and tests/test_proxy.py run; README "Reverse proxy"). The
-# policy-rc.d stops its package from starting the system service during the build.
+# policy-rc.d stops its package from starting the system service during the build. apt-get clean:
+# a base from deploy/docker/make_base.sh keeps the downloaded packages (~140 MB in this layer).
 RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d \
  && apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
       openjdk-17-jre-headless python3 python3-venv ca-certificates nginx \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /usr/sbin/policy-rc.d
 
 # The non-root user TorchServe runs as. deploy/k8s/deployment.yaml runs the pod as this UID (the
@@ -23,18 +27,33 @@ RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin
 RUN useradd --uid 1000 --create-home --shell /usr/sbin/nologin model-server
 
 # What serving needs of requirements.txt, at its pins, in a venv (Debian's own Python is
-# externally managed). Build arguments pip reads, where given: PIP_EXTRA_INDEX_URL (a local
-# package index holding some pins), PIP_CERT (a proxy's CA bundle).
+# externally managed); not torchvision, which serving never imports. Build arguments pip reads,
+# where given: PIP_EXTRA_INDEX_URL (a local package index holding some pins), PIP_CERT (a proxy's
+# CA bundle).
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_CERT
+# torch first, with its dependencies, from TORCH_INDEX_URL: by default PyTorch's CPU-only index
+# (requirements.txt's pin, as its +cpu build); empty: pip's own index (the CUDA build, for the GPU
+# image). TORCH, where given, replaces the pin: a CPU-only wheel file, as `make docker` passes one
+# it finds on a machine that cannot reach PyTorch's index. captum's `torch>=` then finds it there.
+# Last, torch's C++ test programs and headers go (~190 MB): nothing in the image runs them or
+# compiles against torch.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH
 COPY requirements.txt /tmp/requirements.txt
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install -q --no-cache-dir --disable-pip-version-check \
-      $(grep -iE '^(torch|torchserve|pyyaml|python-multipart|pillow|numpy|psutil|captum|onnxruntime)==' /tmp/requirements.txt) \
- && rm /tmp/requirements.txt
+ && pip="/opt/venv/bin/pip install -q --no-cache-dir --disable-pip-version-check" \
+ && $pip ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+      "${TORCH:-$(grep -E '^torch==' /tmp/requirements.txt)}" \
+ && $pip $(grep -iE '^(torchserve|pyyaml|python-multipart|pillow|numpy|psutil|captum|onnxruntime)==' /tmp/requirements.txt) \
+ && rm /tmp/requirements.txt \
+ && cd /opt/venv/lib/python3*/site-packages/torch \
+ && rm -rf test include bin/*[Tt]est* bin/protoc*
 ENV PATH=/opt/venv/bin:$PATH
-# Fail the build, not the first request, when the handler's imports are missing.
-RUN python -c "import numpy, PIL, torch, yaml, onnxruntime, ts, captum, python_multipart"
+# Fail the build, not the first request, when the handler's imports are missing; the build log
+# names the torch the image carries.
+RUN python -c "import numpy, PIL, torch, yaml, onnxruntime, ts, captum, python_multipart" \
+ && python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 USER model-server
 WORKDIR /home/model-server

@@ -47,6 +47,12 @@ CONTAINER   ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman
 # torch there); empty where pip's index has every pin. PIP_CERT (pip's own variable), where set,
 # is mounted too: the CA bundle of a proxy between this machine and the package index.
 LOCAL_INDEX ?= $(wildcard /opt/pypi-more)
+# The CPU image's torch: PyTorch's CPU-only index, or, in podman builds, a CPU-only wheel for
+# Python 3.11 found in LOCAL_WHEELS (this project's machines reach no index of PyTorch's and keep
+# one in pip's find-links folder; TORCH_CPU_WHEEL= to use the index all the same).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+LOCAL_WHEELS ?= $(wildcard /opt/wheels)
+TORCH_CPU_WHEEL ?= $(lastword $(sort $(wildcard $(LOCAL_WHEELS)/torch-*+cpu-cp311-*.whl)))
 KSERVE_DIR  ?= dist/kserve
 # make gpu-check: where its report goes (bench/results/gpu for a real GPU run), extra flags
 GPU_OUT     ?= $(RUN_DIR)/gpu-check
@@ -69,6 +75,13 @@ PODMAN := CONTAINERS_CONF=$(abspath deploy/docker/containers.conf) podman --runt
 RUNTIME = $(if $(filter docker,$(CONTAINER)),docker,$(PODMAN))
 DOCKER_STORE = $(if $(filter gpu,$(IMAGE_TAG)),$(MODEL_STORE)/gpu,$(MODEL_STORE))
 DOCKER_CONFIG = $(if $(filter gpu,$(IMAGE_TAG)),handler/model-config.gpu.yaml,$(MODEL_CONFIG))
+# The torch build arguments: the GPU image's from pip's index (the pinned CUDA build), the CPU
+# image's from TORCH_CPU_INDEX, or its local wheel (mounted into podman builds).
+TORCH_WHEEL_DIR = $(abspath $(dir $(TORCH_CPU_WHEEL)))
+DOCKER_TORCH = $(if $(filter gpu,$(IMAGE_TAG)),--build-arg TORCH_INDEX_URL=,$(if \
+  $(and $(TORCH_CPU_WHEEL),$(filter-out docker,$(CONTAINER))),-v $(TORCH_WHEEL_DIR):$(TORCH_WHEEL_DIR):ro \
+  --build-arg TORCH=$(abspath $(TORCH_CPU_WHEEL)) --build-arg TORCH_INDEX_URL=,--build-arg \
+  TORCH_INDEX_URL=$(TORCH_CPU_INDEX)))
 # The container's APIs on the host's loopback: published ports with docker; with podman's host
 # network TorchServe itself listens there (deploy/docker/config.properties reads TS_* variables).
 DOCKER_PORTS = $(if $(filter docker,$(CONTAINER)),-p 127.0.0.1:8080:8080 \
@@ -178,16 +191,16 @@ flood: $(MAR) ## flood a TorchServe of its own (free ports) with explanations, t
 gpu-check: $(BIN)/torchserve ## the GPU check: CUDA tests, GPU training, GPU workers, img/s -> GPU_OUT (a dry run without CUDA)
 	$(PY) -m bench.gpu_check $(GPU_OUT) --data-dir $(DATA_DIR) $(GPU_CHECK_ARGS)
 
-docker: $(BIN)/torchserve ## build IMAGE:IMAGE_TAG (IMAGE_TAG=gpu: the GPU archive), docker or podman
+docker: $(BIN)/torchserve ## build IMAGE:IMAGE_TAG (cpu: CPU-only torch; gpu: CUDA torch, the GPU archive), docker or podman
 	$(MAKE) --no-print-directory archive MODEL_STORE=$(DOCKER_STORE) MODEL_CONFIG=$(DOCKER_CONFIG)
 	$(if $(filter docker,$(CONTAINER)),docker build --build-arg MAR=$(DOCKER_STORE)/cifar10.mar \
-	  -t $(IMAGE):$(IMAGE_TAG) .,{ $(PODMAN) image exists $(DOCKER_BASE) \
+	  $(DOCKER_TORCH) -t $(IMAGE):$(IMAGE_TAG) .,{ $(PODMAN) image exists $(DOCKER_BASE) \
 	  || bash deploy/docker/make_base.sh $(DOCKER_BASE); } && \
 	  $(PODMAN) build --isolation chroot --network host --build-arg BASE=$(DOCKER_BASE) \
 	  $(if $(LOCAL_INDEX),-v $(LOCAL_INDEX):$(LOCAL_INDEX):ro \
 	  --build-arg PIP_EXTRA_INDEX_URL=file://$(LOCAL_INDEX)/simple) \
 	  $(if $(PIP_CERT),-v $(PIP_CERT):/run/pip-ca.crt:ro --build-arg PIP_CERT=/run/pip-ca.crt) \
-	  --build-arg MAR=$(DOCKER_STORE)/cifar10.mar -t $(IMAGE):$(IMAGE_TAG) .)
+	  $(DOCKER_TORCH) --build-arg MAR=$(DOCKER_STORE)/cifar10.mar -t $(IMAGE):$(IMAGE_TAG) .)
 
 docker-run: $(BIN)/torchserve ## run IMAGE:IMAGE_TAG on 127.0.0.1:8080-8082 like make serve; copies its key_file.json here
 	$(RUNTIME) run -d --rm --name $(IMAGE) $(DOCKER_PORTS) $(DOCKER_RUN_ARGS) $(IMAGE):$(IMAGE_TAG)

@@ -12,6 +12,7 @@ Run alone with `.venv/bin/python -m pytest tests/test_deploy.py`.
 import fnmatch
 import json
 import re
+import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -329,19 +330,46 @@ def test_dockerfile_copies_the_archive_and_config_that_the_command_uses():
 
 def test_dockerfile_installs_what_serving_needs_at_the_pins():
     """Every package the worker imports, at requirements.txt's pins (grepped from it, so they
-    cannot drift), and a build-time import check."""
+    cannot drift; torch's on its own, from the index of the image's build), and a build-time
+    import check."""
     runs = " ".join(instruction_args("RUN"))
     grep = re.search(r"grep -iE '\^\(([\w|-]+)\)==' /tmp/requirements.txt", runs)
     assert grep, "the Dockerfile should install its packages from requirements.txt's pins"
+    assert "grep -E '^torch==' /tmp/requirements.txt" in runs
     pins = {line.split("==")[0].lower() for line in (ROOT / "requirements.txt").read_text().split()
             if "==" in line}
     wanted = {"torch", "torchserve", "pyyaml", "pillow", "numpy", "psutil", "captum", "onnxruntime",
               "python-multipart"}
-    assert set(grep[1].split("|")) == wanted and wanted <= pins
+    assert set(grep[1].split("|")) | {"torch"} == wanted and wanted <= pins
     checks = [set(names.replace(" ", "").split(","))
               for names in re.findall(r'python -c "import ([\w, ]+)"', runs)]
     assert any({"yaml", "onnxruntime", "torch", "PIL", "numpy", "ts", "python_multipart"} <= names
                for names in checks)
+
+
+def docker_build(*make_args):
+    """The image build command that `make docker` would run (a dry run: nothing is built)."""
+    out = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), "docker",
+                          *make_args], capture_output=True, text=True, check=True).stdout
+    return next(line for line in out.splitlines() if " build " in line and " -t " in line)
+
+
+def test_the_cpu_image_takes_cpu_only_torch_and_the_gpu_image_the_pinned_cuda_build():
+    """The CPU image's torch comes from PyTorch's CPU-only index (the Dockerfile's default, so a
+    plain `docker build .` gets it too) or a local CPU-only wheel mounted into podman's build; the
+    GPU image's from pip's own index, where the pin is the CUDA build."""
+    defaults = dict(arg.split("=", 1) for kw, arg in dockerfile() if kw == "ARG" and "=" in arg)
+    assert defaults["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    cpu = docker_build("CONTAINER=docker", "TORCH_CPU_WHEEL=")
+    assert "--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu " in cpu
+    wheel = "/w/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+    local = docker_build("CONTAINER=podman", f"TORCH_CPU_WHEEL={wheel}")
+    assert f"-v /w:/w:ro --build-arg TORCH={wheel} --build-arg TORCH_INDEX_URL= " in local
+    for container in ("docker", "podman"):
+        gpu = docker_build(f"CONTAINER={container}", "IMAGE_TAG=gpu", f"TORCH_CPU_WHEEL={wheel}")
+        assert "--build-arg TORCH_INDEX_URL= " in gpu and "TORCH=" not in gpu.replace(
+            "TORCH_INDEX_URL=", "")
+        assert "-t cifar10-torchserve:gpu" in gpu and "model_store/gpu/cifar10.mar" in gpu
 
 
 def docker_ignored(path, patterns):
