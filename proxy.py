@@ -295,45 +295,6 @@ def stop_process(master, timeout=15.0):
                     process.kill()
 
 
-class Proxy:
-    """A running nginx: its URLs and its master process."""
-
-    def __init__(self, settings, process, conf):
-        self.inference = f"http://{settings['listen_inference']}"
-        self.management = f"http://{settings['listen_management']}"
-        self.process, self.conf, self.settings = process, conf, settings
-
-
-@contextlib.contextmanager
-def local_proxy(client, run_dir, metadata, ts_config=None, **overrides):
-    """nginx in front of the TorchServe ``client`` talks to (client.py's TorchServeClient) on
-    free loopback ports, in the foreground of this process; always stopped, by pid. Keyword
-    arguments override DEFAULTS (lower limits for tests)."""
-    from client import free_port  # noqa: PLC0415
-    settings = {"ts_inference": urlsplit(client.inference).netloc,
-                "ts_management": urlsplit(client.management).netloc,
-                "listen_inference": f"127.0.0.1:{free_port()}",
-                "listen_management": f"127.0.0.1:{free_port()}",
-                **settings_from(ts_config or client.run_dir / "config.properties",
-                                ROOT / "handler" / "model-config.yaml"),
-                "worker_processes": 1, **overrides}
-    settings.update(ts_inference=urlsplit(client.inference).netloc,
-                    ts_management=urlsplit(client.management).netloc)
-    conf = prepare(run_dir, settings, metadata, daemon=False)
-    with open(Path(run_dir) / "nginx.out", "wb") as out:
-        process = subprocess.Popen([nginx_binary(), "-p", str(Path(run_dir).resolve()), "-c",
-                                    str(conf)], stdout=out, stderr=subprocess.STDOUT)
-    master = psutil.Process(process.pid)
-    try:
-        wait_listening(settings["listen_inference"], process)
-        yield Proxy(settings, master, conf)
-    finally:
-        stop_process(master, timeout=5)
-        process.wait()
-        if root_temp(run_dir) is not None:
-            shutil.rmtree(root_temp(run_dir), ignore_errors=True)
-
-
 def configmap(metadata):
     """deploy/k8s/proxy-configmap.yaml: the config the Kubernetes sidecar runs (K8S settings)."""
     text = render({**settings_from(*K8S_CONFIGS), **K8S}, metadata, daemon=False,

@@ -34,7 +34,8 @@ from PIL import Image
 
 import client as client_module
 import proxy
-from client import TorchServeClient, free_port
+from client import TorchServeClient
+from tests.harness import free_port, local_proxy
 from test_serving import torchserve
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -64,7 +65,7 @@ def front(served, tmp_path_factory):
         return
     if NGINX is None:
         pytest.skip("the proxy tests need nginx (apt-get install nginx)")
-    with proxy.local_proxy(served, tmp_path_factory.mktemp("proxy"), served.metadata,
+    with local_proxy(served, tmp_path_factory.mktemp("proxy"), served.metadata,
                            read_timeout=5) as running:
         yield running
 
@@ -78,7 +79,7 @@ def make_proxy(served, tmp_path):
             if DIRECT:
                 return upstream
             folder = tmp_path / f"proxy-{len(stack._exit_callbacks)}"
-            return stack.enter_context(proxy.local_proxy(
+            return stack.enter_context(local_proxy(
                 upstream, folder, metadata or served.metadata, **settings))
         yield make
 

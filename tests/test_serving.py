@@ -24,7 +24,9 @@ from cifar10_serve import runtimes
 from cifar10_serve.net import CIFAR10_CLASSES
 
 import evaluate
-from client import TorchServeClient, local_torchserve, read_properties
+from client import TorchServeClient, read_properties
+from tests import harness
+from tests.harness import local_torchserve
 
 IMAGES = [solid_png(colour) for colour in COLOURS]
 
@@ -118,12 +120,11 @@ def test_a_port_taken_before_torchserve_binds_it_costs_a_second_start_not_the_te
     """free_port() finds a port, then another program can take it before TorchServe binds it
     (seen with several test sessions on one machine: a 180-s wait, then a failure). The server
     that exits is seen at once and started again on other ports."""
-    import client
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
-    ports, real = [taken.getsockname()[1]], client.free_port
-    monkeypatch.setattr(client, "free_port", lambda: ports.pop() if ports else real())
+    ports, real = [taken.getsockname()[1]], harness.free_port
+    monkeypatch.setattr(harness, "free_port", lambda: ports.pop() if ports else real())
     try:
         with torchserve(tiny_checkpoint, tmp_path) as served:
             assert served.predict(FIXTURES / "cat.jpg").status_code == 200
