@@ -28,7 +28,6 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import requests
-import yaml
 from conftest import COLOURS, solid_png
 from PIL import Image
 
@@ -868,11 +867,11 @@ def test_proxy_py_start_and_stop_as_make_serve_proxy_runs_them(served, tmp_path)
 
 @needs_nginx
 def test_the_kubernetes_sidecar_config_passes_nginx_t(tmp_path):
-    """deploy/k8s/proxy-configmap.yaml's config, its paths moved under tmp_path."""
-    configmap = yaml.safe_load((proxy.ROOT / "deploy" / "k8s" / "proxy-configmap.yaml")
-                               .read_text())
+    """The pod's config (`make k8s-config`: deploy/k8s/nginx.conf), its paths moved under
+    tmp_path."""
+    metadata = proxy.model_metadata(proxy.ROOT / "weights" / "cifar10.pt", "1.0")
     conf = tmp_path / "nginx.conf"
-    conf.write_text(configmap["data"]["nginx.conf"].replace(proxy.K8S["run_dir"], str(tmp_path)))
+    conf.write_text(proxy.pod_conf(metadata).replace(proxy.K8S["run_dir"], str(tmp_path)))
     check = proxy.subprocess.run([proxy.nginx_binary(), "-t", "-q", "-c", str(conf)],
                                  capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
