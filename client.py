@@ -209,7 +209,7 @@ def retry_after(response, now=None):
     """Seconds the answer's Retry-After header asks to wait (RFC 9110: a number of seconds or an
     HTTP-date; a date in the past is 0), or None where it has none or one that cannot be read."""
     value = response.headers.get("Retry-After", "").strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -265,6 +265,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="config.properties", help="TorchServe config.properties")
     p.add_argument("--key-file", default="key_file.json", help="TorchServe's token file")
+    p.add_argument("--model", default="cifar10",
+                   help="the model's name on the server (its spec's name; default: cifar10)")
     sub = p.add_subparsers(dest="command", required=True)
     pred = sub.add_parser("predict", help="classify image files or folders")
     pred.add_argument("paths", nargs="+")
@@ -285,7 +287,7 @@ def main(argv=None):
                       help="TorchServe's model_log.log: stop waiting when a worker fails to load")
     args = p.parse_args(argv)
 
-    client = TorchServeClient(args.config, args.key_file)
+    client = TorchServeClient(args.config, args.key_file, args.model)
     if args.command == "predict":
         return _predict(client, list(expand(args.paths)), args.together, args.v2)
     if args.command == "wait":
@@ -294,7 +296,7 @@ def main(argv=None):
         except (RuntimeError, TimeoutError) as err:
             print(err, file=sys.stderr)
             return 1
-        print(f"cifar10 ready: {len(workers)} workers READY")
+        print(f"{client.model} ready: {len(workers)} workers READY")
         return 0
     try:
         response = {"describe": client.describe, "metrics": client.metrics, "ping": client.ping,

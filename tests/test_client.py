@@ -112,6 +112,7 @@ def test_a_success_or_a_client_error_is_not_resent_whatever_its_headers(client_o
 @pytest.mark.parametrize("value,seconds", [
     ("2", 2.0), (" 120 ", 120.0), ("0", 0.0), ("Thu, 01 Jan 2026 00:00:05 GMT", 5.0),
     ("Wed, 31 Dec 2025 23:59:00 GMT", 0.0), ("soon", None), ("-1", None), ("1.5", None),
+    ("\u00b2", None),
     ("", None)])
 def test_retry_after_reads_seconds_and_http_dates(value, seconds):
     response = requests.Response()
