@@ -14,6 +14,8 @@ Nothing here is part of what a user runs: client.py is the user's client and pro
 """
 import collections
 import contextlib
+import http.server
+import json
 import os
 import re
 import shutil
@@ -147,6 +149,56 @@ def local_proxy(client, run_dir, metadata, ts_config=None, **overrides):
         process.wait()
         if proxy.root_temp(run_dir) is not None:
             shutil.rmtree(proxy.root_temp(run_dir), ignore_errors=True)
+
+
+# ---- a stand-in server --------------------------------------------------------------------------
+
+class Stub(http.server.ThreadingHTTPServer):
+    """A stand-in HTTP server on a free loopback port: answers POSTs from ``script``, a list of
+    (status, headers) in turn (then 200s), a 200 with ``answer(body)`` (JSON; default a
+    one-class prediction), and records when each request arrived (time.monotonic) and its body.
+    Stopped at the with-block's end."""
+
+    def __init__(self, script=(), answer=lambda body: {"cat": 1.0}):
+        self.script, self.answer, self.arrived, self.bodies = list(script), answer, [], []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(handler):  # noqa: N805
+                server = handler.server
+                received = handler.rfile.read(int(handler.headers.get("Content-Length", 0)))
+                with server.lock:
+                    server.bodies.append(received)
+                    server.arrived.append(time.monotonic())
+                    status, headers = server.script.pop(0) if server.script else (200, {})
+                body = (json.dumps(server.answer(received)).encode() if status == 200
+                        else b'{"code": %d}' % status)
+                handler.send_response(status)
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    handler.send_header(name, value)
+                handler.send_header("Content-Length", str(len(body)))
+                handler.end_headers()
+                handler.wfile.write(body)
+
+            def log_message(handler, *args):  # noqa: N805
+                pass
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+        self.thread.join()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
 
 
 # ---- good traffic -------------------------------------------------------------------------------

@@ -3,9 +3,7 @@ it resends a 429/503 after the answer's Retry-After, and after its own short del
 """
 import datetime
 import email.utils
-import http.server
 import json
-import threading
 import time
 
 import pytest
@@ -13,44 +11,7 @@ import requests
 
 import client as client_module
 from client import TorchServeClient, retry_after
-
-
-class Stub(http.server.ThreadingHTTPServer):
-    """Answers POSTs from ``script``, a list of (status, headers) in turn (then 200s), and
-    records when each arrived (time.monotonic)."""
-
-    def __init__(self, script):
-        self.script, self.arrived = list(script), []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(handler):  # noqa: N805
-                handler.rfile.read(int(handler.headers.get("Content-Length", 0)))
-                handler.server.arrived.append(time.monotonic())
-                status, headers = (handler.server.script.pop(0) if handler.server.script
-                                   else (200, {}))
-                body = b'{"cat": 1.0}' if status == 200 else b'{"code": %d}' % status
-                handler.send_response(status)
-                for name, value in {"Content-Type": "application/json", **headers}.items():
-                    handler.send_header(name, value)
-                handler.send_header("Content-Length", str(len(body)))
-                handler.end_headers()
-                handler.wfile.write(body)
-
-            def log_message(handler, *args):  # noqa: N805
-                pass
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
-        self.thread.join()
+from tests.harness import Stub
 
 
 @pytest.fixture
