@@ -17,7 +17,7 @@ def test_each_answer_is_checked_against_the_servers_own_answer_for_that_body():
     with Stub(answer=by_first_word) as stub:
         right = GoodTraffic(stub.url, {"Authorization": "Bearer k"}, BODIES, clients=2,
                             check=True)
-        assert right.expected == ["cat", "dog", "cat"]
+        assert right.expected == [{"cat": 1.0}, {"dog": 1.0}, {"cat": 1.0}]
         with right:
             right.wait_for(30)
         wrong = GoodTraffic(stub.url, {}, BODIES, clients=2, check=True)
