@@ -2,7 +2,8 @@
 its line counts.
 
 LAYERS names the modules of each layer (dotted names; a trailing ".*" takes a whole package) and
-RULES says what each layer may not import. Update the tables when a module is renamed, moved or
+RULES says what each layer may import ("only": nothing of the repository's but those layers) or
+may not ("never"); third-party imports are not counted, imports inside functions are. Update the tables when a module is renamed, moved or
 added: a layer naming a module that does not exist fails here, so the tables cannot go stale
 quietly. A rule that today's code breaks, and that work in progress is fixing, carries that as
 its xfail reason (strict: the rule fails loudly once the code keeps it, so the mark comes off).

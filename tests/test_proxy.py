@@ -34,7 +34,7 @@ from PIL import Image
 import client as client_module
 import proxy
 from client import TorchServeClient
-from tests.harness import free_port, local_proxy
+from tests.harness import GoodTraffic, free_port, local_proxy
 from test_serving import torchserve
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -519,32 +519,16 @@ def test_a_scale_loop_under_load_loses_no_good_request(front, served, tmp_path):
     # 2000x2000 images: ~0.1 s of decoding each, so that both workers are busy when a
     # scale-down stops one (the colour net's forward alone takes a millisecond).
     bodies = [solid_png(colour, (2000, 2000)) for colour in COLOURS]
-    session = requests.Session()
-    expected = [top(session.post(f"{served.inference}/predictions/cifar10", data=body,
-                                 headers=inference_headers(served))) for body in bodies]
-    stop, outcomes = threading.Event(), collections.Counter()
-
-    def load(offset):
-        own = requests.Session()
-        for i in range(offset, 10**9):
-            if stop.is_set():
-                return
-            response = own.post(f"{front.inference}/predictions/cifar10",
-                                data=bodies[i % len(bodies)], headers=inference_headers(served),
-                                timeout=60)
-            right = response.status_code == 200 and top(response) == expected[i % len(bodies)]
-            outcomes["right" if right else f"{response.status_code} {response.text[:80]}"] += 1
-    with ThreadPoolExecutor(4) as pool:
-        clients = [pool.submit(load, i) for i in range(4)]
+    with GoodTraffic(front.inference, inference_headers(served), bodies, clients=4,
+                     check=True) as load:
         time.sleep(1)
         for _ in range(5):
             for workers in (1, 2):
                 assert scaler.scale(workers).status_code == 200
                 time.sleep(0.5)
-        stop.set()
-        for done in clients:
-            done.result()
-    assert outcomes["right"] > 40 and set(outcomes) == {"right"}, dict(outcomes)
+    summary = load.summary()
+    assert summary["ok"] > 40 and not summary["failed"], [
+        (sent.outcome, sent.detail[:80]) for sent in load.failures()]
 
 
 # ------------------------------------------------------------ per-client limits, body sizes
