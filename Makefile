@@ -54,6 +54,9 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 LOCAL_WHEELS ?= $(wildcard /opt/wheels)
 TORCH_CPU_WHEEL ?= $(lastword $(sort $(wildcard $(LOCAL_WHEELS)/torch-*+cpu-cp311-*.whl)))
 KSERVE_DIR  ?= dist/kserve
+# make k8s-config: the nginx.conf deploy/k8s/kustomization.yaml generates the sidecar's ConfigMap
+# from (rendered from deploy/nginx/, not checked in)
+K8S_CONF    ?= deploy/k8s/nginx.conf
 # make gpu-check: where its report goes (bench/results/gpu for a real GPU run), extra flags
 GPU_OUT     ?= $(RUN_DIR)/gpu-check
 GPU_CHECK_ARGS ?=
@@ -100,10 +103,10 @@ HANDLER_FILES := handler/cifar10_handler.py $(PACKAGE_FILES) $(INDEX_TO_NAME) \
 .DEFAULT_GOAL := help
 .PHONY: help install train archive serve stop status predict scale test evaluate bench clean \
         docker docker-run docker-stop kserve-bundle demo gpu-check docker-test serve-proxy \
-        stop-proxy
+        stop-proxy k8s-config
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 $(BIN)/torchserve: requirements.txt
 	@$(CHECK_JAVA)
@@ -213,6 +216,9 @@ docker-stop: ## stop the container docker-run started (torchserve --stop inside 
 	-$(RUNTIME) exec $(IMAGE) torchserve --stop
 	-$(RUNTIME) rm -f $(IMAGE) >/dev/null 2>&1
 
+k8s-config: $(METADATA) ## render the proxy sidecar's nginx.conf into deploy/k8s/ (then kubectl apply -k deploy/k8s, or -k deploy/k8s-gpu)
+	$(PY) proxy.py pod-conf --metadata $(METADATA) --out $(K8S_CONF)
+
 kserve-bundle: $(MAR) ## lay out KSERVE_DIR (config/ + model-store/) for KServe's storageUri
 	rm -rf $(KSERVE_DIR)
 	mkdir -p $(KSERVE_DIR)/config $(KSERVE_DIR)/model-store
@@ -226,4 +232,4 @@ docker-test: $(BIN)/torchserve ## build the image, serve from it, check answers 
 	$(PY) -m pytest -m container tests/test_container.py
 
 clean: ## remove build outputs (the archive, logs, run files)
-	rm -rf $(MAR) $(METADATA) $(ONNX) $(INT8) $(GOLDEN) $(SHIP) logs $(RUN_DIR) .pytest_cache dist
+	rm -rf $(MAR) $(METADATA) $(K8S_CONF) $(ONNX) $(INT8) $(GOLDEN) $(SHIP) logs $(RUN_DIR) .pytest_cache dist

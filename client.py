@@ -12,21 +12,18 @@ writes where it starts (both in the repo root for `make serve`).
 TorchServe's tokens expire (token_expiration_min, 60 min by default); the client renews an expired
 one with the key file's API key and resends the request once. An inference request answered 503
 (queue full, no worker), 507 (its worker died mid-request) or TorchServe's own 500 for a request a
-worker stopped by a scale-down dropped is sent again, at most twice, after 0.5 s and 1 s. `scale`
+worker stopped by a scale-down dropped, and the proxy's 429, is sent again, at most twice: after
+the answer's Retry-After (seconds or an HTTP-date, up to 30 s), else after 0.5 s and 1 s. `scale`
 refuses counts TorchServe's management API would mishandle. `--config .run/proxy/client.properties`
 goes through the proxy of `make serve-proxy`.
 """
 import argparse
 import base64
-import contextlib
+import datetime
+import email.utils
 import io
 import json
 import logging
-import os
-import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,10 +38,15 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 MODEL_CONFIG = yaml.safe_load((Path(__file__).resolve().parent / "handler" / "model-config.yaml")
                               .read_text())
-RETRY_STATUSES = (503, 507)  # TorchServe: queue full or no worker; the worker died mid-request
+# TorchServe: queue full or no worker (503), the worker died mid-request (507); the proxy: a
+# client over its limits (429, 503).
+RETRY_STATUSES = (429, 503, 507)
 # TorchServe's own answer (not the handler's) to the requests of a worker a scale-down stopped.
 DROPPED_BY_WORKER = ("Worker died.", "Worker scaled down.")
-RETRY_DELAYS = (0.5, 1.0)  # seconds before each resend
+RETRY_DELAYS = (0.5, 1.0)  # seconds before each resend, where the answer names no Retry-After
+# A Retry-After longer than this is not waited on: the answer goes back to the caller, who knows
+# better than a library whether a prediction is still wanted that much later.
+MAX_RETRY_AFTER = 30.0
 
 
 class TorchServeClient:
@@ -81,12 +83,20 @@ class TorchServeClient:
         return self._call("GET", f"{self.inference}/ping", "inference", timeout=5)
 
     def _infer(self, url, **kwargs):
-        """An inference POST, resent after RETRY_DELAYS while TorchServe answers 503 or 507, or
-        500 for a request a stopped worker dropped (safe: a prediction changes nothing on the
-        server)."""
+        """An inference POST, resent at most twice while the server answers 429, 503 or 507, or
+        TorchServe's 500 for a request a stopped worker dropped (safe: a prediction changes
+        nothing on the server): after the answer's Retry-After where it has one (up to
+        MAX_RETRY_AFTER; a longer one is answered as it is), else after RETRY_DELAYS."""
         response = self._call("POST", url, "inference", timeout=60, **kwargs)
-        for delay in RETRY_DELAYS:
+        for default in RETRY_DELAYS:
             if response.status_code not in RETRY_STATUSES and not dropped(response):
+                break
+            delay = retry_after(response)
+            if delay is None:
+                delay = default
+            elif delay > MAX_RETRY_AFTER:
+                log.warning("%s answered %d with Retry-After %.0f s: not waiting that long", url,
+                            response.status_code, delay)
                 break
             log.warning("%s answered %d; sending again in %.1f s", url, response.status_code,
                         delay)
@@ -195,77 +205,20 @@ def dropped(response):
             and body.get("message") in DROPPED_BY_WORKER)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def local_torchserve(store, run, extra_config="", timeout=180, probe=None, env=None):
-    """A TorchServe started in the folder ``run`` on free loopback ports (the repo's
-    config.properties plus ``extra_config`` lines), serving ``store``/cifar10.mar, ready once
-    ``probe`` (a body; default a PNG) is answered; yields a TorchServeClient (its ``run_dir`` is
-    ``run``, its ``server`` the Java process) and always stops the server and its workers, by
-    pid. ``env``: more environment variables (JAVA_HOME picks the Java that TorchServe's launcher
-    runs)."""
-    run = Path(run)
-    for attempt in range(2):  # a free port can be taken by another program before TorchServe
-        java = _start_torchserve(store, run, extra_config, env)  # binds it: once more if so
-        client = TorchServeClient(run / "config.properties", run / "key_file.json")
-        try:
-            client.wait_ready(timeout=timeout, worker_log=run / "logs" / "model_log.log",
-                              probe=probe, server=java)
-        except ServerExited:
-            stop_torchserve(java)
-            out = run / "torchserve.out"  # the server's stdout: its bind failure
-            if attempt or "Address already in use" not in out.read_text(errors="replace"):
-                raise
-            out.rename(run / "torchserve.first-start.out")
-            continue
-        except BaseException:
-            stop_torchserve(java)
-            raise
-        break
-    client.run_dir, client.server = run, java
+def retry_after(response, now=None):
+    """Seconds the answer's Retry-After header asks to wait (RFC 9110: a number of seconds or an
+    HTTP-date; a date in the past is 0), or None where it has none or one that cannot be read."""
+    value = response.headers.get("Retry-After", "").strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
     try:
-        yield client
-    finally:
-        stop_torchserve(java)
-
-
-def _start_torchserve(store, run, extra_config, env):
-    """Start a TorchServe in ``run`` on free ports; its Java process."""
-    config = (Path(__file__).resolve().parent / "config.properties").read_text()
-    for name in ("inference", "management", "metrics"):
-        config = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{free_port()}",
-                        config, flags=re.M)
-    for name in ("grpc_inference", "grpc_management"):  # TorchServe always starts gRPC too
-        config = re.sub(rf"^{name}_port=.*$", f"{name}_port={free_port()}", config, flags=re.M)
-    config = re.sub(r"^model_store=.*$", f"model_store={store}", config, flags=re.M)
-    (run / "config.properties").write_text(config + extra_config)
-    # TMPDIR: the launcher's pid file; TEMP: Java's tmpdir, where the worker sockets live.
-    env = dict(os.environ, TMPDIR=str(run), TEMP=str(run), LOG_LOCATION=str(run / "logs"),
-               METRICS_LOCATION=str(run / "logs"), **(env or {}))
-    torchserve = Path(sys.executable).parent / "torchserve"
-    with open(run / "torchserve.out", "wb") as out:  # the launcher's and the server's stdout
-        subprocess.run([str(torchserve), "--start", "--ncs", "--ts-config", "config.properties",
-                        "--log-config", str(Path(__file__).resolve().parent / "log4j2.xml"),
-                        "--model-store", str(store), "--models", "cifar10=cifar10.mar"],
-                       cwd=run, env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
-    return psutil.Process(int((run / ".model_server.pid").read_text()))
-
-
-def stop_torchserve(java):
-    """Stop a TorchServe (its Java process) and the workers it spawned, by pid."""
-    try:
-        workers = java.children(recursive=True)
-        java.send_signal(signal.SIGTERM)
-    except psutil.NoSuchProcess:  # it already stopped (a failed start): nothing left to stop
-        return
-    gone, alive = psutil.wait_procs([java] + workers, timeout=30)
-    for process in alive:
-        process.kill()
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a date without a zone is read so too
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return max(0.0, (when - now).total_seconds())
 
 
 def _raise_on_load_failure(worker_log, start):
@@ -312,6 +265,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="config.properties", help="TorchServe config.properties")
     p.add_argument("--key-file", default="key_file.json", help="TorchServe's token file")
+    p.add_argument("--model", default="cifar10",
+                   help="the model's name on the server (its spec's name; default: cifar10)")
     sub = p.add_subparsers(dest="command", required=True)
     pred = sub.add_parser("predict", help="classify image files or folders")
     pred.add_argument("paths", nargs="+")
@@ -332,7 +287,7 @@ def main(argv=None):
                       help="TorchServe's model_log.log: stop waiting when a worker fails to load")
     args = p.parse_args(argv)
 
-    client = TorchServeClient(args.config, args.key_file)
+    client = TorchServeClient(args.config, args.key_file, args.model)
     if args.command == "predict":
         return _predict(client, list(expand(args.paths)), args.together, args.v2)
     if args.command == "wait":
@@ -341,7 +296,7 @@ def main(argv=None):
         except (RuntimeError, TimeoutError) as err:
             print(err, file=sys.stderr)
             return 1
-        print(f"cifar10 ready: {len(workers)} workers READY")
+        print(f"{client.model} ready: {len(workers)} workers READY")
         return 0
     try:
         response = {"describe": client.describe, "metrics": client.metrics, "ping": client.ping,

@@ -8,7 +8,7 @@ Protocol metadata, which `make archive` writes from the checkpoint (`metadata`).
     python proxy.py metadata weights/cifar10.pt --version 1.0 --out model_store/cifar10.v2.json
     python proxy.py start --run-dir .run/proxy --metadata model_store/cifar10.v2.json
     python proxy.py stop --run-dir .run/proxy
-    python proxy.py configmap --metadata ... > deploy/k8s/proxy-configmap.yaml
+    python proxy.py pod-conf --metadata model_store/cifar10.v2.json   # deploy/k8s/nginx.conf
 
 `start` writes the config, the pid file, error.log and access.log into --run-dir, and
 client.properties there: `client.py --config <run-dir>/client.properties` goes through the proxy.
@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import zlib
 from pathlib import Path
@@ -62,6 +61,7 @@ K8S = {"ts_inference": "127.0.0.1:8080", "ts_management": "127.0.0.1:8081",
        "real_ip": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]}
 K8S_CONFIGS = (ROOT / "deploy" / "docker" / "config.properties",
                ROOT / "handler" / "model-config.yaml")
+K8S_CONF = ROOT / "deploy" / "k8s" / "nginx.conf"  # what deploy/k8s/kustomization.yaml reads
 
 
 def model_metadata(weights, version, name=MODEL):
@@ -295,58 +295,15 @@ def stop_process(master, timeout=15.0):
                     process.kill()
 
 
-class Proxy:
-    """A running nginx: its URLs and its master process."""
-
-    def __init__(self, settings, process, conf):
-        self.inference = f"http://{settings['listen_inference']}"
-        self.management = f"http://{settings['listen_management']}"
-        self.process, self.conf, self.settings = process, conf, settings
-
-
-@contextlib.contextmanager
-def local_proxy(client, run_dir, metadata, ts_config=None, **overrides):
-    """nginx in front of the TorchServe ``client`` talks to (client.py's TorchServeClient) on
-    free loopback ports, in the foreground of this process; always stopped, by pid. Keyword
-    arguments override DEFAULTS (lower limits for tests)."""
-    from client import free_port  # noqa: PLC0415
-    settings = {"ts_inference": urlsplit(client.inference).netloc,
-                "ts_management": urlsplit(client.management).netloc,
-                "listen_inference": f"127.0.0.1:{free_port()}",
-                "listen_management": f"127.0.0.1:{free_port()}",
-                **settings_from(ts_config or client.run_dir / "config.properties",
-                                ROOT / "handler" / "model-config.yaml"),
-                "worker_processes": 1, **overrides}
-    settings.update(ts_inference=urlsplit(client.inference).netloc,
-                    ts_management=urlsplit(client.management).netloc)
-    conf = prepare(run_dir, settings, metadata, daemon=False)
-    with open(Path(run_dir) / "nginx.out", "wb") as out:
-        process = subprocess.Popen([nginx_binary(), "-p", str(Path(run_dir).resolve()), "-c",
-                                    str(conf)], stdout=out, stderr=subprocess.STDOUT)
-    master = psutil.Process(process.pid)
-    try:
-        wait_listening(settings["listen_inference"], process)
-        yield Proxy(settings, master, conf)
-    finally:
-        stop_process(master, timeout=5)
-        process.wait()
-        if root_temp(run_dir) is not None:
-            shutil.rmtree(root_temp(run_dir), ignore_errors=True)
-
-
-def configmap(metadata):
-    """deploy/k8s/proxy-configmap.yaml: the config the Kubernetes sidecar runs (K8S settings)."""
+def pod_conf(metadata):
+    """The nginx.conf of the Kubernetes sidecar (K8S settings): `make k8s-config` writes it to
+    deploy/k8s/nginx.conf, which kustomize's configMapGenerator puts in the pod's ConfigMap."""
     text = render({**settings_from(*K8S_CONFIGS), **K8S}, metadata, daemon=False,
                   as_root=False, temp_root=K8S["run_dir"],
                   logs={"error": "stderr", "access": "/dev/stdout"})
-    head = yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
-        "name": "cifar10-proxy", "labels": {"app.kubernetes.io/name": "cifar10-torchserve"}}},
-        sort_keys=False)
-    return ("# The nginx sidecar's config (deploy/k8s/deployment.yaml): proxy.py's render of\n"
-            "# deploy/nginx/nginx.conf.template for the pod, with the shipped weights' metadata.\n"
-            "# Regenerate, never edit: .venv/bin/python proxy.py configmap --metadata "
-            "model_store/cifar10.v2.json > deploy/k8s/proxy-configmap.yaml\n"
-            + head + "data:\n  nginx.conf: |\n" + textwrap.indent(text, "    "))
+    return ("# The nginx sidecar's config (deploy/k8s/): proxy.py's render of\n"
+            "# deploy/nginx/nginx.conf.template for the pod. Rendered by `make k8s-config`, never\n"
+            "# edited or checked in.\n" + text)
 
 
 def main(argv=None):
@@ -370,8 +327,10 @@ def main(argv=None):
                      help="management address (default: 127.0.0.1:8001)")
     halt = sub.add_parser("stop", help="stop the nginx that `start` started")
     halt.add_argument("--run-dir", type=Path, default=Path(".run/proxy"))
-    cmap = sub.add_parser("configmap", help="print deploy/k8s/proxy-configmap.yaml")
-    cmap.add_argument("--metadata", type=Path, required=True)
+    pod = sub.add_parser("pod-conf", help="write the Kubernetes sidecar's nginx.conf")
+    pod.add_argument("--metadata", type=Path, required=True, help="`metadata`'s JSON file")
+    pod.add_argument("--out", type=Path, default=K8S_CONF,
+                     help=f"(default: {K8S_CONF.relative_to(ROOT)})")
     args = p.parse_args(argv)
 
     if args.command == "metadata":
@@ -394,7 +353,8 @@ def main(argv=None):
         if not stop(args.run_dir):
             print(f"no nginx running from {args.run_dir}")
     else:
-        sys.stdout.write(configmap(json.loads(args.metadata.read_text())))
+        args.out.write_text(pod_conf(json.loads(args.metadata.read_text())))
+        print(f"wrote {args.out}: `kubectl apply -k deploy/k8s` (GPU nodes: -k deploy/k8s-gpu)")
     return 0
 
 

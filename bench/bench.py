@@ -424,7 +424,7 @@ def json_bodies(folder, images):
 def peer(args, folder):
     """The peer server on a free loopback port, loaded with the archive's weights, measured with
     the same 1-image JSON body: {"name", "rows"}. Stopped (its process group) at the end."""
-    from client import free_port
+    from tests.harness import free_port  # noqa: PLC0415
 
     with zipfile.ZipFile(args.mar) as mar:
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))

@@ -26,7 +26,6 @@ import multiprocessing
 import random
 import statistics
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,7 +34,8 @@ import numpy as np
 import requests
 
 from cifar10_serve.images import decode_image
-from client import TorchServeClient, local_torchserve
+from client import TorchServeClient
+from tests.harness import GoodTraffic, local_torchserve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,25 +103,6 @@ def budget_figures(client):
     return metadata.get("budget")
 
 
-def percentile(values, share):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else None
-
-
-def good_traffic(client, images, stop, timeout, results):
-    """One client of good one-image predictions until ``stop``: (status, seconds) each."""
-    session, url = requests.Session(), f"{client.inference}/predictions/{client.model}"
-    headers = {**client._token("inference"), "Content-Type": "image/jpeg"}
-    while time.monotonic() < stop:
-        start = time.monotonic()
-        try:
-            status = session.post(url, data=random.choice(images), headers=headers,
-                                  timeout=timeout).status_code
-        except requests.RequestException as err:
-            status = type(err).__name__
-        results.append((status, time.monotonic() - start))
-
-
 def flood_client(url, headers, body, stop, timeout, results):
     """One flooding client until ``stop``: (status, seconds) each; a 503/429 with Retry-After
     is resent after that many seconds, as client.py and polite clients do."""
@@ -180,26 +161,19 @@ def scenario(client, args, name, images):
         raise SystemExit(f"a lone {what} request answered {check.status_code}: "
                          f"{check.text[:300]}")
     before, spawn = worker_pids(client), multiprocessing.get_context("spawn")
-    queue, good, stop = spawn.Queue(), [], time.monotonic() + args.duration
+    queue, stop = spawn.Queue(), time.monotonic() + args.duration
     child = spawn.Process(target=flood,
                           args=(url, headers, body, clients, stop, args.timeout, queue))
     child.start()
-    threads = [threading.Thread(target=good_traffic, args=(client, images, stop, args.timeout,
-                                                           good))
-               for _ in range(args.good_clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    good = GoodTraffic.of(client, images, clients=args.good_clients, timeout=args.timeout,
+                          seconds=stop - time.monotonic()).start().join().summary()
     flooded = queue.get(timeout=args.duration + args.timeout + 60)
     child.join()
     after = worker_pids(client)
-    latencies = [seconds for status, seconds in good if status == 200]
     refused = [seconds for status, seconds in flooded if status in (429, 503)]
     return {"scenario": f"{clients} clients of {what}", "seconds": args.duration,
-            "good_requests": len(good), "good_failed": sum(s != 200 for s, _ in good),
-            "good_p50_s": percentile(latencies, 0.5), "good_p99_s": percentile(latencies, 0.99),
-            "good_max_s": max(latencies, default=None),
+            "good_requests": good["requests"], "good_failed": good["failed"],
+            "good_p50_s": good["p50_s"], "good_p99_s": good["p99_s"], "good_max_s": good["max_s"],
             "worker_restarts": len(before - after),
             "flood_answers": dict(collections.Counter(str(s) for s, _ in flooded)),
             "flood_refusal_p50_s": statistics.median(refused) if refused else None}

@@ -23,17 +23,15 @@ import platform
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from statistics import median
 
 import torch
 import yaml
 
 import evaluate
 from cifar10_serve.runtimes import cpu_flags, cpu_name
-from client import TorchServeClient, local_torchserve
+from tests.harness import GoodTraffic, local_torchserve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,39 +138,16 @@ def scale(client, count):
 
 
 def load(client, images, concurrency, per_request, seconds):
-    """Each of ``concurrency`` threads sends ``per_request`` images per multipart request for
-    ``seconds``: images/s, requests/s, p50 and p99 of the request latency, errors."""
-    stop, latencies, errors, lock = time.monotonic() + seconds, [], [0], threading.Lock()
-
-    def sender(offset):
-        own = TorchServeClient(client.run_dir / "config.properties",
-                               client.run_dir / "key_file.json")
-        i = offset
-        while time.monotonic() < stop:
-            batch = [images[(i + k) % len(images)] for k in range(per_request)]
-            i += per_request
-            started = time.perf_counter()
-            response = own.predict(*batch)
-            with lock:
-                if response.ok:
-                    latencies.append(time.perf_counter() - started)
-                else:
-                    errors[0] += 1
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=sender, args=(c * 97,)) for c in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    latencies.sort()
+    """``concurrency`` clients of good traffic (tests/harness.py), ``per_request`` images per
+    multipart request, for ``seconds``: images/s, p50 and p99 of the answered requests'
+    latency, errors (every answer but a 200, sent once each)."""
+    summary = GoodTraffic.of(client, images, clients=concurrency, per_request=per_request,
+                             seconds=seconds).start().join().summary()
+    ms = (lambda s: None if s is None else round(1000 * s, 2))  # noqa: E731
     return {"concurrency": concurrency, "images_per_request": per_request,
-            "requests": len(latencies), "errors": errors[0],
-            "images_per_s": round(len(latencies) * per_request / elapsed, 1),
-            "p50_ms": round(1000 * median(latencies), 2) if latencies else None,
-            "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2)
-            if latencies else None}
+            "requests": summary["ok"], "errors": summary["failed"],
+            "images_per_s": round(summary["images_per_s"], 1),
+            "p50_ms": ms(summary["p50_s"]), "p99_ms": ms(summary["p99_s"])}
 
 
 def serve_and_measure(args, store, out, dry, run_name="run"):

@@ -19,15 +19,16 @@ import resource
 import select
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
 
+from tests.harness import GoodTraffic
+
 ROOT = Path(__file__).resolve().parent.parent
-IMAGES = sorted((ROOT / "tests" / "fixtures").glob("*.jpg"))
+BODIES = [path.read_bytes() for path in sorted((ROOT / "tests" / "fixtures").glob("*.jpg"))]
 
 
 def parse_args(argv=None):
@@ -60,71 +61,6 @@ def tokens(key_file):
     keys = json.loads(Path(key_file).read_text())
     return ({"Authorization": f"Bearer {keys['inference']['key']}"},
             {"Authorization": f"Bearer {keys['management']['key']}"})
-
-
-class GoodLoad:
-    """``clients`` threads POSTing the fixture images in turn, each answer checked against the
-    one the server gave before; ``fresh``: a new connection for every request."""
-
-    def __init__(self, url, headers, clients, timeout, fresh=False):
-        self.url, self.headers, self.timeout, self.fresh = url, headers, timeout, fresh
-        self.bodies = [path.read_bytes() for path in IMAGES]
-        reference = requests.Session()
-        self.expected = [self._top(reference.post(f"{url}/predictions/cifar10", data=body,
-                                                  headers=headers, timeout=timeout))
-                         for body in self.bodies]
-        self.results, self.latencies, self.failures = collections.Counter(), [], []
-        self.stop, self.lock = threading.Event(), threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
-
-    @staticmethod
-    def _top(response):
-        response.raise_for_status()
-        answer = response.json()
-        return max(answer, key=answer.get)
-
-    def _run(self, offset):
-        session, i = requests.Session(), offset
-        while not self.stop.is_set():
-            index = i % len(self.bodies)
-            i += 1
-            start = time.monotonic()
-            try:
-                if self.fresh:
-                    session = requests.Session()
-                response = session.post(f"{self.url}/predictions/cifar10", data=self.bodies[index],
-                                        headers={**self.headers, "Connection": "close"}
-                                        if self.fresh else self.headers, timeout=self.timeout)
-                outcome = response.status_code
-                if outcome == 200 and self._top(response) != self.expected[index]:
-                    outcome = "wrong answer"
-                detail = response.text[:200]
-            except requests.RequestException as err:
-                outcome, detail = type(err).__name__, str(err)[:200]
-            with self.lock:
-                self.results[outcome] += 1
-                self.latencies.append(time.monotonic() - start)
-                if outcome != 200:
-                    self.failures.append((outcome, detail))
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
-
-    def summary(self):
-        lat = sorted(self.latencies) or [0.0]
-        pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
-        return {"good requests": sum(self.results.values()), "answered 200, right": self.results[200],
-                "failed": sum(n for k, n in self.results.items() if k != 200),
-                "outcomes": dict(self.results), "p50 s": round(pick(0.5), 3),
-                "p99 s": round(pick(0.99), 3), "max s": round(lat[-1], 3),
-                "over 5 s": sum(t > 5 for t in lat)}
 
 
 def hold_idle(host, port, count, seconds, queue):
@@ -179,7 +115,8 @@ def check_idle(args, inference, management):
     holders = [multiprocessing.Process(target=hold_idle, args=(
         url.hostname, url.port, share, args.seconds, queue)) for _ in range(args.processes)]
     manage = collections.Counter()
-    with GoodLoad(args.url, inference, args.clients, 10.0, fresh=True) as load:
+    with GoodTraffic(args.url, inference, BODIES, args.clients, timeout=10.0, check=True,
+                     fresh=True) as load:
         for holder in holders:
             holder.start()
         deadline = time.monotonic() + args.seconds
@@ -201,7 +138,8 @@ def check_idle(args, inference, management):
 
 def check_scale(args, inference, management):
     puts = []
-    with GoodLoad(args.url, inference, args.clients, args.timeout) as load:
+    with GoodTraffic(args.url, inference, BODIES, args.clients, timeout=args.timeout,
+                     check=True) as load:
         time.sleep(2.0)
         for _ in range(args.loops):
             for workers in (1, 2):
@@ -226,8 +164,8 @@ def main(argv=None):
         print(f"\n{section}:")
         for key, value in values.items():
             print(f"  {key:<28} {value}")
-    for outcome, detail in load.failures[:10]:
-        print(f"  failed: {outcome}: {detail}")
+    for failed in load.failures()[:10]:
+        print(f"  failed: {failed.outcome}: {failed.detail}")
     return 1 if load.summary()["failed"] else 0
 
 

@@ -9,7 +9,7 @@ from conftest import ROOT
 from PIL import Image
 
 import train
-from client import local_torchserve
+from tests.harness import local_torchserve
 
 CLASSES = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
 

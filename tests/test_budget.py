@@ -18,7 +18,7 @@ import cifar10_handler
 from cifar10_serve import budget
 from cifar10_serve.budget import Budget, Costs
 from cifar10_serve.requests import Row
-from client import local_torchserve
+from tests.harness import local_torchserve
 
 IMAGES = [solid_png(colour) for colour in COLOURS]
 

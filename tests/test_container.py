@@ -14,7 +14,8 @@ import subprocess
 import pytest
 from conftest import ROOT
 
-from client import TorchServeClient, local_torchserve
+from client import TorchServeClient
+from tests.harness import local_torchserve
 
 pytestmark = pytest.mark.container
 HOLDOUT = ROOT / "tests" / "holdout"

@@ -18,7 +18,7 @@ from test_serving import torchserve as served
 
 from cifar10_serve.net import CIFAR10_CLASSES
 
-from client import free_port
+from tests.harness import free_port
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright "
                                "(pip install playwright==1.65.2)")

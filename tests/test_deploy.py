@@ -1,18 +1,26 @@
 """The deployment files agree with each other: deploy/ manifests, their config.properties, Dockerfile.
 
-No cluster and no Docker engine needed: every Kubernetes manifest under deploy/ is validated
-against the Kubernetes API schemas offline (kubernetes-validate --strict; KServe's
-InferenceService, a custom resource, has its own checks here), and the fields that decide whether
-a deployment works (kinds, API versions, runtime, storage, GPU, selectors, ports, users,
+No cluster and no Docker engine needed: deploy/k8s/ (CPU) and its overlay deploy/k8s-gpu/ are
+rendered as `kubectl kustomize` renders them (kubectl where it is installed, else this file's
+reader of the few kustomize features they use, which a test pins to kubectl's output), with the
+proxy's nginx.conf that `make k8s-config` renders; every rendered manifest, and KServe's, is
+validated against the Kubernetes API schemas offline (kubernetes-validate --strict; KServe's
+InferenceService, a custom resource, has its own checks here), and the fields that decide
+whether a deployment works (kinds, API versions, runtime, storage, GPU, selectors, ports, users,
 draining) are checked against each other and against the TorchServe configs they run.
 The nginx sidecar's ConfigMap is checked to be proxy.py's render of deploy/nginx/ for the pod
 (tests/test_proxy.py runs that config's template in front of a real TorchServe).
 Run alone with `.venv/bin/python -m pytest tests/test_deploy.py`.
 """
+import copy
 import fnmatch
+import functools
+import hashlib
 import json
 import re
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,11 +36,115 @@ API_VERSIONS = {"InferenceService": "serving.kserve.io/v1beta1", "Deployment": "
                 "Service": "v1", "HorizontalPodAutoscaler": "autoscaling/v2",
                 "NetworkPolicy": "networking.k8s.io/v1", "PodDisruptionBudget": "policy/v1",
                 "ConfigMap": "v1"}
-EXPECTED_KINDS = {"kserve": ["InferenceService", "NetworkPolicy"],
-                  "k8s": ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
-                          "PodDisruptionBudget", "Service"],
-                  "k8s-gpu": ["Deployment"]}
+K8S_KINDS = ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
+             "PodDisruptionBudget", "Service"]
+EXPECTED_KINDS = {"kserve": ["InferenceService", "NetworkPolicy"], "k8s": K8S_KINDS,
+                  "k8s-gpu": K8S_KINDS}
+KUSTOMIZED = ("k8s", "k8s-gpu")  # rendered by kustomize; kserve/ is applied as it is
 CUSTOM_RESOURCES = {"InferenceService"}  # no schema in Kubernetes itself: checked below
+KUBECTL = shutil.which("kubectl")
+
+
+# --- kustomize -----------------------------------------------------------------------------------
+def kustomize(folder):
+    """The manifests `kubectl kustomize folder` prints, for what deploy/ uses of kustomize:
+    resources (files and folders), configMapGenerator from files (its name suffixed with
+    kustomize 5.5's hash, and the pods' references renamed), images (newName, newTag) and
+    strategic merge patches (lists of named items merged by name). Anything else fails."""
+    spec = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    unknown = set(spec) - {"apiVersion", "kind", "resources", "configMapGenerator", "images",
+                           "patches"}
+    assert not unknown, f"{folder}/kustomization.yaml: {sorted(unknown)} not read here"
+    docs = []
+    for entry in spec.get("resources", []):
+        path = folder / entry
+        docs += kustomize(path) if path.is_dir() else [
+            doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    renamed = {}
+    for generator in spec.get("configMapGenerator", []):
+        assert set(generator) <= {"name", "files", "options"}, generator
+        data = {}
+        for entry in generator["files"]:
+            key, _, source = entry.rpartition("=")
+            data[key or Path(source).name] = (folder / source).read_text()
+        renamed[generator["name"]] = f"{generator['name']}-{config_map_hash(data)}"
+        metadata = {"name": renamed[generator["name"]],
+                    **{k: v for k, v in generator.get("options", {}).items() if k == "labels"}}
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata,
+                     "data": data})
+    for pod_spec in (d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"):
+        for volume in pod_spec.get("volumes", []):
+            if "configMap" in volume:
+                name = volume["configMap"]["name"]
+                volume["configMap"]["name"] = renamed.get(name, name)
+    for entry in spec.get("patches", []):
+        patch = yaml.safe_load((folder / entry["path"]).read_text())
+        (i,) = [i for i, d in enumerate(docs) if (d["kind"], d["metadata"]["name"])
+                == (patch["kind"], patch["metadata"]["name"])]
+        docs[i] = strategic_merge(docs[i], patch)
+    for image in spec.get("images", []):
+        for d in docs:
+            if d["kind"] != "Deployment":
+                continue
+            for ctr in d["spec"]["template"]["spec"]["containers"]:
+                name, _, tag = ctr["image"].rpartition(":")
+                if name == image["name"]:
+                    ctr["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
+    return docs
+
+
+def config_map_hash(data):
+    """kustomize 5.5's suffix for a generated ConfigMap (api/hasher: the sha256 of Go's JSON of
+    kind, data and name, whose lookup of metadata/name finds none, in 10 characters without
+    vowels)."""
+    text = json.dumps({"data": data, "kind": "ConfigMap", "name": ""}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=False)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)  # Go's json.Marshal escapes these
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return digest.translate(str.maketrans("013ae", "ghkmt"))
+
+
+def strategic_merge(base, patch):
+    """``patch`` merged into ``base`` as a strategic merge patch does for what deploy/ patches:
+    maps merged key by key, lists of named items (containers) merged by name with the patched
+    ones first (as kustomize orders them), other lists replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: strategic_merge(base[k], v) if k in base else v
+                           for k, v in patch.items()}}
+    named = isinstance(base, list) and isinstance(patch, list) and all(
+        isinstance(item, dict) and "name" in item for item in base + patch)
+    if named:
+        old = {item["name"]: item for item in base}
+        merged = [strategic_merge(old[item["name"]], item) if item["name"] in old else item
+                  for item in patch]
+        return merged + [item for item in base if item["name"] not in
+                         {p["name"] for p in patch}]
+    return copy.deepcopy(patch)
+
+
+def pod_metadata():
+    """The Open Inference Protocol metadata the pod's proxy serves (the shipped weights')."""
+    return proxy.model_metadata(ROOT / "weights" / "cifar10.pt", "1.0")
+
+
+@functools.lru_cache(maxsize=None)
+def rendered(folder, with_kubectl=bool(KUBECTL)):
+    """The manifests of deploy/<folder>/ as `make k8s-config && kubectl kustomize` renders them:
+    a copy of deploy/ with the sidecar's nginx.conf rendered into it, built by kubectl where it
+    is installed, else by kustomize() above."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copied = Path(tmp) / "deploy"
+        for name in KUSTOMIZED:
+            shutil.copytree(DEPLOY / name, copied / name,
+                            ignore=shutil.ignore_patterns("nginx.conf"))
+        (copied / "k8s" / "nginx.conf").write_text(proxy.pod_conf(pod_metadata()))
+        if with_kubectl:
+            out = subprocess.run([KUBECTL, "kustomize", str(copied / folder)], check=True,
+                                 capture_output=True, text=True).stdout
+            return tuple(doc for doc in yaml.safe_load_all(out) if doc is not None)
+        return tuple(kustomize(copied / folder))
 
 
 def properties(path):
@@ -53,12 +165,16 @@ def address(props, key):
 
 
 def manifests(folder):
-    """{kind: [documents]} of every YAML document under deploy/<folder>/."""
+    """{kind: [documents]} of deploy/<folder>/: kustomize's render of the k8s folders, every
+    YAML document of the others."""
+    if folder in KUSTOMIZED:
+        docs = copy.deepcopy(list(rendered(folder)))
+    else:
+        docs = [doc for path in sorted((DEPLOY / folder).rglob("*.y*ml"))
+                for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
     found = {}
-    for path in sorted((DEPLOY / folder).rglob("*.y*ml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc is not None:
-                found.setdefault(doc.get("kind"), []).append(doc)
+    for doc in docs:
+        found.setdefault(doc.get("kind"), []).append(doc)
     return found
 
 
@@ -83,10 +199,10 @@ def instruction_args(keyword):
             for kw, arg in dockerfile() if kw == keyword]
 
 
-@pytest.mark.parametrize("path", sorted(DEPLOY.rglob("*.y*ml")), ids=lambda p: str(p.relative_to(DEPLOY)))
-def test_every_kubernetes_manifest_passes_strict_schema_validation(path):
+@pytest.mark.parametrize("folder", sorted(EXPECTED_KINDS))
+def test_every_kubernetes_manifest_passes_strict_schema_validation(folder):
     """As `kubernetes-validate --strict`: unknown or misplaced fields fail, not only bad types."""
-    docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    docs = [doc for found in manifests(folder).values() for doc in found]
     assert docs
     for doc in docs:
         if doc["kind"] not in CUSTOM_RESOURCES:
@@ -234,14 +350,14 @@ def test_deployment_ports_and_probes_agree_with_the_container_config():
 
 
 def test_proxy_sidecar_runs_the_configmap_that_proxy_py_renders():
-    """deploy/k8s/proxy-configmap.yaml is proxy.py's render of deploy/nginx/nginx.conf.template
-    for the pod, with the shipped weights' metadata; the sidecar mounts it and a writable run
-    directory where the config puts its pid and temporary files."""
+    """The pod's ConfigMap is generated from proxy.py's render of deploy/nginx/nginx.conf.template
+    for the pod (`make k8s-config`), under a name that changes with it (a new config rolls the
+    pods); the sidecar mounts it and a writable run directory where the config puts its pid and
+    temporary files."""
     configmap = one("k8s", "ConfigMap")
-    metadata = proxy.model_metadata(ROOT / "weights" / "cifar10.pt", "1.0")
-    expected = yaml.safe_load(proxy.configmap(metadata))
-    assert configmap == expected, ("deploy/k8s/proxy-configmap.yaml is stale: regenerate it "
-                                   "with `proxy.py configmap` (its header says how)")
+    assert configmap["data"] == {"nginx.conf": proxy.pod_conf(pod_metadata())}
+    assert re.fullmatch(r"cifar10-proxy-[a-z0-9]{10}", configmap["metadata"]["name"])
+    assert configmap["metadata"]["labels"] == {"app.kubernetes.io/name": "cifar10-torchserve"}
     deployment = one("k8s", "Deployment")
     sidecar = container(deployment, "proxy")
     mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
@@ -253,6 +369,39 @@ def test_proxy_sidecar_runs_the_configmap_that_proxy_py_renders():
     assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
     assert sidecar["image"] == container(deployment)["image"]  # Debian's nginx in our image
     assert any("nginx" in arg.split() for arg in instruction_args("RUN"))
+
+
+def test_the_sidecar_config_has_one_source_the_template():
+    """No rendered copy of the nginx config is checked in: deploy/k8s/ generates its ConfigMap
+    from nginx.conf, which `make k8s-config` writes and git ignores."""
+    for path in DEPLOY.rglob("*.y*ml"):
+        kinds = {doc.get("kind") for doc in yaml.safe_load_all(path.read_text()) if doc}
+        assert "ConfigMap" not in kinds, f"{path} is a checked-in ConfigMap"
+    spec = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    (generator,) = spec["configMapGenerator"]
+    assert generator["files"] == ["nginx.conf"]
+    ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/k8s/nginx.conf"], cwd=ROOT)
+    assert ignored.returncode == 0, "deploy/k8s/nginx.conf should be git-ignored"
+    make = subprocess.run(["make", "-n", "--no-print-directory", "k8s-config"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert make.returncode == 0 and "proxy.py pod-conf" in make.stdout, make.stderr
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: kustomize() alone renders")
+@pytest.mark.parametrize("folder", KUSTOMIZED)
+def test_this_files_kustomize_renders_what_kubectl_renders(folder):
+    def by_kind(docs):
+        return sorted(docs, key=lambda doc: (doc["kind"], doc["metadata"]["name"]))
+    assert by_kind(rendered(folder, with_kubectl=False)) == by_kind(rendered(folder, True))
+
+
+def test_the_gpu_deployment_is_an_overlay_of_the_cpu_one():
+    spec = yaml.safe_load((DEPLOY / "k8s-gpu" / "kustomization.yaml").read_text())
+    assert spec["resources"] == ["../k8s"]
+    patches = [yaml.safe_load((DEPLOY / "k8s-gpu" / p["path"]).read_text())
+               for p in spec["patches"]]
+    assert [(p["kind"], p["metadata"]["name"]) for p in patches] == [
+        ("Deployment", one("k8s", "Deployment")["metadata"]["name"])]
 
 
 def test_service_reaches_the_deployments_pods_and_ports():
@@ -434,4 +583,9 @@ def test_gpu_deployment_differs_from_the_cpu_one_only_where_gpus_need_it():
         container(deployment).pop("resources")
         for name in ("torchserve", "proxy"):
             container(deployment, name).pop("image")
+        pod(deployment)["spec"]["containers"].sort(key=lambda c: c["name"])
     assert gpu == cpu
+    # and every other manifest is the CPU one's
+    others = {kind: docs for kind, docs in manifests("k8s").items() if kind != "Deployment"}
+    assert others == {kind: docs for kind, docs in manifests("k8s-gpu").items()
+                      if kind != "Deployment"}

@@ -32,6 +32,7 @@ from test_serving import server  # noqa: F401  (the module-scoped TorchServe fix
 from ts.protocol import otf_message_handler
 
 from client import read_properties
+from tests.harness import GoodTraffic
 from cifar10_serve import requests as requests_module
 from cifar10_handler import Cifar10Handler
 from cifar10_serve.errors import ACCEPTED
@@ -420,49 +421,14 @@ def worker_processes(java):
     return workers
 
 
-class RequestStream:
-    """Threads that post an image back to back, recording (sent, status or error) per request."""
-
-    def __init__(self, server, threads=4):  # noqa: F811
-        self.url = f"{server.inference}/predictions/cifar10"
-        self.body = (FIXTURES / "cat.jpg").read_bytes()
-        self.server, self.stop, self.results = server, threading.Event(), []
-        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
-
-    def _run(self):
-        with inference_session(self.server) as session:
-            while not self.stop.is_set():
-                sent = time.monotonic()
-                try:
-                    outcome = session.post(self.url, data=self.body, timeout=60).status_code
-                except requests.RequestException as err:
-                    outcome = type(err).__name__
-                self.results.append((sent, outcome))
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
-
-    def wait_for(self, count, since=0.0, timeout=60):
-        deadline = time.monotonic() + timeout
-        while sum(sent >= since for sent, _ in list(self.results)) < count:
-            assert time.monotonic() < deadline, f"fewer than {count} requests in {timeout} s"
-            time.sleep(0.05)
-
-
 def test_killed_worker_is_replaced_and_later_requests_succeed(server):  # noqa: F811
     """Runs last in the module: it leaves the server with a replaced worker."""
     java = psutil.Process(int((server.run_dir / ".model_server.pid").read_text()))
     workers = worker_processes(java)
     assert len(workers) == 2
     victim = workers[0]
-    with RequestStream(server) as stream:
+    cat = (FIXTURES / "cat.jpg").read_bytes()
+    with GoodTraffic.of(server, [cat], clients=4) as stream:
         stream.wait_for(20)
         killed_at = time.monotonic()
         victim.send_signal(signal.SIGKILL)
@@ -477,8 +443,8 @@ def test_killed_worker_is_replaced_and_later_requests_succeed(server):  # noqa: 
         stream.wait_for(100, since=ready_at)
     # Requests in flight on the victim when it dies fail (TorchServe answers them 507), so count
     # every request sent before the replacement was READY, not only those sent after the kill.
-    before = [outcome for sent, outcome in stream.results if sent < ready_at]
-    after = [outcome for sent, outcome in stream.results if sent >= ready_at]
+    before = [sent.outcome for sent in stream.results() if sent.at < ready_at]
+    after = [sent.outcome for sent in stream.results(since=ready_at)]
     failed = Counter(outcome for outcome in before if outcome != 200)
     print(f"\nworker kill: replaced in {ready_at - killed_at:.1f} s; {sum(failed.values())} of "
           f"{len(before)} requests sent before it was READY failed {dict(failed)}; "

@@ -1,5 +1,6 @@
-"""The serving package (cifar10_serve/) and the thin handler class: their shape, the settings checked
-at start, and request bodies that real clients send (HTML forms, wrapped base64, KServe batches)."""
+"""The serving package (cifar10_serve/) and the thin handler class: what importing them changes, the
+settings checked at start, and request bodies that real clients send (HTML forms, wrapped base64,
+KServe batches). Which module may import which: tests/test_layers.py."""
 import ast
 import base64
 import io
@@ -21,14 +22,7 @@ import cifar10_handler
 from cifar10_serve import settings
 from cifar10_serve.images import decode_image, image_tensor
 
-PACKAGE = sorted((ROOT / "cifar10_serve").glob("*.py"))
 CAT = (FIXTURES / "cat.jpg").read_bytes()
-
-
-def test_every_module_is_small_and_the_handler_thin():
-    sizes = {path.name: len(path.read_text().splitlines()) for path in PACKAGE}
-    assert max(sizes.values()) <= 300, sizes
-    assert len((ROOT / "handler" / "cifar10_handler.py").read_text().splitlines()) <= 200
 
 
 def test_only_the_compatibility_module_changes_anything_on_import():

@@ -28,13 +28,13 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import requests
-import yaml
 from conftest import COLOURS, solid_png
 from PIL import Image
 
 import client as client_module
 import proxy
-from client import TorchServeClient, free_port
+from client import TorchServeClient
+from tests.harness import GoodTraffic, free_port, local_proxy
 from test_serving import torchserve
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -64,7 +64,7 @@ def front(served, tmp_path_factory):
         return
     if NGINX is None:
         pytest.skip("the proxy tests need nginx (apt-get install nginx)")
-    with proxy.local_proxy(served, tmp_path_factory.mktemp("proxy"), served.metadata,
+    with local_proxy(served, tmp_path_factory.mktemp("proxy"), served.metadata,
                            read_timeout=5) as running:
         yield running
 
@@ -78,7 +78,7 @@ def make_proxy(served, tmp_path):
             if DIRECT:
                 return upstream
             folder = tmp_path / f"proxy-{len(stack._exit_callbacks)}"
-            return stack.enter_context(proxy.local_proxy(
+            return stack.enter_context(local_proxy(
                 upstream, folder, metadata or served.metadata, **settings))
         yield make
 
@@ -519,32 +519,16 @@ def test_a_scale_loop_under_load_loses_no_good_request(front, served, tmp_path):
     # 2000x2000 images: ~0.1 s of decoding each, so that both workers are busy when a
     # scale-down stops one (the colour net's forward alone takes a millisecond).
     bodies = [solid_png(colour, (2000, 2000)) for colour in COLOURS]
-    session = requests.Session()
-    expected = [top(session.post(f"{served.inference}/predictions/cifar10", data=body,
-                                 headers=inference_headers(served))) for body in bodies]
-    stop, outcomes = threading.Event(), collections.Counter()
-
-    def load(offset):
-        own = requests.Session()
-        for i in range(offset, 10**9):
-            if stop.is_set():
-                return
-            response = own.post(f"{front.inference}/predictions/cifar10",
-                                data=bodies[i % len(bodies)], headers=inference_headers(served),
-                                timeout=60)
-            right = response.status_code == 200 and top(response) == expected[i % len(bodies)]
-            outcomes["right" if right else f"{response.status_code} {response.text[:80]}"] += 1
-    with ThreadPoolExecutor(4) as pool:
-        clients = [pool.submit(load, i) for i in range(4)]
+    with GoodTraffic(front.inference, inference_headers(served), bodies, clients=4,
+                     check=True) as load:
         time.sleep(1)
         for _ in range(5):
             for workers in (1, 2):
                 assert scaler.scale(workers).status_code == 200
                 time.sleep(0.5)
-        stop.set()
-        for done in clients:
-            done.result()
-    assert outcomes["right"] > 40 and set(outcomes) == {"right"}, dict(outcomes)
+    summary = load.summary()
+    assert summary["ok"] > 40 and not summary["failed"], [
+        (sent.outcome, sent.detail[:80]) for sent in load.failures()]
 
 
 # ------------------------------------------------------------ per-client limits, body sizes
@@ -867,11 +851,11 @@ def test_proxy_py_start_and_stop_as_make_serve_proxy_runs_them(served, tmp_path)
 
 @needs_nginx
 def test_the_kubernetes_sidecar_config_passes_nginx_t(tmp_path):
-    """deploy/k8s/proxy-configmap.yaml's config, its paths moved under tmp_path."""
-    configmap = yaml.safe_load((proxy.ROOT / "deploy" / "k8s" / "proxy-configmap.yaml")
-                               .read_text())
+    """The pod's config (`make k8s-config`: deploy/k8s/nginx.conf), its paths moved under
+    tmp_path."""
+    metadata = proxy.model_metadata(proxy.ROOT / "weights" / "cifar10.pt", "1.0")
     conf = tmp_path / "nginx.conf"
-    conf.write_text(configmap["data"]["nginx.conf"].replace(proxy.K8S["run_dir"], str(tmp_path)))
+    conf.write_text(proxy.pod_conf(metadata).replace(proxy.K8S["run_dir"], str(tmp_path)))
     check = proxy.subprocess.run([proxy.nginx_binary(), "-t", "-q", "-c", str(conf)],
                                  capture_output=True, text=True)
     assert check.returncode == 0, check.stderr

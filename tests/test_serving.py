@@ -8,7 +8,6 @@ import io
 import json
 import re
 import subprocess
-import threading
 import socket
 import time
 import zipfile
@@ -24,7 +23,9 @@ from cifar10_serve import runtimes
 from cifar10_serve.net import CIFAR10_CLASSES
 
 import evaluate
-from client import TorchServeClient, local_torchserve, read_properties
+from client import TorchServeClient, read_properties
+from tests import harness
+from tests.harness import GoodTraffic, local_torchserve
 
 IMAGES = [solid_png(colour) for colour in COLOURS]
 
@@ -118,12 +119,11 @@ def test_a_port_taken_before_torchserve_binds_it_costs_a_second_start_not_the_te
     """free_port() finds a port, then another program can take it before TorchServe binds it
     (seen with several test sessions on one machine: a 180-s wait, then a failure). The server
     that exits is seen at once and started again on other ports."""
-    import client
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
-    ports, real = [taken.getsockname()[1]], client.free_port
-    monkeypatch.setattr(client, "free_port", lambda: ports.pop() if ports else real())
+    ports, real = [taken.getsockname()[1]], harness.free_port
+    monkeypatch.setattr(harness, "free_port", lambda: ports.pop() if ports else real())
     try:
         with torchserve(tiny_checkpoint, tmp_path) as served:
             assert served.predict(FIXTURES / "cat.jpg").status_code == 200
@@ -488,17 +488,9 @@ def attacks():
 
 
 def test_attacks_get_their_own_answer_and_hurt_no_one(server):
-    pids, stop, good = worker_pids(server), threading.Event(), []
-    url = f"{server.inference}/predictions/cifar10"
-    expected = server.predict(IMAGES[2]).json()
-
-    def good_traffic():
-        with requests.Session() as session:
-            while not stop.is_set():
-                response = session.post(url, data=IMAGES[2], headers=server._token("inference"),
-                                        timeout=60)
-                good.append(response.status_code == 200 and response.json()
-                            == pytest.approx(expected, abs=1e-4))
+    pids = worker_pids(server)
+    good = GoodTraffic.of(server, IMAGES[2:3], clients=4, check=True,
+                          same=lambda got, alone: got == pytest.approx(alone, abs=1e-4))
 
     def attack(case):
         name, kwargs, status, fragment = case
@@ -513,20 +505,13 @@ def test_attacks_get_their_own_answer_and_hurt_no_one(server):
         return name, response.status_code, status, named, \
             time.monotonic() - started, response.text[:300]
 
-    threads = [threading.Thread(target=good_traffic) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        with ThreadPoolExecutor(4) as pool:
-            outcomes = list(pool.map(attack, attacks() * 2))
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
+    with good, ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(attack, attacks() * 2))
     for name, got, want, named, seconds, text in outcomes:
         assert (got, named) == (want, True), f"{name}: {text}"
         assert seconds < 10, f"{name}: {seconds:.1f} s"
-    assert len(good) > 20 and all(good), f"{good.count(False)} of {len(good)} good requests failed"
+    summary = good.summary()
+    assert summary["requests"] > 20 and not summary["failed"], summary["outcomes"]
     assert worker_pids(server) == pids
 
 
