@@ -259,6 +259,7 @@ def train(args):
              len(val_y))
     checkpoint = dict(
         state_dict={k: v.cpu() for k, v in net.state_dict().items()}, spec=spec.to_dict(),
+        classes=list(spec.classes),  # a copy the spec overrides; proxy.py's v2 metadata reads it
         val_accuracy=val_acc, val_tta=args.tta, val_size=len(val_y),
         per_class_val_accuracy=per_class, history=history, train_seconds=train_seconds,
         train_images=len(train_x), data_source=source, device=str(device), precision=precision,

@@ -179,12 +179,21 @@ def _check(spec):
 CIFAR10 = ModelSpec(name="cifar10", classes=CIFAR10_CLASSES, architecture="airbench")
 
 
+def index_to_name(spec):
+    """TorchServe's index_to_name.json for the spec's classes: {"0": first class, ...}."""
+    return {str(i): name for i, name in enumerate(spec.classes)}
+
+
 def main(argv=None):
     """python -m cifar10_serve.spec CHECKPOINT|SPEC.json [FIELD]: the spec as JSON, or one
-    field's value (``make`` reads the model's name this way)."""
+    field's value (``make`` reads the model's name this way); FIELD index_to_name: the classes
+    as TorchServe's index_to_name.json."""
     args = sys.argv[1:] if argv is None else argv
-    plain = load(args[0]).to_dict()
-    if len(args) > 1:
+    spec = load(args[0])
+    plain = spec.to_dict()
+    if args[1:] == ["index_to_name"]:
+        print(json.dumps(index_to_name(spec), indent=2))
+    elif len(args) > 1:
         value = plain[args[1]]
         print(value if isinstance(value, str) else json.dumps(value))
     else:

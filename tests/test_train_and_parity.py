@@ -30,7 +30,7 @@ def test_train_writes_a_loadable_checkpoint_with_its_metadata(tiny_checkpoint):
     assert checkpoint["spec"] == spec.to_dict()  # the spec, whole, as plain data
     assert spec == CIFAR10.replace(arch_args={"widths": [8, 16, 16]})
     assert spec.classes == CIFAR10_CLASSES and spec.mean == (0.4914, 0.4822, 0.4465)
-    assert not {"model_args", "classes", "normalization"} & set(checkpoint)  # one source
+    assert not {"model_args", "normalization"} & set(checkpoint)  # one source: the spec
     assert set(checkpoint["per_class_val_accuracy"]) == set(CIFAR10_CLASSES)
     assert 0 <= checkpoint["val_accuracy"] <= 1 and checkpoint["val_size"] == 20
     assert len(checkpoint["history"]) == 1 and "train.py" in checkpoint["command"]
