@@ -5,7 +5,7 @@ Either a weights file in-process (the training eval path), or a running TorchSer
 served path, preprocessing included), one request per image:
 
     python evaluate.py path/to/test --weights weights/cifar10.pt [--tta 0] [--precision fp32]
-    python evaluate.py path/to/test --weights weights/cifar10.pt --int8 model_store/build/cifar10.int8.onnx
+    python evaluate.py path/to/test --weights weights/cifar10.pt --int8 model_store/build/cifar10/cifar10.int8.onnx
     python evaluate.py path/to/test --url http://127.0.0.1:8080     # token from key_file.json
 
 Folder names must be the model's class names (airplane, automobile, ... for CIFAR-10), as in

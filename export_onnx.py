@@ -1,8 +1,9 @@
-"""Export a train.py checkpoint for the handler's CPU runtimes (`make archive` runs it).
+"""Export a checkpoint (train.py's or convert.py's) for the handler's CPU runtimes (`make archive`
+runs it). Input shape, decoding and normalisation are the checkpoint's model spec's.
 
-    python export_onnx.py weights/cifar10.pt model_store/build/cifar10.onnx \
-        --int8 model_store/build/cifar10.int8.onnx --calibration-dir weights/calibration \
-        --check-dir tests/holdout --golden model_store/build/golden.npz
+    python export_onnx.py weights/cifar10.pt model_store/build/cifar10/cifar10.onnx \
+        --int8 model_store/build/cifar10/cifar10.int8.onnx --calibration-dir weights/calibration \
+        --check-dir tests/holdout --golden model_store/build/cifar10/golden.npz
 
 The fp32 export is checked before it is written: ONNX Runtime's logits must equal eager
 PyTorch's within --tolerance on a fixed batch of random images. --int8 also writes it statically

@@ -188,7 +188,8 @@ def customized(client):
                             params={"customized": "true"}, timeout=30)
     assert response.ok, response.text
     described = response.json()[0]
-    return json.loads(described["customizedMetadata"]), described["workers"]
+    custom = described["customizedMetadata"]
+    return json.loads(custom) if isinstance(custom, str) else custom, described["workers"]
 
 
 @pytest.mark.parametrize("name", ["resnet18", "tiny-gray"])
@@ -242,3 +243,52 @@ def test_own_model_explains_the_largest_legal_request(served, name):
         assert np.asarray(one["attributions"]).shape == (height, width)
     _, after = customized(clients[name])
     assert [(w["pid"], w["status"]) for w in after] == [(w["pid"], "READY") for w in workers]
+
+
+# --- the spec's decoding and the registry, without a server ------------------------------------
+
+def test_crop_decodes_as_torchvision_resize_and_centre_crop():
+    from torchvision import transforms
+
+    from cifar10_serve.images import decode_image, image_tensor
+    from cifar10_serve.spec import from_dict
+
+    spec = from_dict(RESNET)
+    reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+                                    transforms.PILToTensor()])
+    for i, (size, mode) in enumerate(SHAPES + [((225, 1000), "RGB"), ((257, 255), "RGB")]):
+        body = png(size, mode, i)
+        want = reference(Image.open(io.BytesIO(body)).convert("RGB"))
+        assert torch.equal(image_tensor(decode_image(body, spec)), want), size
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_to_the_spec_shape():
+    """Draft mode decodes a 4000x3000 JPEG at 1/8 (500x375), still larger than what the crop
+    needs, then resizes and crops to the spec's size; a 1-channel spec gets one channel."""
+    from cifar10_serve.images import decode_image, image_tensor, open_image
+    from cifar10_serve.spec import from_dict
+
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png((400, 300), "RGB", 3))).resize((4000, 3000)).save(buffer, "JPEG")
+    image = open_image(buffer.getvalue())
+    image.draft("RGB", (341, 256))
+    assert image.size == (500, 375)
+    assert image_tensor(decode_image(buffer.getvalue(), from_dict(RESNET))).shape == (3, 224, 224)
+    assert image_tensor(decode_image(buffer.getvalue(), from_dict(TINY))).shape == (1, 48, 64)
+
+
+def test_the_cifar_net_is_built_without_importing_torchvision():
+    code = ("import sys; from cifar10_serve.net import build_net; "
+            "from cifar10_serve.spec import CIFAR10; build_net(CIFAR10); "
+            "assert 'torchvision' not in sys.modules, 'torchvision imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_unknown_architectures_name_the_forms_accepted():
+    from cifar10_serve.net import build_net
+    from cifar10_serve.spec import from_dict
+
+    for name, fragment in (("resnet1800", "torchvision classifier"),
+                           ("no_such_module:Net", "cannot import Net")):
+        with pytest.raises(ValueError, match=fragment):
+            build_net(from_dict({**TINY, "architecture": name}))
