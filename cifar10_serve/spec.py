@@ -150,6 +150,9 @@ def _check(spec):
         wrong("classes", "at least two distinct non-empty names")
     if not (isinstance(spec.architecture, str) and spec.architecture):
         wrong("architecture", "a registered architecture's name")
+    if not all(isinstance(k, str) for k in spec.arch_args) or "num_classes" in spec.arch_args:
+        wrong("arch_args", "the architecture's keyword arguments by name, without num_classes "
+                           "(that is len(classes))")
     if len(spec.image_size) != 2 or not all(type(n) is int and 1 <= n <= 4096
                                             for n in spec.image_size):
         wrong("image_size", "[height, width], whole numbers from 1 to 4096")
