@@ -136,6 +136,7 @@ def main(argv=None):
     p.add_argument("--int8", type=Path,
                    help="the int8 ONNX file `make archive` wrote, for --precision int8")
     p.add_argument("--key-file", default="key_file.json", help="TorchServe's token file")
+    p.add_argument("--model", default="cifar10", help="the served model's name, for --url")
     p.add_argument("--concurrency", type=int, default=8, help="parallel requests for --url")
     p.add_argument("--holdout", type=int, default=0,
                    help="score only the validation split of this size that train.py holds out "
@@ -158,7 +159,7 @@ def main(argv=None):
             else:
                 result[precision] = margin_table(args, precision, preds, truth, forwards)
     else:
-        client = TorchServeClient(key_file=args.key_file)
+        client = TorchServeClient(key_file=args.key_file, model=args.model)
         client.inference = args.url.rstrip("/")
         preds, truth = predict_served(args.data_dir, client, args.concurrency, args.holdout)
         result = report(preds, truth)
