@@ -97,10 +97,8 @@ class DemoHandler(BaseHTTPRequestHandler):
         if not self._addressed_to_us():
             return
         model, _ = self.server.model()
-        if model is None:
-            return self._error(502, "Unreachable", f"TorchServe is not reachable at "
-                               f"{self.server.client.management}: is it running?")
-        if self.path != f"/predictions/{model}":
+        # an unknown model (TorchServe down, no token): forwarding says which, as for a prediction
+        if model is not None and self.path != f"/predictions/{model}":
             return self._error(404, "NotFound", f"POST images to /predictions/{model}")
         origin = self.headers.get("Origin")  # browsers send it with every POST; curl does not
         if origin is not None and origin not in self.server.origins:
