@@ -8,11 +8,23 @@ EPOCHS      ?= 40
 # training image but the 500 that tests/holdout holds out.
 TRAIN_ARGS  ?= --widths 128 384 384 --lr 10 --translate 4 --cutout 12 --val-size 500
 WEIGHTS     ?= weights/cifar10.pt
+# The model's name: its URL (/predictions/NAME) and its archive (MODEL_STORE/NAME.mar). Empty:
+# the name in WEIGHTS' model spec, read by the recipes that need it (`make archive` writes
+# model_store/cifar10.mar for the shipped weights).
+MODEL_NAME  ?=
 MODEL_STORE ?= model_store
-MAR         ?= $(MODEL_STORE)/cifar10.mar
-ONNX        ?= $(MODEL_STORE)/build/cifar10.onnx
-INT8        ?= $(MODEL_STORE)/build/cifar10.int8.onnx
-GOLDEN      ?= $(MODEL_STORE)/build/golden.npz
+# Build outputs of one checkpoint (its ONNX exports, golden set, staged package)
+BUILD       ?= $(MODEL_STORE)/build/$(basename $(notdir $(WEIGHTS)))
+ONNX        ?= $(BUILD)/cifar10.onnx
+INT8        ?= $(BUILD)/cifar10.int8.onnx
+GOLDEN      ?= $(BUILD)/golden.npz
+# `make convert`: a model spec (JSON, cifar10_serve/spec.py) and a plain state_dict of weights
+# trained elsewhere -> WEIGHTS, a checkpoint `make archive` takes (README "Serve your own model")
+SPEC        ?=
+STATE_DICT  ?=
+# Python files of your own the archive ships beside the handler (comma-separated): a spec's
+# `architecture: my_net:MyNet` imports my_net.py from there (and from PYTHONPATH when building)
+EXTRA_FILES ?=
 # Real images the int8 export is calibrated on (any folder of images; 512 of them, a fixed random
 # subset): 512 training images that ship with the repository, so every clone builds the same file.
 CALIB_DIR   ?= weights/calibration
@@ -94,14 +106,26 @@ DOCKER_PORTS = $(if $(filter docker,$(CONTAINER)),-p 127.0.0.1:8080:8080 \
 # The serving package, shipped in the .mar as a folder: the archiver flattens a folder named in
 # --extra-files but keeps the folders inside it, so the package is staged in SHIP first.
 PACKAGE_FILES := $(wildcard cifar10_serve/*.py)
-# The class names the archive answers with, in the order the weights were trained on
-INDEX_TO_NAME ?= handler/index_to_name.json
-SHIP        = $(MODEL_STORE)/build/ship
+# The class names the archive answers with, in the order the weights were trained on: by default
+# written from WEIGHTS' spec; one of your own must name the spec's classes (the worker checks)
+INDEX_TO_NAME ?= $(BUILD)/index_to_name.json
+SHIP        = $(BUILD)/ship
 HANDLER_FILES := handler/cifar10_handler.py $(PACKAGE_FILES) $(INDEX_TO_NAME) \
                  $(MODEL_CONFIG)
+# Stamp of `make archive` for WEIGHTS (and MODEL_NAME): the archive is MODEL_STORE/<name>.mar
+ARCHIVED    = $(BUILD)/archived$(if $(MODEL_NAME),-$(MODEL_NAME))
+comma := ,
+empty :=
+space := $(empty) $(empty)
+EXTRA_LIST  = $(subst $(comma),$(space),$(EXTRA_FILES))
+# The model's name, as a shell word in recipes (no work while make reads this file)
+NAME        = $(or $(MODEL_NAME),$$($(PY) -m cifar10_serve.spec $(WEIGHTS) name))
+MAR         = $(MODEL_STORE)/$(NAME).mar
+# Build steps import the user's modules (EXTRA_FILES) as the worker will, from their folders
+BUILD_ENV   = $(if $(EXTRA_FILES),PYTHONPATH=$(subst $(space),:,$(sort $(abspath $(dir $(EXTRA_LIST))))))
 
 .DEFAULT_GOAL := help
-.PHONY: help install train archive serve stop status predict scale test evaluate bench clean \
+.PHONY: help install train convert archive serve stop status predict scale test evaluate bench clean \
         docker docker-run docker-stop kserve-bundle demo gpu-check docker-test serve-proxy \
         stop-proxy k8s-config
 
@@ -120,31 +144,40 @@ train: $(BIN)/torchserve ## train on the ImageFolder DATA_DIR (DATA_DIR= downloa
 	$(PY) train.py $(if $(DATA_DIR),--data-dir $(DATA_DIR),--download-root data) \
 	  --epochs $(EPOCHS) $(TRAIN_ARGS) --out $(WEIGHTS)
 
-$(ONNX) $(INT8) $(GOLDEN) &: $(WEIGHTS) $(PACKAGE_FILES) export_onnx.py | $(BIN)/torchserve
-	$(PY) export_onnx.py $(WEIGHTS) $(ONNX) --int8 $(INT8) --calibration-dir $(CALIB_DIR) \
-	  --check-dir $(CHECK_DIR) --golden $(GOLDEN)
+convert: $(BIN)/torchserve ## SPEC (a model spec, JSON) + STATE_DICT (weights trained elsewhere) -> the checkpoint WEIGHTS
+	@test -n "$(SPEC)" -a -n "$(STATE_DICT)" || { echo "usage: make convert SPEC=spec.json STATE_DICT=weights.pt WEIGHTS=out.pt [EXTRA_FILES=my_net.py]"; exit 2; }
+	$(BUILD_ENV) $(PY) convert.py $(SPEC) --state-dict $(STATE_DICT) --out $(WEIGHTS)
 
-$(MAR): $(WEIGHTS) $(ONNX) $(INT8) $(GOLDEN) $(HANDLER_FILES) | $(BIN)/torchserve
+$(BUILD)/index_to_name.json: $(WEIGHTS) | $(BIN)/torchserve
+	@mkdir -p $(BUILD)
+	$(PY) -m cifar10_serve.spec $(WEIGHTS) index_to_name > $@.tmp && mv $@.tmp $@
+
+$(ONNX) $(INT8) $(GOLDEN) &: $(WEIGHTS) $(PACKAGE_FILES) $(EXTRA_LIST) export_onnx.py | $(BIN)/torchserve
+	$(BUILD_ENV) $(PY) export_onnx.py $(WEIGHTS) $(ONNX) --int8 $(INT8) \
+	  --calibration-dir $(CALIB_DIR) --check-dir $(CHECK_DIR) --golden $(GOLDEN)
+
+$(ARCHIVED): $(WEIGHTS) $(ONNX) $(INT8) $(GOLDEN) $(HANDLER_FILES) $(EXTRA_LIST) | $(BIN)/torchserve
 	@rm -rf $(SHIP) && mkdir -p $(SHIP)/cifar10_serve && cp $(PACKAGE_FILES) $(SHIP)/cifar10_serve/
-	$(BIN)/torch-model-archiver --force --model-name cifar10 --version $(MODEL_VERSION) \
-	  --serialized-file $(WEIGHTS) --handler handler/cifar10_handler.py \
-	  --extra-files $(SHIP),$(INDEX_TO_NAME),$(ONNX),$(INT8),$(GOLDEN) \
-	  --config-file $(MODEL_CONFIG) --export-path $(MODEL_STORE)
+	name=$(NAME) && $(BIN)/torch-model-archiver --force --model-name $$name \
+	  --version $(MODEL_VERSION) --serialized-file $(WEIGHTS) --handler handler/cifar10_handler.py \
+	  --extra-files $(subst $(space),$(comma),$(strip $(SHIP) $(INDEX_TO_NAME) $(ONNX) $(INT8) \
+	  $(GOLDEN) $(EXTRA_LIST))) --config-file $(MODEL_CONFIG) --export-path $(MODEL_STORE) \
+	  && echo "wrote $(MODEL_STORE)/$$name.mar" && touch $@
 
 $(WEIGHTS):
-	@echo "$(WEIGHTS) is missing: \`make train\` writes it (or pass WEIGHTS=path/to/checkpoint.pt)"; exit 1
+	@echo "$(WEIGHTS) is missing: \`make train\` or \`make convert\` writes it (or pass WEIGHTS=path/to/checkpoint.pt)"; exit 1
 
 $(METADATA): $(WEIGHTS) proxy.py | $(BIN)/torchserve
 	$(PY) proxy.py metadata $(WEIGHTS) --version $(MODEL_VERSION) --out $@
 
-archive: $(MAR) $(METADATA) ## export the ONNX forwards (fp32, int8) and the golden set, package them with weights, model, handler, configs
+archive: $(ARCHIVED) $(METADATA) ## export the ONNX forwards (fp32, int8) and the golden set of WEIGHTS, package them with the model, handler, configs as MODEL_STORE/<its name>.mar
 
-serve: $(MAR) ## start TorchServe in the background; returns once a prediction succeeds
+serve: $(ARCHIVED) ## start TorchServe in the background; returns once a prediction succeeds
 	@$(CHECK_JAVA)
 	@mkdir -p $(RUN_DIR)
 	@if $(PY) client.py --config $(TS_CONFIG) ping --quiet 2>/dev/null; then echo "TorchServe is already running"; \
-	else TMPDIR=$(abspath $(RUN_DIR)) TEMP=$(abspath $(RUN_DIR)) $(BIN)/torchserve --start --ncs --ts-config $(TS_CONFIG) --log-config $(abspath log4j2.xml) \
-	  --model-store $(MODEL_STORE) --models cifar10=cifar10.mar >$(RUN_DIR)/torchserve.out 2>&1 \
+	else name=$(NAME) && TMPDIR=$(abspath $(RUN_DIR)) TEMP=$(abspath $(RUN_DIR)) $(BIN)/torchserve --start --ncs --ts-config $(TS_CONFIG) --log-config $(abspath log4j2.xml) \
+	  --model-store $(MODEL_STORE) --models $$name=$$name.mar >$(RUN_DIR)/torchserve.out 2>&1 \
 	  && $(PY) client.py --config $(TS_CONFIG) wait --timeout 60 --worker-log logs/model_log.log || { cat $(RUN_DIR)/torchserve.out; \
 	  tail -n 30 logs/model_log.log 2>/dev/null; $(MAKE) --no-print-directory stop; exit 1; }; fi
 
@@ -180,7 +213,7 @@ evaluate: $(BIN)/torchserve ## score WEIGHTS in fp32 and int8 (or URL=http://127
 	  $(if $(wildcard $(INT8)),--int8 $(INT8))) \
 	  $(if $(HOLDOUT),--holdout $(HOLDOUT))
 
-bench: $(MAR) ## load-test a TorchServe started here with wrk, beside the handler in-process; writes bench/results/
+bench: $(ARCHIVED) ## load-test a TorchServe started here with wrk, beside the handler in-process; writes bench/results/
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian/Ubuntu: apt-get install wrk)"; exit 1; }
 	$(if $(BENCH_PEER),$(PY) -m pip install -q -r bench/requirements-peer.txt)
 	$(PY) -m bench.bench --start --config $(TS_CONFIG) --mar $(MAR) \
@@ -188,7 +221,7 @@ bench: $(MAR) ## load-test a TorchServe started here with wrk, beside the handle
 	  $(if $(BENCH_PEER),--peer $(BENCH_PEER)) $(BENCH_ARGS)
 
 .PHONY: flood
-flood: $(MAR) ## flood a TorchServe of its own (free ports) with explanations, then 64-image v2 requests, beside good traffic; prints good p50/p99, failures, worker restarts
+flood: $(ARCHIVED) ## flood a TorchServe of its own (free ports) with explanations, then 64-image v2 requests, beside good traffic; prints good p50/p99, failures, worker restarts
 	$(PY) -m bench.flood --start --mar $(MAR) --duration $(FLOOD_SECONDS) $(FLOOD_ARGS)
 
 gpu-check: $(BIN)/torchserve ## the GPU check: CUDA tests, GPU training, GPU workers, img/s -> GPU_OUT (a dry run without CUDA)
@@ -219,7 +252,7 @@ docker-stop: ## stop the container docker-run started (torchserve --stop inside 
 k8s-config: $(METADATA) ## render the proxy sidecar's nginx.conf into deploy/k8s/ (then kubectl apply -k deploy/k8s, or -k deploy/k8s-gpu)
 	$(PY) proxy.py pod-conf --metadata $(METADATA) --out $(K8S_CONF)
 
-kserve-bundle: $(MAR) ## lay out KSERVE_DIR (config/ + model-store/) for KServe's storageUri
+kserve-bundle: $(ARCHIVED) ## lay out KSERVE_DIR (config/ + model-store/) for KServe's storageUri
 	rm -rf $(KSERVE_DIR)
 	mkdir -p $(KSERVE_DIR)/config $(KSERVE_DIR)/model-store
 	cp deploy/kserve/config/config.properties $(KSERVE_DIR)/config/
@@ -232,4 +265,4 @@ docker-test: $(BIN)/torchserve ## build the image, serve from it, check answers 
 	$(PY) -m pytest -m container tests/test_container.py
 
 clean: ## remove build outputs (the archive, logs, run files)
-	rm -rf $(MAR) $(METADATA) $(K8S_CONF) $(ONNX) $(INT8) $(GOLDEN) $(SHIP) logs $(RUN_DIR) .pytest_cache dist
+	rm -rf $(MAR) $(METADATA) $(K8S_CONF) $(BUILD) logs $(RUN_DIR) .pytest_cache dist

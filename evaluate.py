@@ -1,13 +1,15 @@
-"""Score the CIFAR-10 model on an ImageFolder: overall and per-class top-1 accuracy.
+"""Score a model (the CIFAR-10 one, or any checkpoint with a spec) on an ImageFolder: overall and
+per-class top-1 accuracy.
 
 Either a weights file in-process (the training eval path), or a running TorchServe over REST (the
 served path, preprocessing included), one request per image:
 
     python evaluate.py path/to/test --weights weights/cifar10.pt [--tta 0] [--precision fp32]
-    python evaluate.py path/to/test --weights weights/cifar10.pt --int8 model_store/build/cifar10.int8.onnx
+    python evaluate.py path/to/test --weights weights/cifar10.pt --int8 model_store/build/cifar10/cifar10.int8.onnx
     python evaluate.py path/to/test --url http://127.0.0.1:8080     # token from key_file.json
 
-Folder names must be class names (airplane, automobile, ...), as in torchvision's ImageFolder.
+Folder names must be the model's class names (airplane, automobile, ... for CIFAR-10), as in
+torchvision's ImageFolder; images are decoded and normalised as the checkpoint's spec says.
 """
 import argparse
 import json
@@ -23,6 +25,7 @@ from tqdm import tqdm
 
 import data
 import train
+from cifar10_serve import spec as specs
 from cifar10_serve.net import build_net, tta_views
 from cifar10_serve.runtimes import onnx_forward
 from client import TorchServeClient
@@ -37,10 +40,11 @@ def served(setting, default):
 
 
 def load_net(weights, device="cpu"):
-    """A checkpoint written by train.py -> (eval-mode net on device, its class names)."""
+    """A checkpoint written by train.py or convert.py -> (eval-mode net on device, its spec)."""
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    net = build_net(checkpoint).to(device, memory_format=torch.channels_last).eval()
-    return net, checkpoint["classes"]
+    spec = specs.from_checkpoint(checkpoint)
+    net = build_net(spec, checkpoint["state_dict"])
+    return net.to(device, memory_format=torch.channels_last).eval(), spec
 
 
 def predict_offline(root, weights, tta=0, device="cpu", holdout=0, precision="fp32", int8=None,
@@ -49,15 +53,16 @@ def predict_offline(root, weights, tta=0, device="cpu", holdout=0, precision="fp
     every image under root, in-process, with the forward in ``precision``: fp32, bf16 autocast
     (the handler's `runtime: bf16`), or int8, ONNX Runtime on the quantized export ``int8``
     (`runtime: int8`); gated TTA (cifar10_serve.net.gated_logits) at each of ``margins``."""
-    images, labels, folder_classes, _ = data.load_image_folder(root)
+    net, spec = load_net(weights, device)
+    images, labels, folder_classes, _ = data.load_image_folder(root, spec=spec)
     if holdout:
         _, _, images, labels = data.split(images, labels, holdout)
-    net, classes = load_net(weights, device)
+    classes = spec.classes
     if precision == "int8":
         net, precision = onnx_forward(int8, torch.get_num_threads()), "fp32"
     with train.autocast(torch.device(device), precision):
-        plain = train.logits(net, images, torch.device(device), tta=0)
-        full = train.logits(net, images, torch.device(device), tta=tta) if tta else plain
+        plain = train.logits(net, images, torch.device(device), spec, tta=0)
+        full = train.logits(net, images, torch.device(device), spec, tta=tta) if tta else plain
     top2 = plain.float().softmax(1).topk(2, dim=1).values
     lead, views = top2[:, 0] - top2[:, 1], len(tta_views(images[:1], tta)[0]) if tta else 1
     preds, forwards = [], []
@@ -116,7 +121,7 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data_dir", type=Path, help="ImageFolder to score")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", type=Path, help="checkpoint written by train.py")
+    src.add_argument("--weights", type=Path, help="checkpoint written by train.py or convert.py")
     src.add_argument("--url", help="TorchServe inference address, e.g. http://127.0.0.1:8080")
     p.add_argument("--tta", type=int, default=served("tta", 0), choices=[0, 1, 2],
                    help="test-time augmentation for --weights; by default model-config.yaml's, "
@@ -131,6 +136,7 @@ def main(argv=None):
     p.add_argument("--int8", type=Path,
                    help="the int8 ONNX file `make archive` wrote, for --precision int8")
     p.add_argument("--key-file", default="key_file.json", help="TorchServe's token file")
+    p.add_argument("--model", default="cifar10", help="the served model's name, for --url")
     p.add_argument("--concurrency", type=int, default=8, help="parallel requests for --url")
     p.add_argument("--holdout", type=int, default=0,
                    help="score only the validation split of this size that train.py holds out "
@@ -153,7 +159,7 @@ def main(argv=None):
             else:
                 result[precision] = margin_table(args, precision, preds, truth, forwards)
     else:
-        client = TorchServeClient(key_file=args.key_file)
+        client = TorchServeClient(key_file=args.key_file, model=args.model)
         client.inference = args.url.rstrip("/")
         preds, truth = predict_served(args.data_dir, client, args.concurrency, args.holdout)
         result = report(preds, truth)

@@ -1,8 +1,9 @@
-"""Export a train.py checkpoint for the handler's CPU runtimes (`make archive` runs it).
+"""Export a checkpoint (train.py's or convert.py's) for the handler's CPU runtimes (`make archive`
+runs it). Input shape, decoding and normalisation are the checkpoint's model spec's.
 
-    python export_onnx.py weights/cifar10.pt model_store/build/cifar10.onnx \
-        --int8 model_store/build/cifar10.int8.onnx --calibration-dir weights/calibration \
-        --check-dir tests/holdout --golden model_store/build/golden.npz
+    python export_onnx.py weights/cifar10.pt model_store/build/cifar10/cifar10.onnx \
+        --int8 model_store/build/cifar10/cifar10.int8.onnx --calibration-dir weights/calibration \
+        --check-dir tests/holdout --golden model_store/build/cifar10/golden.npz
 
 The fp32 export is checked before it is written: ONNX Runtime's logits must equal eager
 PyTorch's within --tolerance on a fixed batch of random images. --int8 also writes it statically
@@ -23,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cifar10_serve import spec as specs
 from cifar10_serve.images import decode_image, eval_transform, image_tensor
-from cifar10_serve.net import IMAGE_SIZE, build_net
+from cifar10_serve.net import build_net
 from cifar10_serve.runtimes import agreement, onnx_forward
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
@@ -34,23 +36,24 @@ INT8_AGREEMENT = 0.97
 GOLDEN_IMAGES = 16  # enough to tell a wrong kernel (~10-40 % agreement) from a right one
 
 
-def image_batch(folder, count=None, seed=0):
-    """uint8 (N, 3, 32, 32): a fixed random subset of ``count`` images under ``folder`` (None:
-    every image, in name order)."""
+def image_batch(folder, spec, count=None, seed=0):
+    """uint8 (N, C, H, W), decoded by ``spec`` as the handler decodes: a fixed random subset of
+    ``count`` images under ``folder`` (None: every image, in name order)."""
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         sys.exit(f"no images under {folder}")
     if count is not None:
         paths = random.Random(seed).sample(paths, min(count, len(paths)))
-    return torch.stack([image_tensor(decode_image(p.read_bytes())) for p in paths])
+    return torch.stack([image_tensor(decode_image(p.read_bytes(), spec)) for p in paths])
 
 
-def export_onnx(net, path):
-    """Write ``net`` as ONNX with a dynamic batch: input "images" (N, 3, 32, 32), output "logits".
+def export_onnx(net, path, input_shape):
+    """Write ``net`` as ONNX with a dynamic batch: input "images" (N, *input_shape: the spec's
+    (C, H, W)), output "logits".
 
     Uses torch's TorchScript-based exporter (needs the ``onnx`` package, at archive time only).
     """
-    sample = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    sample = torch.zeros(2, *input_shape)
     with warnings.catch_warnings():  # the exporter's deprecation notices, not about this net
         warnings.simplefilter("ignore")
         torch.onnx.export(net.eval(), (sample,), str(path), input_names=["images"],
@@ -59,16 +62,16 @@ def export_onnx(net, path):
 
 
 @torch.inference_mode()
-def onnx_mismatch(net, forward, n=8):
-    """Largest |forward - net| logit difference on a fixed batch of n random normalised images:
-    how an ONNX file is checked against the weights it claims to hold."""
-    x = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+def onnx_mismatch(net, forward, input_shape, n=8):
+    """Largest |forward - net| logit difference on a fixed batch of n random normalised images
+    of ``input_shape``: how an ONNX file is checked against the weights it claims to hold."""
+    x = torch.randn(n, *input_shape, generator=torch.Generator().manual_seed(0))
     return (forward(x) - net.eval()(x)).abs().max().item()
 
 
 def quantize_int8(onnx_path, out, calibration, reduce_range=True):
     """Write ``out``: the ONNX file statically quantized to int8 (QDQ), activation ranges
-    calibrated on ``calibration``, a normalised float batch (N, 3, 32, 32) of real images.
+    calibrated on ``calibration``, a normalised float batch (N, C, H, W) of real images.
 
     Weights are per-channel and 7-bit (``reduce_range``): ONNX Runtime's u8 x s8 kernels on CPUs
     without VNNI (AVX2, AVX-512 before Cascade Lake) add pairs of products in saturating 16-bit
@@ -109,7 +112,7 @@ def quantized_in_fp32(path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("weights", type=Path, help="checkpoint written by train.py")
+    p.add_argument("weights", type=Path, help="checkpoint written by train.py or convert.py")
     p.add_argument("out", type=Path, help="ONNX file to write")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest accepted |ONNX - eager| logit difference")
@@ -128,11 +131,12 @@ def main(argv=None):
     if (args.int8 or args.golden) and not args.check_dir:
         p.error("--int8 and --golden need --check-dir")
     checkpoint = torch.load(args.weights, map_location="cpu", weights_only=True)
-    net = build_net(checkpoint).eval()
-    transform = eval_transform(**checkpoint.get("normalization", {}))
+    args.spec = specs.from_checkpoint(checkpoint)
+    net = build_net(args.spec, checkpoint["state_dict"]).eval()
+    transform = eval_transform(args.spec)
     write_onnx(net, args)
     if args.int8 or args.golden:
-        held_out = image_batch(args.check_dir)
+        held_out = image_batch(args.check_dir, args.spec)
         with torch.inference_mode():
             reference = net(transform(held_out))
     if args.int8:
@@ -144,8 +148,8 @@ def main(argv=None):
 def write_onnx(net, args):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
-    export_onnx(net, tmp)
-    error = onnx_mismatch(net, onnx_forward(tmp))
+    export_onnx(net, tmp, args.spec.input_shape)
+    error = onnx_mismatch(net, onnx_forward(tmp), args.spec.input_shape)
     if error > args.tolerance:
         tmp.unlink()
         sys.exit(f"ONNX export of {args.weights} differs from eager PyTorch by {error:.2e} "
@@ -155,7 +159,7 @@ def write_onnx(net, args):
 
 
 def write_int8(held_out, reference, transform, args):
-    calibration = image_batch(args.calibration_dir, args.calibration_images)
+    calibration = image_batch(args.calibration_dir, args.spec, args.calibration_images)
     args.int8.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.int8.with_suffix(".tmp")
     quantize_int8(args.out, tmp, transform(calibration))

@@ -10,8 +10,9 @@ a lookahead average of the weights.
     python train.py --data-dir tests/data --epochs 1 --dry-run         # seconds, for tests
 
 The checkpoint (a state_dict plus plain metadata, loadable with weights_only=True) carries what
-rebuilds and describes the net: model_args, classes, normalisation, validation accuracy, the
-command and the library versions. Beside it go <out>.curve.png and <out>.confusion.png.
+rebuilds and describes the net: its model spec (cifar10_serve/spec.py: name, classes, the
+architecture and its arguments, input size, normalisation), validation accuracy, the command and
+the library versions. Beside it go <out>.curve.png and <out>.confusion.png.
 """
 import argparse
 import logging
@@ -28,9 +29,9 @@ from torch import nn
 from tqdm import tqdm
 
 from cifar10_serve.images import eval_transform
-from cifar10_serve.net import (CIFAR10_MEAN, CIFAR10_STD, DEFAULT_WIDTHS, Cifar10Net,
-                               init_whitening, predict_logits)
+from cifar10_serve.net import DEFAULT_WIDTHS, build_net, init_whitening, predict_logits
 from cifar10_serve.runtimes import cpu_has_bf16
+from cifar10_serve.spec import CIFAR10
 from data import load_images, split
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     src.add_argument("--download-root", type=Path, default=Path("data"),
                      help="where torchvision downloads CIFAR10 when --data-dir is not given")
     p.add_argument("--out", type=Path, default=Path("weights/cifar10.pt"), help="checkpoint path")
+    p.add_argument("--name", default=CIFAR10.name,
+                   help="the model's name in its spec: its URL (/predictions/NAME) and archive")
     p.add_argument("--epochs", type=int, default=10, help="training epochs")
     p.add_argument("--batch-size", type=int, default=1024, help="training batch size")
     p.add_argument("--lr", type=float, default=11.5, help="peak learning rate per 1024 examples")
@@ -151,24 +154,26 @@ class Lookahead:
 
 
 @torch.no_grad()
-def evaluate(net, images, labels, device, tta=0, batch_size=1000, precision="fp32"):
-    """Predicted labels for uint8 images, through the same transform the handler uses. ``net``
-    may also be any forward callable (an ONNX Runtime session's, as the handler's)."""
+def evaluate(net, images, labels, device, spec, tta=0, batch_size=1000, precision="fp32"):
+    """Predicted labels for uint8 images, through the same transform the handler uses (the
+    spec's). ``net`` may also be any forward callable (an ONNX Runtime session's, as the
+    handler's)."""
     with autocast(device, precision):
-        preds = logits(net, images, device, tta, batch_size).argmax(1)
+        preds = logits(net, images, device, spec, tta, batch_size).argmax(1)
     return preds, (preds == labels).float().mean().item() if len(labels) else float("nan")
 
 
 @torch.inference_mode()
-def logits(net, images, device, tta=0, batch_size=1000):
-    """fp32 logits (N, classes) on the CPU for uint8 images, with ``tta``'s views."""
+def logits(net, images, device, spec, tta=0, batch_size=1000):
+    """fp32 logits (N, classes) on the CPU for uint8 images, normalised by ``spec``, with
+    ``tta``'s views."""
     if isinstance(net, nn.Module):
         net.eval()
-    transform, parts = eval_transform(), []
+    transform, parts = eval_transform(spec), []
     for i in range(0, len(images), batch_size):
         x = transform(images[i:i + batch_size]).to(device, memory_format=torch.channels_last)
         parts.append(predict_logits(net, x, tta).float().cpu())
-    return torch.cat(parts) if parts else torch.empty(0, 10)
+    return torch.cat(parts) if parts else torch.empty(0, len(spec.classes))
 
 
 def autocast(device, precision):
@@ -188,16 +193,17 @@ def train(args):
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    images, labels, classes, source = load_images(args)
+    # The CIFAR-10 net's input (32x32 RGB, squashed; CIFAR's mean and std), this data's classes.
+    spec = CIFAR10.replace(name=args.name, arch_args=dict(widths=list(args.widths)))
+    images, labels, classes, source = load_images(args, spec)
+    spec = spec.replace(classes=classes)
     train_x, train_y, val_x, val_y = split(images, labels, args.val_size)
     log.info("data: %s, %d train / %d validation images, %d classes, device %s, %s",
              source, len(train_x), len(val_x), len(classes), device, precision)
 
-    transform = eval_transform()
-    train_x = transform(train_x).to(device)
+    train_x = eval_transform(spec)(train_x).to(device)
     train_y = train_y.to(device)
-    model_args = dict(widths=list(args.widths), num_classes=len(classes))
-    net = Cifar10Net(**model_args).to(device, memory_format=torch.channels_last)
+    net = build_net(spec).to(device, memory_format=torch.channels_last)
     init_whitening(net, train_x[:5000])
     optimizer = make_optimizer(net, args)
     steps_per_epoch = max(1, len(train_x) // args.batch_size)  # the last partial batch is dropped
@@ -238,7 +244,7 @@ def train(args):
             loss_sum += loss.item()
         if lookahead is not None:
             lookahead.update(net, decay=1.0)
-        _, val_acc = evaluate(net, val_x, val_y, device, precision=precision)
+        _, val_acc = evaluate(net, val_x, val_y, device, spec, precision=precision)
         row = dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen,
                    val_acc=val_acc, seconds=time.perf_counter() - start)
         history.append(row)
@@ -247,14 +253,13 @@ def train(args):
                  row["seconds"])
     train_seconds = time.perf_counter() - start
 
-    preds, val_acc = evaluate(net, val_x, val_y, device, tta=args.tta)
+    preds, val_acc = evaluate(net, val_x, val_y, device, spec, tta=args.tta)
     per_class = {c: (preds[val_y == i] == i).float().mean().item() for i, c in enumerate(classes)}
     log.info("validation accuracy with tta=%d: %.2f%% (%d images)", args.tta, 100 * val_acc,
              len(val_y))
     checkpoint = dict(
-        state_dict={k: v.cpu() for k, v in net.state_dict().items()},
-        model_args=model_args, classes=classes,
-        normalization=dict(mean=list(CIFAR10_MEAN), std=list(CIFAR10_STD)),
+        state_dict={k: v.cpu() for k, v in net.state_dict().items()}, spec=spec.to_dict(),
+        classes=list(spec.classes),  # a copy the spec overrides; proxy.py's v2 metadata reads it
         val_accuracy=val_acc, val_tta=args.tta, val_size=len(val_y),
         per_class_val_accuracy=per_class, history=history, train_seconds=train_seconds,
         train_images=len(train_x), data_source=source, device=str(device), precision=precision,

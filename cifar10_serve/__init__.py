@@ -1,8 +1,12 @@
 """Serving a CIFAR-10 classifier with TorchServe: the package that handler/cifar10_handler.py (the class
 TorchServe loads) works through, shipped inside the .mar beside it. One module per concern:
 
-    net.py       the net, its TTA, checkpoints and class names (training imports it too)
-    images.py    where a request's bytes become a tensor: header checks, decoding, the transform
+    spec.py      the model spec: name, classes, architecture, input size and channels, resize
+                 policy, mean/std; saved with the checkpoint, read by every layer
+    net.py       the CIFAR-10 net, the architecture registry that builds any spec's net, TTA,
+                 checkpoints and class names (training imports it too)
+    images.py    where a request's bytes become a tensor: header checks, decoding by the spec,
+                 the transform
     requests.py  request bodies -> rows (raw, multipart, JSON base64, v2, KServe v1)
     forms.py     multipart bodies the reverse proxy passes on unparsed -> form fields
     oip.py       the Open Inference Protocol (v2): binary tensor data in requests

@@ -1,6 +1,7 @@
 """Where a request's bytes become a tensor: image files are opened (their headers checked against
-the limits before any pixel is decoded), decoded to 32x32 RGB as training saw them, and batched
-through the one eval transform that training, evaluation and serving share.
+the limits before any pixel is decoded), decoded to the model spec's input (its size, channels and
+resize policy) as training saw them, and batched through the one eval transform that training,
+evaluation and serving share.
 """
 import io
 import warnings
@@ -11,12 +12,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cifar10_serve.deadline import deadline
 from cifar10_serve.errors import bad_request
-from cifar10_serve.net import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE
+from cifar10_serve.spec import CIFAR10
 
 # The image formats served and trained on (PIL format names). A closed list: PIL reads dozens more
 # (DDS, BLP, SPIDER, ...), rarely used for photos and a larger surface for hostile files.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG includes MPO
-# Refuse images whose header claims more pixels than this, before any pixel is decoded. A 32x32
+# Refuse images whose header claims more pixels than this, before any pixel is decoded. A
 # classifier needs photos, not posters: 4096x4096 (16.8 M px) admits a 12 M px phone photo.
 MAX_IMAGE_PIXELS = 4096 * 4096
 # A progressive JPEG decodes every scan at full size (draft mode cannot skip them): libjpeg writes
@@ -93,23 +94,29 @@ def image_pixels(image):
     return width * height
 
 
-def to_rgb32(image):
-    """An opened image -> 32x32 RGB PIL image, as training and serving see it.
+def fit_image(image, spec):
+    """An opened image -> the PIL image the model takes: ``spec.mode`` (RGB or L), its
+    ``image_size``, by its resize policy (the same for training and serving).
 
     Honours EXIF orientation, takes the first frame of animations, scales 16-bit greyscale to
-    8 bits and squashes any aspect ratio to 32x32. Raises ValueError for the client when the
-    pixel data is corrupt.
+    8 bits; "squash" resizes the whole image to image_size whatever its aspect ratio (as CIFAR-10
+    was made), "crop" resizes its shorter side to resize_to and cuts out the centre (torchvision's
+    Resize + CenterCrop). Raises ValueError for the client when the pixel data is corrupt.
     """
     try:
-        if image.format in ("JPEG", "MPO"):
-            image.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # decode straight at a reduced scale
+        if image.format in ("JPEG", "MPO"):  # decode straight at a reduced scale
+            image.draft(spec.mode, _resized(image.size, spec))
         image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I;16") or image.mode in ("I", "F"):
             array = np.asarray(image, dtype=np.float64)
             image = Image.fromarray((array * 255 / max(array.max(), 1)).astype(np.uint8))
-        image = image.convert("RGB")
-        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+        image = image.convert(spec.mode)
+        size = _resized(image.size, spec)
+        if image.size != size:
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        if size != (spec.width, spec.height):  # crop: the centre, rounded as torchvision does
+            left, top = round((size[0] - spec.width) / 2), round((size[1] - spec.height) / 2)
+            image = image.crop((left, top, left + spec.width, top + spec.height))
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001  (PIL's plugins raise many types on corrupt data)
@@ -117,9 +124,20 @@ def to_rgb32(image):
     return image
 
 
-def decode_image(data):
-    """Bytes of an accepted image -> 32x32 RGB PIL image (``open_image`` then ``to_rgb32``)."""
-    return to_rgb32(open_image(data))
+def _resized(size, spec):
+    """(width, height) an image of ``size`` is resized to before any crop."""
+    if spec.resize == "squash":
+        return spec.width, spec.height
+    width, height = size
+    short, long = sorted((width, height))
+    long = int(spec.resize_to * long / short)  # torchvision's Resize(int): truncated
+    return (spec.resize_to, long) if width <= height else (long, spec.resize_to)
+
+
+def decode_image(data, spec=CIFAR10):
+    """Bytes of an accepted image -> the PIL image ``spec``'s model takes (``open_image`` then
+    ``fit_image``)."""
+    return fit_image(open_image(data), spec)
 
 
 def _describe(err):
@@ -129,19 +147,23 @@ def _describe(err):
 
 
 def image_tensor(image):
-    """A decoded 32x32 RGB PIL image -> uint8 tensor (3, 32, 32)."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    """A decoded PIL image (``fit_image``'s) -> uint8 tensor (channels, height, width)."""
+    pixels = np.array(image, dtype=np.uint8)
+    if pixels.ndim == 2:  # mode L
+        pixels = pixels[:, :, None]
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-def eval_transform(mean=CIFAR10_MEAN, std=CIFAR10_STD):
-    """The one eval transform: uint8 (N, 3, 32, 32) -> normalised float32, for training and serving
-    (serving passes the checkpoint's own ``normalization``).
+def eval_transform(spec=CIFAR10, mean=None, std=None):
+    """The one eval transform: uint8 (N, C, H, W) -> float32 normalised by ``spec``'s mean and
+    std (one per channel), for training, evaluation and serving alike. ``mean``/``std`` given
+    instead of a spec: those (the older call, a checkpoint's ``normalization``).
 
     Plain tensor arithmetic over the whole batch: the worker never imports torchvision (seconds
     of cold start) and normalises once per batch, not once per image.
     """
-    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(spec.mean if mean is None else mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std if std is None else std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def transform(batch):
         return (batch.to(torch.float32) / 255 - mean.to(batch.device)) / std.to(batch.device)
@@ -165,23 +187,23 @@ def looks_like_image(data):
     return data.startswith(SIGNATURES) and (not data.startswith(b"RIFF") or data[8:12] == b"WEBP")
 
 
-def decode_request(images, limits):
-    """A request's encoded images -> uint8 (3, 32, 32) tensors, within the per-image and
-    per-request pixel limits and the request's decoding deadline (CPU time). Every header is
+def decode_request(images, limits, spec):
+    """A request's encoded images -> uint8 tensors of ``spec.input_shape``, within the per-image
+    and per-request pixel limits and the request's decoding deadline (CPU time). Every header is
     opened first and the request refused if their pixels add up past its cap, so an over-budget
     request decodes nothing. v2 UINT8 pixels (already tensors) pass through. A failure is the
     request's own 4xx (a PredictionException naming which image)."""
     milliseconds = limits["max_decode_ms"]
     try:
         with deadline(milliseconds):
-            return _decode_within_budget(images, limits)
+            return _decode_within_budget(images, limits, spec)
     except TimeoutError:
         raise bad_request(f"decoding the request's images took more than {milliseconds} ms of "
                           f"CPU time; send images re-saved by a common encoder, or fewer per "
                           f"request", 413) from None
 
 
-def _decode_within_budget(images, limits):
+def _decode_within_budget(images, limits, spec):
     budget, opened = limits["max_request_pixels"], []
     wheres = [f"image {i}: " if len(images) > 1 else "" for i in range(len(images))]
     for where, image in zip(wheres, images):
@@ -195,7 +217,7 @@ def _decode_within_budget(images, limits):
                               f"{limits['max_request_pixels']:,} pixels; send fewer or smaller "
                               f"images per request", 413)
     return [image if isinstance(image, torch.Tensor)
-            else image_tensor(_checked(to_rgb32, where, image))
+            else image_tensor(_checked(fit_image, where, image, spec))
             for where, image in zip(wheres, opened)]
 
 

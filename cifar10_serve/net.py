@@ -1,11 +1,22 @@
-"""The CIFAR-10 network and its test-time augmentation: the one net definition that train.py
-trains, export_onnx.py exports and the handler serves (shipped in the .mar with this package).
+"""The nets: the CIFAR-10 network that train.py trains, the architecture registry that rebuilds
+any model spec's net (cifar10_serve/spec.py), and test-time augmentation. The one net definition
+that train.py, export_onnx.py, convert.py and the handler all use (shipped in the .mar with this
+package).
 
-The net follows the shape of airbench94 (Keller Jordan, cifar10-airbench): a frozen 2x2 whitening
-conv, three conv groups with BatchNorm, max-pooling, and a bias-free linear head whose logits are
-scaled down by ``scaling``. A checkpoint carries its own ``model_args`` (build_net), so serving
-never re-declares hyperparameters.
+The CIFAR-10 net follows the shape of airbench94 (Keller Jordan, cifar10-airbench): a frozen 2x2
+whitening conv, three conv groups with BatchNorm, max-pooling, and a bias-free linear head whose
+logits are scaled down by ``scaling``. A checkpoint carries its spec (architecture and its
+arguments, classes), so serving never re-declares hyperparameters.
+
+Architectures (a spec's ``architecture``):
+    airbench             the CIFAR-10 net below (32x32 RGB)
+    resnet18, ...        a torchvision classifier by its name (torchvision.models.get_model)
+    torchvision:NAME     the same, spelled out
+    module:Class         a user's nn.Module class, from a module shipped in the archive beside the
+                         handler (`make archive EXTRA_FILES=my_net.py`)
+Each is called with ``num_classes=len(spec.classes)`` and the spec's ``arch_args``.
 """
+import importlib
 import json
 from pathlib import Path
 
@@ -13,10 +24,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+from cifar10_serve import spec as specs
+from cifar10_serve.spec import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD  # noqa: F401
+
+# Deprecated: the CIFAR-10 net's input side, for the modules that still import it (requests.py,
+# oip.py, proxy.py); everything else reads the served model's spec (spec.image_size).
 IMAGE_SIZE = 32
 DEFAULT_WIDTHS = (64, 256, 256)  # airbench94's conv groups; the shipped net is 128, 384, 384
 
@@ -42,10 +54,46 @@ class Cifar10Net(nn.Module):
         return self.head(self.features(self.whiten(x))) * self.scaling
 
 
-def build_net(checkpoint):
-    """The net a train.py checkpoint describes (its model_args), with its trained weights."""
-    net = Cifar10Net(**checkpoint["model_args"])
-    net.load_state_dict(checkpoint["state_dict"])
+# name -> factory(num_classes=..., **arch_args) -> nn.Module; see the module docstring
+ARCHITECTURES = {"airbench": Cifar10Net}
+
+
+def architecture(name):
+    """The factory ``name`` stands for: a registered one, a torchvision classifier (imported only
+    here, so a worker serving the CIFAR net never imports torchvision), or ``module:Class``.
+    ValueError naming the forms where there is none."""
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name]
+    module, _, attribute = name.rpartition(":")
+    if module in ("", "torchvision"):
+        import torchvision.models  # noqa: PLC0415
+
+        if attribute.lower() not in torchvision.models.list_models():
+            raise ValueError(f"model spec: unknown architecture {name!r}: one of "
+                             f"{sorted(ARCHITECTURES)}, a torchvision classifier's name "
+                             f"(torchvision.models.list_models()), or module:Class for an "
+                             f"nn.Module of your own shipped in the archive")
+        return lambda **args: torchvision.models.get_model(attribute.lower(), **args)
+    try:
+        found = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"model spec: architecture {name!r}: cannot import {attribute} from "
+                         f"{module} ({err}); ship {module}.py in the archive (make archive "
+                         f"EXTRA_FILES=...) or put it on PYTHONPATH") from err
+    if not callable(found):
+        raise ValueError(f"model spec: architecture {name!r} is no nn.Module class")
+    return found
+
+
+def build_net(spec, state_dict=None):
+    """The net ``spec`` describes (its architecture, arch_args and len(classes) outputs), with
+    ``state_dict`` loaded strictly where given. A checkpoint dict in place of the spec (the
+    older call) is read as (its spec, its state_dict)."""
+    if isinstance(spec, dict):
+        spec, state_dict = specs.from_checkpoint(spec), spec["state_dict"]
+    net = architecture(spec.architecture)(num_classes=len(spec.classes), **spec.arch_args)
+    if state_dict is not None:
+        net.load_state_dict(state_dict)
     return net
 
 
@@ -123,15 +171,17 @@ def tta_views(x, tta):
 
 
 def load_checkpoint(path):
-    """A train.py checkpoint (state_dict and plain metadata) from ``path``, loaded the safe way
-    (weights_only); RuntimeError naming the file when it is no such checkpoint."""
+    """A checkpoint (state_dict, spec and plain metadata, as train.py and convert.py write it)
+    from ``path``, loaded the safe way (weights_only); RuntimeError naming the file when it is no
+    such checkpoint."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as err:  # say which file; torch's own advice (weights_only=False) is unsafe
         raise RuntimeError(f"cannot load the weights {path}: not a checkpoint written by "
-                           f"train.py ({type(err).__name__}: {str(err)[:200]})") from err
+                           f"train.py or convert.py ({type(err).__name__}: "
+                           f"{str(err)[:200]})") from err
 
 
 def class_names(model_dir, trained_classes):

@@ -15,6 +15,7 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -86,6 +87,7 @@ class ModelSpec:
         return ModelSpec(**{**self.to_dict(), **changes})
 
 
+
 def from_dict(data):
     """A ModelSpec from plain data; ValueError naming the field that is missing, unknown or wrong."""
     if not isinstance(data, dict):
@@ -110,10 +112,28 @@ def from_checkpoint(checkpoint, name="cifar10"):
     if "spec" in checkpoint:
         return from_dict(checkpoint["spec"])
     normalization = checkpoint.get("normalization") or {}
-    return ModelSpec(name=name, classes=tuple(checkpoint["classes"]), architecture="airbench",
-                     arch_args=dict(checkpoint.get("model_args") or {}),
-                     mean=tuple(normalization.get("mean", CIFAR10_MEAN)),
-                     std=tuple(normalization.get("std", CIFAR10_STD)))
+    arch_args = dict(checkpoint.get("model_args") or {})
+    classes = tuple(checkpoint["classes"])
+    # the class count is the classes' (len(spec.classes)), not an argument of its own
+    if arch_args.pop("num_classes", len(classes)) != len(classes):
+        raise ValueError(f"the checkpoint's model_args num_classes does not match its "
+                         f"{len(classes)} classes")
+    return CIFAR10.replace(name=name, classes=classes, arch_args=arch_args,
+                           mean=tuple(normalization.get("mean", CIFAR10_MEAN)),
+                           std=tuple(normalization.get("std", CIFAR10_STD)))
+
+
+def load(path):
+    """The spec of a checkpoint (``*.pt``, read the safe way) or of a spec JSON file."""
+    path = Path(path)
+    if path.suffix == ".json":
+        try:
+            return from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not JSON ({err})") from err
+    import torch  # noqa: PLC0415  (the module itself is plain data)
+
+    return from_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def _check(spec):
@@ -130,6 +150,9 @@ def _check(spec):
         wrong("classes", "at least two distinct non-empty names")
     if not (isinstance(spec.architecture, str) and spec.architecture):
         wrong("architecture", "a registered architecture's name")
+    if not all(isinstance(k, str) for k in spec.arch_args) or "num_classes" in spec.arch_args:
+        wrong("arch_args", "the architecture's keyword arguments by name, without num_classes "
+                           "(that is len(classes))")
     if len(spec.image_size) != 2 or not all(type(n) is int and 1 <= n <= 4096
                                             for n in spec.image_size):
         wrong("image_size", "[height, width], whole numbers from 1 to 4096")
@@ -155,14 +178,25 @@ def _check(spec):
         wrong("temperature", "a finite number above 0")
 
 
-def main(argv=None):
-    """python -m cifar10_serve.spec CHECKPOINT [FIELD]: the spec as JSON, or one field's value."""
-    import torch  # noqa: PLC0415  (the module itself is plain data)
+# The CIFAR-10 net as the shipped weights describe it (a checkpoint from before the spec).
+CIFAR10 = ModelSpec(name="cifar10", classes=CIFAR10_CLASSES, architecture="airbench")
 
+
+def index_to_name(spec):
+    """TorchServe's index_to_name.json for the spec's classes: {"0": first class, ...}."""
+    return {str(i): name for i, name in enumerate(spec.classes)}
+
+
+def main(argv=None):
+    """python -m cifar10_serve.spec CHECKPOINT|SPEC.json [FIELD]: the spec as JSON, or one
+    field's value (``make`` reads the model's name this way); FIELD index_to_name: the classes
+    as TorchServe's index_to_name.json."""
     args = sys.argv[1:] if argv is None else argv
-    spec = from_checkpoint(torch.load(args[0], map_location="cpu", weights_only=True))
+    spec = load(args[0])
     plain = spec.to_dict()
-    if len(args) > 1:
+    if args[1:] == ["index_to_name"]:
+        print(json.dumps(index_to_name(spec), indent=2))
+    elif len(args) > 1:
         value = plain[args[1]]
         print(value if isinstance(value, str) else json.dumps(value))
     else:

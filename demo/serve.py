@@ -1,11 +1,14 @@
 """Browser demo: a page where you drop an image and see the served model's top-5 as bars.
 
     python -m demo.serve [--port 8090] [--config config.properties] [--key-file key_file.json]
+                         [--model NAME]
     # then open the URL it prints (TorchServe must be running: `make serve`)
 
-Serves demo/index.html and config.json, and forwards the page's POST /predictions/cifar10 to
-TorchServe's inference_address (from --config) with the inference token from --key-file (both
-read by client.py's TorchServeClient, the key file afresh on every request).
+Serves demo/index.html and config.json (the model's name and class names, asked of TorchServe's
+management API: the model --model names, by default the one TorchServe serves), and forwards the
+page's POST /predictions/<model> to TorchServe's inference_address (from --config) with the
+inference token from --key-file (both read by client.py's TorchServeClient, the key file afresh
+on every request).
 
 Why it forwards instead of letting the page call TorchServe with CORS: TorchServe 0.12 checks the
 token before anything else, also on the CORS preflight (OPTIONS) that a browser sends, without
@@ -31,7 +34,6 @@ from client import TorchServeClient, read_properties
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("index.html")
-PREDICT = "/predictions/cifar10"
 
 
 class DemoServer(ThreadingHTTPServer):
@@ -39,21 +41,47 @@ class DemoServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, port, config, key_file):
+    def __init__(self, port, config, key_file, model=None):
         super().__init__(("127.0.0.1", port), DemoHandler)
         port = self.server_address[1]  # the one the OS chose when port is 0
         self.url = f"http://127.0.0.1:{port}/"
         self.hosts = {f"127.0.0.1:{port}", f"localhost:{port}"}
         self.origins = {f"http://{host}" for host in self.hosts}
-        self.client = TorchServeClient(config, key_file)
+        self.client = TorchServeClient(config, key_file, model=model)
+        self.named, self.classes = model is not None, None
         # TorchServe's own default when config.properties does not set it
         self.max_body = int(read_properties(config).get("max_request_size", 6553500))
-        self.page_config = {"predict_url": PREDICT, "model": self.client.model,
-                            "torchserve": self.client.inference}
+
+    def model(self):
+        """The served model's name (--model's, or the first TorchServe lists) and its class
+        names (the handler's describe), asked once TorchServe answers; (None, None) before."""
+        if self.classes is None:
+            client = self.client
+            try:
+                if not self.named:
+                    listed = client._call("GET", f"{client.management}/models", "management",
+                                          timeout=10).json()["models"]
+                    client.model = listed[0]["modelName"]
+                described = client._call(
+                    "GET", f"{client.management}/models/{client.model}", "management",
+                    params={"customized": "true"}, timeout=10).json()[0]
+                custom = described["customizedMetadata"]  # a JSON string, or parsed
+                self.classes = (json.loads(custom) if isinstance(custom, str)
+                                else custom)["classes"]
+            except (requests.RequestException, OSError, ValueError, KeyError, IndexError,
+                    TypeError) as err:
+                log.warning("cannot describe the served model yet (%s)", err)
+                return (client.model if self.named else None), None
+        return self.client.model, self.classes
+
+    def page_config(self):
+        model, classes = self.model()
+        return {"predict_url": f"/predictions/{model}" if model else None, "model": model,
+                "classes": classes, "torchserve": self.client.inference}
 
 
 class DemoHandler(BaseHTTPRequestHandler):
-    server_version = "cifar10-demo"
+    server_version = "torchserve-demo"
 
     def do_GET(self):
         if not self._addressed_to_us():
@@ -61,15 +89,17 @@ class DemoHandler(BaseHTTPRequestHandler):
         if self.path in ("/", "/index.html"):
             self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
         elif self.path == "/config.json":
-            self._json(200, self.server.page_config)
+            self._json(200, self.server.page_config())
         else:
             self._error(404, "NotFound", f"nothing at {self.path}: the demo is at /")
 
     def do_POST(self):
         if not self._addressed_to_us():
             return
-        if self.path != PREDICT:
-            return self._error(404, "NotFound", f"POST images to {PREDICT}")
+        model, _ = self.server.model()
+        # an unknown model (TorchServe down, no token): forwarding says which, as for a prediction
+        if model is not None and self.path != f"/predictions/{model}":
+            return self._error(404, "NotFound", f"POST images to /predictions/{model}")
         origin = self.headers.get("Origin")  # browsers send it with every POST; curl does not
         if origin is not None and origin not in self.server.origins:
             return self._error(403, "Forbidden", "only the demo page may use this server")
@@ -145,9 +175,11 @@ def main(argv=None):
                    help="TorchServe's config.properties (default: config.properties)")
     p.add_argument("--key-file", default="key_file.json",
                    help="TorchServe's token file (default: key_file.json)")
+    p.add_argument("--model", help="the served model to call (default: the one TorchServe "
+                                   "serves, the first it lists)")
     args = p.parse_args(argv)
     try:
-        server = DemoServer(args.port, args.config, args.key_file)
+        server = DemoServer(args.port, args.config, args.key_file, args.model)
     except OSError as err:
         p.error(f"cannot listen on 127.0.0.1:{args.port} ({err.strerror}): choose another --port")
     print(f"Open {server.url}  (predictions go to TorchServe at {server.client.inference}; "

@@ -20,6 +20,7 @@ exception of ours while serving one request is that request's 500; the other req
 batch are answered as usual.
 """
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from cifar10_serve import answers, budget, compat, oip, oip_reply, predict, settings
+from cifar10_serve import answers, budget, compat, oip, oip_reply, predict, settings, spec
 from cifar10_serve.images import decode_request, eval_transform
 from cifar10_serve.net import build_net, class_names, load_checkpoint
 from cifar10_serve.requests import Row, too_many
@@ -39,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 
 class Cifar10Handler(BaseHandler):
-    """Decodes images to 32x32 RGB, batches every image of every request, answers each request."""
+    """Decodes images to the model spec's input, batches every image of every request, answers
+    each request."""
 
     def initialize(self, context):
         self.context, properties = context, context.system_properties
@@ -53,10 +55,12 @@ class Cifar10Handler(BaseHandler):
         self.device = select_device(properties.get("gpu_id"))
         model_dir = Path(properties.get("model_dir"))
         checkpoint = load_checkpoint(model_dir / context.manifest["model"]["serializedFile"])
-        self.classes = class_names(model_dir, checkpoint["classes"])
-        self.model = build_net(checkpoint).to(self.device, memory_format=torch.channels_last)
+        self.spec = spec.from_checkpoint(checkpoint)  # what the model is: its input, its classes
+        self.classes = class_names(model_dir, self.spec.classes)
+        self.model = build_net(self.spec, checkpoint["state_dict"]).to(
+            self.device, memory_format=torch.channels_last)
         self.model.eval()
-        self.transform = eval_transform(**checkpoint.get("normalization", {}))
+        self.transform = eval_transform(self.spec)
         self.forward, self.runtime, self.trials = self.model, "torch", []
         if self.device.type == "cpu":  # on a GPU the torch net runs
             self.forward, self.runtime, self.trials = choose(
@@ -66,12 +70,14 @@ class Cifar10Handler(BaseHandler):
         timed_ms = next((t.ms_per_image for t in self.trials if t.forward is self.forward), None)
         self.budget = budget.for_worker(
             self.settings, config.get("responseTimeout", budget.TORCHSERVE_RESPONSE_TIMEOUT),
-            self.forward, self.model, self.to_batch([torch.zeros(3, 32, 32, dtype=torch.uint8)]
-                                                    * self.chunk), timed_ms, self.runtime)
+            self.forward, self.model,
+            self.to_batch([torch.zeros(self.spec.input_shape, dtype=torch.uint8)] * self.chunk),
+            timed_ms, self.runtime)
         self.enveloped, self.initialized = False, True
-        logger.info("cifar10 model loaded on %s (runtime %s, tta=%d, top-%d, %d threads, "
-                    "limits %s)", self.device, self.runtime, self.settings.tta,
-                    self.settings.topk, torch.get_num_threads(), self.limits)
+        logger.info("model %s loaded on %s (runtime %s, tta=%d, top-%d, %d threads, limits %s), "
+                    "spec %s", self.spec.name, self.device, self.runtime, self.settings.tta,
+                    self.settings.topk, torch.get_num_threads(), self.limits,
+                    json.dumps(self.spec.to_dict()))
 
     def handle(self, data, context):
         """Answer every request of the batch by its own kind; never fail one for another."""
@@ -121,7 +127,7 @@ class Cifar10Handler(BaseHandler):
 
     def _decode(self, row):
         with self._own_error(row, f"decoding a {row.kind} request of the batch"):
-            row.images = decode_request(row.images, self.limits)
+            row.images = decode_request(row.images, self.limits, self.spec)
 
     @contextlib.contextmanager
     def _own_error(self, row, doing):

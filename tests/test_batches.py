@@ -112,8 +112,8 @@ def test_the_forward_runs_in_chunks_of_batch_size(colour_handler):
 
 def test_an_exception_of_ours_fails_only_its_own_request(colour_handler, monkeypatch, caplog):
     """A forward that breaks on one image: that request gets a 500 (logged), the rest answers."""
-    poisoned = images.image_tensor(images.to_rgb32(
-        images.open_image(IMAGES[4])))
+    poisoned = images.image_tensor(images.fit_image(images.open_image(IMAGES[4]),
+                                                    colour_handler.spec))
     forward = colour_handler.forward
 
     def fragile(x):
@@ -205,9 +205,9 @@ def test_each_limit_is_a_clear_4xx_before_the_work(colour_handler, row, code, fr
 def test_a_request_over_the_pixel_budget_decodes_nothing(colour_handler, monkeypatch):
     """Every header is read before any pixel: the costly first image of an over-budget request
     is never decoded (a busy machine once ran that decoding past the CPU-time deadline)."""
-    decoded, to_rgb32 = [], images.to_rgb32
-    monkeypatch.setattr(images, "to_rgb32",
-                        lambda image: decoded.append(image) or to_rgb32(image))
+    decoded, fit_image = [], images.fit_image
+    monkeypatch.setattr(images, "fit_image",
+                        lambda image, spec: decoded.append(image) or fit_image(image, spec))
     row = {"a": solid_png((9, 9, 9), (2048, 2048)), "b": solid_png((9, 9, 9), (4096, 4096))}
     (answer,), [(status, phrase)] = handle(colour_handler, [row])
     assert status == 413 and "image 1: the request's images decode to more" in phrase

@@ -206,15 +206,17 @@ def test_handler_config_sets_topk_and_tta(make_handler, constant_checkpoint):
 
 def test_index_to_name_must_match_the_weights(make_handler, tiny_checkpoint, tmp_path):
     checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    classes = checkpoint["spec"]["classes"]
     assert json.loads((FIXTURES.parent.parent / "handler" / "index_to_name.json").read_text()) \
-        == {str(i): name for i, name in enumerate(checkpoint["classes"])}
-    nine = {**checkpoint, "classes": checkpoint["classes"][:9]}
+        == {str(i): name for i, name in enumerate(classes)}
+    nine = {**checkpoint, "spec": {**checkpoint["spec"], "classes": classes[:9]}}
     torch.save(nine, tmp_path / "nine.pt")
     with pytest.raises(ValueError, match="index_to_name.json names the classes"):
         make_handler(tmp_path / "nine.pt")
-    swapped = list(checkpoint["classes"])
+    swapped = list(classes)
     swapped[3], swapped[5] = swapped[5], swapped[3]  # the same ten names, two relabelled
-    torch.save({**checkpoint, "classes": swapped}, tmp_path / "swapped.pt")
+    torch.save({**checkpoint, "spec": {**checkpoint["spec"], "classes": swapped}},
+               tmp_path / "swapped.pt")
     with pytest.raises(ValueError, match="trained on .*'dog', 'deer', 'cat'"):
         make_handler(tmp_path / "swapped.pt")
 

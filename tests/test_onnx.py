@@ -23,6 +23,7 @@ import train
 from cifar10_handler import Cifar10Handler
 from cifar10_serve.images import eval_transform
 from cifar10_serve.net import build_net
+from cifar10_serve.spec import from_checkpoint
 from cifar10_serve.runtimes import cpu_flags, cpu_has_bf16, cpu_name
 from cifar10_serve.runtimes import CANDIDATES, GOLDEN_FILE, ONNX_FILE, agreement, onnx_forward
 
@@ -57,7 +58,7 @@ def test_shipped_weights_onnx_logits_match_eager(tmp_path):
     subprocess.run([sys.executable, ROOT / "export_onnx.py", ROOT / "weights" / "cifar10.pt", out],
                    check=True)
     net = build_net(torch.load(ROOT / "weights" / "cifar10.pt", weights_only=True))
-    assert export_script.onnx_mismatch(net, onnx_forward(out), n=32) < 1e-4
+    assert export_script.onnx_mismatch(net, onnx_forward(out), (3, 32, 32), n=32) < 1e-4
 
 
 def test_export_refuses_to_write_beyond_its_tolerance(tiny_checkpoint, tmp_path):
@@ -261,7 +262,7 @@ def test_int8_export_is_calibrated_checked_and_has_a_golden_set(colour_checkpoin
     checkpoint = torch.load(colour_checkpoint, weights_only=True)
     net = build_net(checkpoint).eval()
     images, logits = runtimes.load_golden(tmp_path)
-    x = eval_transform(**checkpoint["normalization"])(images)
+    x = eval_transform(from_checkpoint(checkpoint))(images)
     assert torch.allclose(net(x), logits, atol=1e-5)
     assert agreement(onnx_forward(int8)(x), logits)[0] >= 0.9
 

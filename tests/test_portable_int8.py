@@ -20,6 +20,7 @@ from conftest import ROOT
 import export_onnx as export_script
 from cifar10_serve.images import eval_transform
 from cifar10_serve.net import build_net
+from cifar10_serve.spec import from_checkpoint
 from cifar10_serve.runtimes import LIMITS, agreement, passes
 
 QEMU = shutil.which("qemu-x86_64")
@@ -35,13 +36,15 @@ def shipped(tmp_path_factory):
     folder = tmp_path_factory.mktemp("portable")
     checkpoint = torch.load(ROOT / "weights" / "cifar10.pt", weights_only=True)
     net = build_net(checkpoint).eval()
-    transform = eval_transform(**checkpoint["normalization"])
-    export_script.export_onnx(net, folder / "fp32.onnx")
-    calibration = transform(export_script.image_batch(ROOT / "weights" / "calibration", 512))
+    spec = from_checkpoint(checkpoint)
+    transform = eval_transform(spec)
+    export_script.export_onnx(net, folder / "fp32.onnx", spec.input_shape)
+    calibration = transform(export_script.image_batch(ROOT / "weights" / "calibration", spec,
+                                                      512))
     for name, reduce_range in (("7bit", True), ("8bit", False)):
         export_script.quantize_int8(folder / "fp32.onnx", folder / f"{name}.onnx", calibration,
                                     reduce_range=reduce_range)
-    x = transform(export_script.image_batch(ROOT / "tests" / "holdout", IMAGES))
+    x = transform(export_script.image_batch(ROOT / "tests" / "holdout", spec, IMAGES))
     np.save(folder / "images.npy", x.numpy())
     with torch.inference_mode():
         return folder, net(x)

@@ -11,7 +11,8 @@ import data
 import evaluate
 import train
 from cifar10_serve.images import eval_transform
-from cifar10_serve.net import CIFAR10_CLASSES, Cifar10Net
+from cifar10_serve.net import Cifar10Net
+from cifar10_serve.spec import CIFAR10, CIFAR10_CLASSES, from_checkpoint
 from cifar10_serve.runtimes import INT8_FILE
 
 
@@ -25,14 +26,16 @@ def fixture_folder(root):
 
 def test_train_writes_a_loadable_checkpoint_with_its_metadata(tiny_checkpoint):
     checkpoint = torch.load(tiny_checkpoint, weights_only=True)  # plain data, no pickled code
-    assert checkpoint["model_args"] == {"widths": [8, 16, 16], "num_classes": 10}
-    assert checkpoint["classes"] == list(CIFAR10_CLASSES)
-    assert checkpoint["normalization"]["mean"] == [0.4914, 0.4822, 0.4465]
+    spec = from_checkpoint(checkpoint)
+    assert checkpoint["spec"] == spec.to_dict()  # the spec, whole, as plain data
+    assert spec == CIFAR10.replace(arch_args={"widths": [8, 16, 16]})
+    assert spec.classes == CIFAR10_CLASSES and spec.mean == (0.4914, 0.4822, 0.4465)
+    assert not {"model_args", "normalization"} & set(checkpoint)  # one source: the spec
     assert set(checkpoint["per_class_val_accuracy"]) == set(CIFAR10_CLASSES)
     assert 0 <= checkpoint["val_accuracy"] <= 1 and checkpoint["val_size"] == 20
     assert len(checkpoint["history"]) == 1 and "train.py" in checkpoint["command"]
     assert {"torch", "torchvision", "python"} <= set(checkpoint["versions"])
-    net = Cifar10Net(**checkpoint["model_args"])
+    net = Cifar10Net(widths=[8, 16, 16], num_classes=10)
     net.load_state_dict(checkpoint["state_dict"])  # strict: every key matches
     for plot in (".curve.png", ".confusion.png"):
         assert tiny_checkpoint.with_suffix(plot).read_bytes()[:4] == b"\x89PNG"
@@ -49,8 +52,9 @@ def test_training_is_deterministic_under_a_seed(tiny_checkpoint, tmp_path):
 
 
 def test_handler_tensor_equals_the_training_eval_tensor(make_handler, tiny_checkpoint, tmp_path):
-    images, _, _, paths = data.load_image_folder(fixture_folder(tmp_path / "folder"))
-    training_view = eval_transform()(images)
+    spec = from_checkpoint(torch.load(tiny_checkpoint, weights_only=True))
+    images, _, _, paths = data.load_image_folder(fixture_folder(tmp_path / "folder"), spec=spec)
+    training_view = eval_transform(spec)(images)
     handler = make_handler(tiny_checkpoint)
     rows = handler.preprocess([{"body": open(p, "rb").read()} for p in paths])
     served_view = handler.to_batch([image for row in rows for image in row.images])
@@ -76,8 +80,7 @@ def test_handler_predictions_equal_offline_evaluation(make_handler, tiny_checkpo
 def test_shipped_weights_serve_as_evaluated_offline(make_handler, tmp_path):
     """The default weights in weights/ load in the handler and agree with offline evaluation."""
     shipped = ROOT / "weights" / "cifar10.pt"
-    checkpoint = torch.load(shipped, weights_only=True)
-    assert checkpoint["classes"] == list(CIFAR10_CLASSES)
+    assert from_checkpoint(torch.load(shipped, weights_only=True)).classes == CIFAR10_CLASSES
     served, offline, _ = served_and_offline(make_handler, shipped,
                                             fixture_folder(tmp_path / "folder"))
     assert served == offline
@@ -132,7 +135,7 @@ def test_decoded_images_are_cached_until_a_file_changes(tmp_path, monkeypatch):
     first = data.load_image_folder(folder, cache_dir=cache)
     assert len(list(cache.glob("*.pt"))) == 1
     monkeypatch.setattr(data, "decode_image",
-                        lambda body: pytest.fail("decoded again despite the cache"))
+                        lambda body, spec: pytest.fail("decoded again despite the cache"))
     again = data.load_image_folder(folder, cache_dir=cache)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     shutil.copy(FIXTURES / "dog.jpg", folder / "cat" / "0.jpg")  # a file changes: a new key
