@@ -10,6 +10,7 @@ must equal eager PyTorch's on preprocessing written here with torchvision and PI
 A maximal legal explanation request (the worker's own figure) must finish with the worker alive.
 """
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -22,6 +23,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from pathlib import Path
 from conftest import ROOT
 from PIL import Image
 
@@ -104,14 +106,17 @@ def resnet_reference(weights, body):
         return net.eval()(x).softmax(1)[0]
 
 
+def tiny_net_class(folder):
+    """The user's TinyNet from folder/tiny_net.py, imported by path (sys.path stays as it is)."""
+    loader = importlib.util.spec_from_file_location("tiny_net", Path(folder) / "tiny_net.py")
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return module.TinyNet
+
+
 def tiny_reference(weights, body, folder):
     """Eager TinyNet probabilities on greyscale, squashed to 64x48, normalised by hand."""
-    sys.path.insert(0, str(folder))
-    try:
-        from tiny_net import TinyNet
-    finally:
-        sys.path.remove(str(folder))
-    net = TinyNet(num_classes=7)
+    net = tiny_net_class(folder)(num_classes=7)
     net.load_state_dict(torch.load(weights, weights_only=True))
     image = Image.open(io.BytesIO(body)).convert("L").resize((64, 48), Image.BILINEAR)
     x = (torch.from_numpy(np.asarray(image, dtype=np.float32) / 255) - 0.5) / 0.25
@@ -128,16 +133,11 @@ def own_models(tmp_path_factory):
     calibration, check = image_folder(tmp / "calib", 8, 0), image_folder(tmp / "check", 8, 100)
     auto, fp32 = model_config(tmp / "auto.yaml"), model_config(tmp / "fp32.yaml", runtime="torch")
     (tmp / "tiny_net.py").write_text(TINY_NET)
-    sys.path.insert(0, str(tmp))
-    try:
-        import torchvision
-        from tiny_net import TinyNet
+    import torchvision
 
-        torch.manual_seed(0)
-        nets = {"resnet18": torchvision.models.resnet18(num_classes=100),
-                "tiny-gray": TinyNet(num_classes=7)}
-    finally:
-        sys.path.remove(str(tmp))
+    torch.manual_seed(0)
+    nets = {"resnet18": torchvision.models.resnet18(num_classes=100),
+            "tiny-gray": tiny_net_class(tmp)(num_classes=7)}
     for spec in (RESNET, TINY):
         name = spec["name"]
         (tmp / f"{name}.json").write_text(json.dumps(spec))

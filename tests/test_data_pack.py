@@ -1,13 +1,11 @@
 """bench/data_pack.py: the training images for a GPU machine, packed in parts and checked there."""
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import data_pack  # noqa: E402
+from bench import data_pack
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
