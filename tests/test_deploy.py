@@ -234,11 +234,10 @@ def test_deployment_ports_and_probes_agree_with_the_container_config():
 
 def test_proxy_sidecar_runs_the_configmap_that_proxy_py_renders():
     """deploy/k8s/proxy-configmap.yaml is proxy.py's render of deploy/nginx/nginx.conf.template
-    for the pod, with the shipped weights' metadata; the sidecar mounts it and a writable run
+    for the pod; the sidecar mounts it and a writable run
     directory where the config puts its pid and temporary files."""
     configmap = one("k8s", "ConfigMap")
-    metadata = proxy.model_metadata(ROOT / "weights" / "cifar10.pt", "1.0")
-    expected = yaml.safe_load(proxy.configmap(metadata))
+    expected = yaml.safe_load(proxy.configmap())
     assert configmap == expected, ("deploy/k8s/proxy-configmap.yaml is stale: regenerate it "
                                    "with `proxy.py configmap` (its header says how)")
     deployment = one("k8s", "Deployment")
