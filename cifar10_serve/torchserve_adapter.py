@@ -226,10 +226,11 @@ class _KServeInstance:
 ENVELOPE_TENSOR, KSERVE_INSTANCE = _EnvelopeTensor, _KServeInstance
 
 
-def check_instances(rows, limit):
-    """A KServe envelope's request carries its instances as rows: they count against ``limit``."""
-    if len(rows) > limit:
-        raise too_many(len(rows), limit)
+def check_instances(count, limit):
+    """A KServe envelope's request carries its ``count`` instances as rows: they count against
+    ``limit``."""
+    if count > limit:
+        raise too_many(count, limit)
 
 
 def respond(rows, context, together, spec, retry_after):

@@ -31,7 +31,7 @@ from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from cifar10_serve import budget, predict, settings, spec, torchserve_adapter, v2
+from cifar10_serve import budget, predict, raw, settings, spec, torchserve_adapter, v2
 from cifar10_serve.bodies import Row
 from cifar10_serve.errors import ClientError, Failure
 from cifar10_serve.images import decode_request, eval_transform
@@ -107,13 +107,13 @@ class Cifar10Handler(BaseHandler):
         headers = torchserve_adapter.headers_of(self.context, index, together)
         kind = torchserve_adapter.kind_of(request, headers)
         if kind in ("describe", "metadata"):  # answered from the model, not from a body
-            return Row(kind=kind, protocol=v2 if kind == "metadata" else None)
+            return Row(kind=kind, protocol=v2 if kind == "metadata" else raw)
         # The route's protocol writes the errors until the body names its own.
         row = Row(kind=kind, protocol=torchserve_adapter.route_protocol(headers, together))
         with self._own_error(row, f"reading request {index} of the batch"):
             limit = self.limits["max_explain_images" if kind == "explain" else "max_images"]
             if together:
-                torchserve_adapter.check_instances(range(count), limit)
+                torchserve_adapter.check_instances(count, limit)
             limits = {**self.limits, "max_images": limit}
             row.protocol, payload = torchserve_adapter.detect(request, headers, together, limits,
                                                               self.spec)

@@ -33,7 +33,7 @@ def test_every_module_is_small_and_the_handler_thin():
 
 def test_only_the_compatibility_module_changes_anything_on_import():
     """Importing the package in a fresh interpreter leaves TorchServe's worker as it is, until
-    cifar10_serve.compat (which the handler imports) patches it."""
+    cifar10_serve.torchserve_adapter (which the handler imports) patches it."""
     script = """
 import importlib, pkgutil
 from ts.protocol import otf_message_handler
@@ -41,10 +41,10 @@ from ts.service import Service
 import cifar10_serve
 before = (Service.retrieve_data_for_inference, otf_message_handler.json)
 for module in pkgutil.iter_modules(cifar10_serve.__path__):
-    if module.name != "compat":
+    if module.name != "torchserve_adapter":
         importlib.import_module(f"cifar10_serve.{module.name}")
 assert (Service.retrieve_data_for_inference, otf_message_handler.json) == before
-import cifar10_serve.compat
+import cifar10_serve.torchserve_adapter
 assert Service.retrieve_data_for_inference is not before[0] and otf_message_handler.json is not before[1]
 print("ok")
 """
