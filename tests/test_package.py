@@ -18,7 +18,7 @@ from ts.service import Service
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 
 import cifar10_handler
-from cifar10_serve import settings
+from cifar10_serve import settings, torchserve_adapter
 from cifar10_serve.images import decode_image, image_tensor
 
 PACKAGE = sorted((ROOT / "cifar10_serve").glob("*.py"))
@@ -206,7 +206,8 @@ def test_a_kserve_batch_is_told_from_its_instances_by_what_torchserve_built(make
     context = handler.context
     context.request_processor = headers
     KServeEnvelope(handler.handle).handle(rows, context)
-    assert handler.enveloped
+    assert torchserve_adapter.enveloped(first["instances"], context)
+    assert not torchserve_adapter.enveloped(rows, context)
     assert headers[0].get_response_status_code() == 400
     assert "instance 1" in headers[0].get_response_status_phrase()
     assert headers[1].get_response_status_code() == 200  # nothing of request 0's set on it
