@@ -46,8 +46,9 @@ WRITTEN_FOR = "0.12."
 # an empty inference request): the v2 protocol answers it from the model's spec.
 METADATA_HEADER = "x-v2-metadata"
 # What TorchServe's reader may parse of an application/json body (the patched json.loads runs
-# inside TorchServe's reader, so the handler sets it at worker start: ``set_json_values_limit``).
-_allowed = {"json_values": json_values_limit(64, (32, 32, 3))}
+# inside TorchServe's reader, so the handler sets it at worker start, before any request:
+# ``set_json_values_limit``; None until then).
+_allowed = {"json_values": None}
 
 
 def set_json_values_limit(max_images, spec):
@@ -60,7 +61,7 @@ def bounded_loads(body, **kwargs):
     """json.loads for TorchServe's request reader. Over the limit it refuses, and TorchServe passes
     the raw bytes on (logging a warning): the handler then answers that request alone with its 413
     (bodies.parse_json)."""
-    if json_values(body) > _allowed["json_values"]:
+    if _allowed["json_values"] is not None and json_values(body) > _allowed["json_values"]:
         raise ValueError(f"over {_allowed['json_values']:,} JSON values: left to the handler")
     return json.loads(body, **kwargs)
 

@@ -37,9 +37,9 @@ from cifar10_serve.spec import CIFAR10_CLASSES, ModelSpec
 from cifar10_handler import Cifar10Handler
 from cifar10_serve.images import decode_image, image_tensor
 
-# What the /predictions protocol says is accepted, for the CIFAR-10 model the tests serve.
-ACCEPTED = raw.accepted(ModelSpec(name="cifar10", classes=CIFAR10_CLASSES,
-                                  architecture="airbench"))
+# The CIFAR-10 model the tests serve, and what its /predictions protocol says is accepted.
+CIFAR10 = ModelSpec(name="cifar10", classes=CIFAR10_CLASSES, architecture="airbench")
+ACCEPTED = raw.accepted(CIFAR10)
 FUZZ_CASES = 2000
 FUZZ_ROWS_PER_BATCH = 40
 
@@ -260,7 +260,8 @@ def test_a_body_the_reader_cannot_decode_costs_one_log_line_not_a_traceback(capl
     """TorchServe's reader logged a 10-line traceback for every bad JSON or UTF-8 body, so a
     client could fill the log ten times faster than the access log; now one line with the reason
     (and the body still reaches the handler as bytes, for its own 400)."""
-    import cifar10_serve.torchserve_adapter  # noqa: F401  (its import applies the patches)
+    from cifar10_serve import torchserve_adapter  # its import applies the patches
+    torchserve_adapter.set_json_values_limit(2, CIFAR10)  # as a handler with max_images 2 sets it
     amplified = b'{"data": [' + b"{}," * 10 ** 5 + b"{}]}"
     bodies = [("application/json", b'{"data": '), ("application/json", amplified),
               ("text/plain", b"\xff\xfe not utf-8")]
