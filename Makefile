@@ -77,9 +77,8 @@ DEMO_PORT   ?= 8090
 PROXY_PORT  ?= 8000
 PROXY_MANAGEMENT_PORT ?= 8001
 PROXY_DIR   ?= $(RUN_DIR)/proxy
-# The archive's version, and its Open Inference Protocol metadata (served by the proxy)
+# The archive's version (the model's v2 metadata names it)
 MODEL_VERSION ?= 1.0
-METADATA    ?= $(MODEL_STORE)/cifar10.v2.json
 
 BIN := $(VENV)/bin
 JAVA_MSG := TorchServe 0.12 needs Java 17+ (Debian/Ubuntu: apt-get install openjdk-17-jre-headless)
@@ -167,10 +166,7 @@ $(ARCHIVED): $(WEIGHTS) $(ONNX) $(INT8) $(GOLDEN) $(HANDLER_FILES) $(EXTRA_LIST)
 $(WEIGHTS):
 	@echo "$(WEIGHTS) is missing: \`make train\` or \`make convert\` writes it (or pass WEIGHTS=path/to/checkpoint.pt)"; exit 1
 
-$(METADATA): $(WEIGHTS) proxy.py | $(BIN)/torchserve
-	$(PY) proxy.py metadata $(WEIGHTS) --version $(MODEL_VERSION) --out $@
-
-archive: $(ARCHIVED) $(METADATA) ## export the ONNX forwards (fp32, int8) and the golden set of WEIGHTS, package them with the model, handler, configs as MODEL_STORE/<its name>.mar
+archive: $(ARCHIVED) ## export the ONNX forwards (fp32, int8) and the golden set of WEIGHTS, package them with the model, handler, configs as MODEL_STORE/<its name>.mar
 
 serve: $(ARCHIVED) ## start TorchServe in the background; returns once a prediction succeeds
 	@$(CHECK_JAVA)
@@ -184,11 +180,11 @@ serve: $(ARCHIVED) ## start TorchServe in the background; returns once a predict
 stop: ## stop the TorchServe that `make serve` started
 	@TMPDIR=$(abspath $(RUN_DIR)) $(BIN)/torchserve --stop --foreground
 
-serve-proxy: serve $(METADATA) ## make serve, then nginx in front on 127.0.0.1:PROXY_PORT (inference) and PROXY_MANAGEMENT_PORT
+serve-proxy: serve ## make serve, then nginx in front on 127.0.0.1:PROXY_PORT (inference) and PROXY_MANAGEMENT_PORT
 	@$(PY) -c "import proxy; proxy.nginx_binary()" 2>/dev/null \
 	  || { echo "make serve-proxy needs nginx (Debian/Ubuntu: apt-get install nginx)"; exit 1; }
 	$(PY) proxy.py start --run-dir $(PROXY_DIR) --ts-config $(TS_CONFIG) \
-	  --model-config $(MODEL_CONFIG) --metadata $(METADATA) \
+	  --model-config $(MODEL_CONFIG) \
 	  --listen 127.0.0.1:$(PROXY_PORT) --listen-management 127.0.0.1:$(PROXY_MANAGEMENT_PORT)
 
 stop-proxy: ## stop the nginx of make serve-proxy, then TorchServe (make stop)
@@ -249,8 +245,8 @@ docker-stop: ## stop the container docker-run started (torchserve --stop inside 
 	-$(RUNTIME) exec $(IMAGE) torchserve --stop
 	-$(RUNTIME) rm -f $(IMAGE) >/dev/null 2>&1
 
-k8s-config: $(METADATA) ## render the proxy sidecar's nginx.conf into deploy/k8s/ (then kubectl apply -k deploy/k8s, or -k deploy/k8s-gpu)
-	$(PY) proxy.py pod-conf --metadata $(METADATA) --out $(K8S_CONF)
+k8s-config: $(BIN)/torchserve ## render the proxy sidecar's nginx.conf into deploy/k8s/ (then kubectl apply -k deploy/k8s, or -k deploy/k8s-gpu)
+	$(PY) proxy.py pod-conf --out $(K8S_CONF)
 
 kserve-bundle: $(ARCHIVED) ## lay out KSERVE_DIR (config/ + model-store/) for KServe's storageUri
 	rm -rf $(KSERVE_DIR)
@@ -265,4 +261,4 @@ docker-test: $(BIN)/torchserve ## build the image, serve from it, check answers 
 	$(PY) -m pytest -m container tests/test_container.py
 
 clean: ## remove build outputs (the archive, logs, run files)
-	rm -rf $(MAR) $(METADATA) $(K8S_CONF) $(BUILD) logs $(RUN_DIR) .pytest_cache dist
+	rm -rf $(MAR) $(K8S_CONF) $(BUILD) logs $(RUN_DIR) .pytest_cache dist

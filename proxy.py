@@ -1,14 +1,13 @@
 """nginx in front of TorchServe: render deploy/nginx/nginx.conf.template, start and stop it.
 
 The template's @NAME@ fields are filled from the TorchServe config (its addresses and
-max_request_size), the model config (maxWorkers, responseTimeout) and the model's Open Inference
-Protocol metadata, which `make archive` writes from the checkpoint (`metadata`). README
+max_request_size) and the model config (maxWorkers, responseTimeout); the model's Open Inference
+Protocol metadata is the model's own answer (the handler's, cifar10_serve/v2.py). README
 "Reverse proxy".
 
-    python proxy.py metadata weights/cifar10.pt --version 1.0 --out model_store/cifar10.v2.json
-    python proxy.py start --run-dir .run/proxy --metadata model_store/cifar10.v2.json
+    python proxy.py start --run-dir .run/proxy
     python proxy.py stop --run-dir .run/proxy
-    python proxy.py pod-conf --metadata model_store/cifar10.v2.json   # deploy/k8s/nginx.conf
+    python proxy.py pod-conf   # deploy/k8s/nginx.conf
 
 `start` writes the config, the pid file, error.log and access.log into --run-dir, and
 client.properties there: `client.py --config <run-dir>/client.properties` goes through the proxy.
@@ -64,24 +63,9 @@ K8S_CONFIGS = (ROOT / "deploy" / "docker" / "config.properties",
 K8S_CONF = ROOT / "deploy" / "k8s" / "nginx.conf"  # what deploy/k8s/kustomization.yaml reads
 
 
-def model_metadata(weights, version, name=MODEL):
-    """The Open Inference Protocol model metadata of a checkpoint: the images as BYTES (encoded
-    files) or UINT8 pixels in, the label and every class probability out."""
-    import torch  # noqa: PLC0415  (only `make archive` needs it)
-    from cifar10_serve.net import IMAGE_SIZE  # noqa: PLC0415
-    classes = torch.load(weights, map_location="cpu", weights_only=True)["classes"]
-    return {"name": name, "versions": [str(version)], "platform": "pytorch_torchserve",
-            "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]},
-                       {"name": "images", "datatype": "UINT8",
-                        "shape": [-1, IMAGE_SIZE, IMAGE_SIZE, 3]}],
-            "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
-                        {"name": "probabilities", "datatype": "FP32",
-                         "shape": [-1, len(classes)]}]}
-
-
 def server_metadata():
     """The v2 server metadata: TorchServe's version, and the protocol extensions the handler
-    reads (cifar10_serve/oip.py: binary tensor data; class_count outputs, "classification")."""
+    reads (cifar10_serve/v2.py: binary tensor data; class_count outputs, "classification")."""
     return {"name": "cifar10-torchserve", "version": importlib.metadata.version("torchserve"),
             "extensions": ["binary_tensor_data", "classification"]}
 
@@ -117,9 +101,9 @@ def settings_from(ts_config, model_config):
             int(model.get("responseTimeout", 120))}
 
 
-def render(settings, metadata, daemon=True, as_root=None, temp_root=None, logs=None):
+def render(settings, daemon=True, as_root=None, temp_root=None, logs=None):
     """The nginx config text for ``settings`` (settings_from's keys, the listen addresses,
-    run_dir, and any of DEFAULTS) serving ``metadata`` (model_metadata's dict)."""
+    run_dir, and any of DEFAULTS)."""
     s = {**DEFAULTS, **open_files(), **settings}
     as_root = os.geteuid() == 0 if as_root is None else as_root
     most, within = s["max_workers"], max(1, s["response_timeout"] // 2)
@@ -174,8 +158,7 @@ def render(settings, metadata, daemon=True, as_root=None, temp_root=None, logs=N
                         "as form fields; send an image as the raw body with Content-Type "
                         "application/octet-stream or image/*, images as multipart/form-data, or "
                         "JSON (application/json)",
-        "SERVER_METADATA": nginx_string(server_metadata()),
-        "MODEL_METADATA": nginx_string(metadata)}
+        "SERVER_METADATA": nginx_string(server_metadata())}
     text = TEMPLATE.read_text()
     for key, value in fields.items():
         text = text.replace(f"@{key}@", str(value))
@@ -203,7 +186,7 @@ def root_temp(run_dir):
     return Path(tempfile.gettempdir()) / name
 
 
-def prepare(run_dir, settings, metadata, daemon=True):
+def prepare(run_dir, settings, daemon=True):
     """Write run_dir/nginx.conf (and its temp folders) for ``settings`` and check it with
     `nginx -t`; returns the config's path. Started as root, nginx's workers run as nobody: their
     temp files then go to a folder under /tmp (the run dir's parents may be closed to them)."""
@@ -215,7 +198,7 @@ def prepare(run_dir, settings, metadata, daemon=True):
         os.chmod(temp_root, 0o755)
     else:
         (run_dir / "tmp").mkdir(exist_ok=True)
-    text = render({**settings, "run_dir": run_dir}, metadata, daemon=daemon, temp_root=temp_root)
+    text = render({**settings, "run_dir": run_dir}, daemon=daemon, temp_root=temp_root)
     conf = run_dir / "nginx.conf"
     conf.write_text(text)
     check = subprocess.run([nginx_binary(), "-t", "-q", "-p", str(run_dir), "-c", str(conf)],
@@ -250,12 +233,12 @@ def wait_listening(address, process=None, timeout=10.0):
     raise TimeoutError(f"nginx is not listening on {address} after {timeout:.0f} s")
 
 
-def start(run_dir, settings, metadata):
+def start(run_dir, settings):
     """Start nginx as a daemon (make serve-proxy); returns the master's pid."""
     pid_file = Path(run_dir) / "nginx.pid"
     if pid_file.exists() and psutil.pid_exists(int(pid_file.read_text() or 0)):
         raise RuntimeError(f"nginx of {run_dir} is already running (pid {pid_file.read_text()})")
-    conf = prepare(run_dir, settings, metadata)
+    conf = prepare(run_dir, settings)
     subprocess.run([nginx_binary(), "-p", str(Path(run_dir).resolve()), "-c", str(conf)],
                    check=True)
     wait_listening(settings["listen_inference"])
@@ -295,10 +278,10 @@ def stop_process(master, timeout=15.0):
                     process.kill()
 
 
-def pod_conf(metadata):
+def pod_conf():
     """The nginx.conf of the Kubernetes sidecar (K8S settings): `make k8s-config` writes it to
     deploy/k8s/nginx.conf, which kustomize's configMapGenerator puts in the pod's ConfigMap."""
-    text = render({**settings_from(*K8S_CONFIGS), **K8S}, metadata, daemon=False,
+    text = render({**settings_from(*K8S_CONFIGS), **K8S}, daemon=False,
                   as_root=False, temp_root=K8S["run_dir"],
                   logs={"error": "stderr", "access": "/dev/stdout"})
     return ("# The nginx sidecar's config (deploy/k8s/): proxy.py's render of\n"
@@ -309,10 +292,6 @@ def pod_conf(metadata):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    meta = sub.add_parser("metadata", help="write the model's v2 metadata from a checkpoint")
-    meta.add_argument("weights", type=Path)
-    meta.add_argument("--version", default="1.0", help="the archive's version (default: 1.0)")
-    meta.add_argument("--out", type=Path, required=True)
     run = sub.add_parser("start", help="render the config and start nginx in the background")
     run.add_argument("--run-dir", type=Path, default=Path(".run/proxy"),
                      help="config, pid, logs (default: .run/proxy)")
@@ -320,7 +299,6 @@ def main(argv=None):
                      help="TorchServe's config.properties (default: config.properties)")
     run.add_argument("--model-config", type=Path, default=Path("handler/model-config.yaml"),
                      help="maxWorkers and responseTimeout (default: handler/model-config.yaml)")
-    run.add_argument("--metadata", type=Path, required=True, help="`metadata`'s JSON file")
     run.add_argument("--listen", default="127.0.0.1:8000",
                      help="inference address (default: 127.0.0.1:8000)")
     run.add_argument("--listen-management", default="127.0.0.1:8001",
@@ -328,20 +306,14 @@ def main(argv=None):
     halt = sub.add_parser("stop", help="stop the nginx that `start` started")
     halt.add_argument("--run-dir", type=Path, default=Path(".run/proxy"))
     pod = sub.add_parser("pod-conf", help="write the Kubernetes sidecar's nginx.conf")
-    pod.add_argument("--metadata", type=Path, required=True, help="`metadata`'s JSON file")
     pod.add_argument("--out", type=Path, default=K8S_CONF,
                      help=f"(default: {K8S_CONF.relative_to(ROOT)})")
     args = p.parse_args(argv)
 
-    if args.command == "metadata":
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(model_metadata(args.weights, args.version), indent=2)
-                            + "\n")
-        print(f"wrote {args.out}")
-    elif args.command == "start":
+    if args.command == "start":
         settings = {**settings_from(args.ts_config, args.model_config),
                     "listen_inference": args.listen, "listen_management": args.listen_management}
-        pid = start(args.run_dir, settings, json.loads(args.metadata.read_text()))
+        pid = start(args.run_dir, settings)
         write_client_properties(args.run_dir, settings, args.ts_config)
         room = open_files()
         print(f"nginx (pid {pid}) on http://{args.listen} (inference) and "
@@ -353,7 +325,7 @@ def main(argv=None):
         if not stop(args.run_dir):
             print(f"no nginx running from {args.run_dir}")
     else:
-        args.out.write_text(pod_conf(json.loads(args.metadata.read_text())))
+        args.out.write_text(pod_conf())
         print(f"wrote {args.out}: `kubectl apply -k deploy/k8s` (GPU nodes: -k deploy/k8s-gpu)")
     return 0
 

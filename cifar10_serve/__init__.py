@@ -1,24 +1,29 @@
-"""Serving a CIFAR-10 classifier with TorchServe: the package that handler/cifar10_handler.py (the class
-TorchServe loads) works through, shipped inside the .mar beside it. One module per concern:
+"""Serving an image classifier with TorchServe: the package that handler/cifar10_handler.py (the
+class TorchServe loads) works through, shipped inside the .mar beside it. A batch passes, in order:
 
-    spec.py      the model spec: name, classes, architecture, input size and channels, resize
-                 policy, mean/std; saved with the checkpoint, read by every layer
-    net.py       the CIFAR-10 net, the architecture registry that builds any spec's net, TTA,
-                 checkpoints and class names (training imports it too)
-    images.py    where a request's bytes become a tensor: header checks, decoding by the spec,
-                 the transform
-    requests.py  request bodies -> rows (raw, multipart, JSON base64, v2, KServe v1)
-    forms.py     multipart bodies the reverse proxy passes on unparsed -> form fields
-    oip.py       the Open Inference Protocol (v2): binary tensor data in requests
-    oip_reply.py v2 answers: the outputs asked, as JSON or binary data
-    budget.py    what a batch may cost here (timed at start), and which requests fit in it
-    deadline.py  the CPU-time deadline that bounds decoding
-    runtimes.py  which forward runs: every candidate checked and timed on the serving CPU
-    predict.py   the forward passes and explanations of a batch
-    answers.py   rows -> answers in each request's shape; errors per request
-    errors.py    the client's 4xx and its message
-    settings.py  model-config.yaml `handler:`, checked at worker start
-    compat.py    the patches of TorchServe's worker (the only module that changes anything on import)
+    torchserve_adapter.py  detect: how TorchServe 0.12 presents each request (its row, the headers
+                           its routes add, KServe envelopes) -> its kind and protocol; and back:
+                           answers, statuses and headers through TorchServe's context; the
+                           patches of its worker (the only module that changes anything on import)
+    raw.py                 the protocols, each reading its requests and writing its answers and
+    multipart.py           errors in its own terms: raw body / base64 / JSON {"data"}; multipart
+    kserve.py              forms (also those the proxy passes on unparsed); KServe v1
+    v2.py                  {"instances"}; the Open Inference Protocol (JSON and binary tensor
+                           data, and the model's metadata)
+    budget.py              admit: what a batch may cost here (timed at start), which requests fit
+    images.py, deadline.py decode: header checks, decoding by the spec within a CPU-time
+                           deadline, the transform
+    runtimes.py            which forward runs: every candidate checked and timed on the serving CPU
+    predict.py             forward: the forward passes and explanations of a batch
+and beneath them:
+    spec.py                the model spec: name, classes, architecture, input size and channels,
+                           resize policy, mean/std; saved with the checkpoint, read by every layer
+    net.py                 the CIFAR-10 net, the architecture registry that builds any spec's
+                           net, TTA, checkpoints and class names (training imports it too)
+    bodies.py              the Row a request travels in; JSON and base64 read within the limits
+    answers.py             TorchServe's answer shapes (top classes, the error object)
+    errors.py              Failure (status, message, what is accepted) and the client's 4xx
+    settings.py            model-config.yaml `handler:`, checked at worker start
 
 Build-time code (ONNX export, quantization, the golden set) is in export_onnx.py, outside the .mar.
 """

@@ -112,7 +112,7 @@ def stretched(seconds, costs, limits, response_timeout, max_decode_ms):
 
 
 class Budget:
-    """Admits a batch's requests (cifar10_serve.requests.Row) while their estimated cost fits
+    """Admits a batch's requests (cifar10_serve.bodies.Row) while their estimated cost fits
     ``seconds``; a batch's first request alone up to ``most`` (``stretched``'s figure; default
     ``seconds``). See the module docstring. ``clock``: ``work_clock``'s (tests pass their own)."""
 
@@ -156,10 +156,17 @@ class Budget:
         return max(1, math.ceil(self.most))
 
     def admit(self, rows, decode, started, together=False):
-        """Decode (``decode(row)``) the rows that fit the batch begun at ``started`` (on
-        ``clock``), in the order of the module docstring; every other row that needs work gets
-        its 503, or 413, as ``row.error``. ``together``: the rows are one request's instances
-        (a KServe envelope), admitted or refused as one."""
+        """``decode(row)`` for each row ``admitting`` admits."""
+        for row in self.admitting(rows, started, together):
+            decode(row)
+
+    def admitting(self, rows, started, together=False):
+        """The rows that fit the batch begun at ``started`` (on ``clock``), in the order of the
+        module docstring, each yielded for its caller to decode before the next is weighed (its
+        decoding counts against the budget; a row that failed to decode, ``row.error``, costs
+        nothing more); every other row that needs work gets its 503, or 413, as ``row.error``.
+        ``together``: the rows are one request's instances (a KServe envelope), admitted or
+        refused as one."""
         working = [row for row in rows if row.error is None and row.kind in ("predict", "explain")]
         if together:
             images = sum(len(row.images) for row in working)
@@ -168,7 +175,7 @@ class Budget:
                 if most > self.most:
                     self._refuse(row, 413, images, most)
                 else:
-                    decode(row)
+                    yield row
             return
         kinds = [[row for row in working if row.kind == kind] for kind in ("predict", "explain")]
         first = (kinds[0] or kinds[1])[:1]
@@ -186,7 +193,7 @@ class Budget:
             if over and row is not order[0]:
                 self._refuse(row, 503)
                 continue
-            decode(row)
+            yield row
             if row.error is None:  # a request that failed to decode costs nothing more
                 reserved += cost
                 explaining += cost if row.kind == "explain" else 0.0

@@ -48,18 +48,31 @@ def explanations(row, net, targets, transform, device, chunk, steps, classes):
     return answers
 
 
+def explain(rows, net, steps, classes, forward, transform, device, chunk, tta, margin=1.0):
+    """(per row, its images' explanations (``explanations``) of the class the served forward
+    gives each; how many images took the TTA views)."""
+    probs, looked = probabilities(rows, forward, transform, device, chunk, tta, margin)
+    return [explanations(row, net, row_probs.argmax(dim=1), transform, device, chunk, steps,
+                         classes) for row, row_probs in zip(rows, probs)], looked
+
+
 def run_isolated(group, run):
-    """Run the group together; if that fails, each row alone, so a failure stays its own."""
+    """(rows, ``run(rows)``) of the group run together; if that fails, of each row run alone,
+    so a failure stays its own (that row's 500, and nothing yielded for it)."""
     try:
-        run(group)
-        return
+        result = run(group)
     except Exception:  # noqa: BLE001
         logger.exception("a %s batch of %d requests failed; retrying them one by one",
                          group[0].kind, len(group))
+    else:
+        yield group, result
+        return
     for row in group:
         try:
-            run([row])
+            result = run([row])
         except Exception:  # noqa: BLE001
             logger.exception("a %s request failed", row.kind)
             row.error = (500, f"the server failed while answering this {row.kind} request "
                               f"(logged)")
+            continue
+        yield [row], result

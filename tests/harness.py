@@ -4,7 +4,7 @@ the one generator of good traffic that tests and bench/ share.
     from tests.harness import GoodTraffic, local_proxy, local_torchserve
 
 - ``local_torchserve(store, run)``: a TorchServe of its own serving ``store``/cifar10.mar;
-- ``local_proxy(client, run_dir, metadata)``: nginx (proxy.py's render) in front of it;
+- ``local_proxy(client, run_dir)``: nginx (proxy.py's render) in front of it;
 - ``GoodTraffic(url, headers, bodies)``: threads sending good predictions back to back, each
   request recorded (when sent, how long, what came back), answers checked against the server's
   own answer for that body where asked.
@@ -125,7 +125,7 @@ class Proxy:
 
 
 @contextlib.contextmanager
-def local_proxy(client, run_dir, metadata, ts_config=None, **overrides):
+def local_proxy(client, run_dir, ts_config=None, **overrides):
     """nginx in front of the TorchServe ``client`` talks to (a TorchServeClient) on free loopback
     ports, in the foreground of this process; always stopped, by pid. Keyword arguments override
     proxy.DEFAULTS (lower limits for tests)."""
@@ -136,7 +136,7 @@ def local_proxy(client, run_dir, metadata, ts_config=None, **overrides):
                 "worker_processes": 1, **overrides}
     settings.update(ts_inference=urlsplit(client.inference).netloc,
                     ts_management=urlsplit(client.management).netloc)
-    conf = proxy.prepare(run_dir, settings, metadata, daemon=False)
+    conf = proxy.prepare(run_dir, settings, daemon=False)
     with open(Path(run_dir) / "nginx.out", "wb") as out:
         process = subprocess.Popen([proxy.nginx_binary(), "-p", str(Path(run_dir).resolve()),
                                     "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)

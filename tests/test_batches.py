@@ -25,7 +25,7 @@ from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 
 from cifar10_serve import images
 from cifar10_serve.deadline import deadline
-from cifar10_serve.compat import keep_repeated_fields
+from cifar10_serve.torchserve_adapter import keep_repeated_fields
 from cifar10_serve.settings import LIMITS
 from cifar10_serve.images import IMAGE_FORMATS, MAX_JPEG_SCANS
 

@@ -17,7 +17,7 @@ from ts.context import RequestProcessor
 import cifar10_handler
 from cifar10_serve import budget
 from cifar10_serve.budget import Budget, Costs
-from cifar10_serve.requests import Row
+from cifar10_serve.bodies import Row
 from tests.harness import local_torchserve
 
 IMAGES = [solid_png(colour) for colour in COLOURS]

@@ -124,11 +124,6 @@ def strategic_merge(base, patch):
     return copy.deepcopy(patch)
 
 
-def pod_metadata():
-    """The Open Inference Protocol metadata the pod's proxy serves (the shipped weights')."""
-    return proxy.model_metadata(ROOT / "weights" / "cifar10.pt", "1.0")
-
-
 @functools.lru_cache(maxsize=None)
 def rendered(folder, with_kubectl=bool(KUBECTL)):
     """The manifests of deploy/<folder>/ as `make k8s-config && kubectl kustomize` renders them:
@@ -139,7 +134,7 @@ def rendered(folder, with_kubectl=bool(KUBECTL)):
         for name in KUSTOMIZED:
             shutil.copytree(DEPLOY / name, copied / name,
                             ignore=shutil.ignore_patterns("nginx.conf"))
-        (copied / "k8s" / "nginx.conf").write_text(proxy.pod_conf(pod_metadata()))
+        (copied / "k8s" / "nginx.conf").write_text(proxy.pod_conf())
         if with_kubectl:
             out = subprocess.run([KUBECTL, "kustomize", str(copied / folder)], check=True,
                                  capture_output=True, text=True).stdout
@@ -355,7 +350,7 @@ def test_proxy_sidecar_runs_the_configmap_that_proxy_py_renders():
     pods); the sidecar mounts it and a writable run directory where the config puts its pid and
     temporary files."""
     configmap = one("k8s", "ConfigMap")
-    assert configmap["data"] == {"nginx.conf": proxy.pod_conf(pod_metadata())}
+    assert configmap["data"] == {"nginx.conf": proxy.pod_conf()}
     assert re.fullmatch(r"cifar10-proxy-[a-z0-9]{10}", configmap["metadata"]["name"])
     assert configmap["metadata"]["labels"] == {"app.kubernetes.io/name": "cifar10-torchserve"}
     deployment = one("k8s", "Deployment")

@@ -1,11 +1,11 @@
-"""cifar10_serve/forms.py: the multipart bodies the proxy passes on unparsed, read into the
+"""cifar10_serve/multipart.py: the multipart bodies the proxy passes on unparsed, read into the
 fields TorchServe's frontend would have made of them (tests/test_proxy.py checks them served)."""
 import base64
 
 import pytest
 from ts.utils.util import PredictionException
 
-from cifar10_serve.forms import read_form
+from cifar10_serve.multipart import read_form
 
 FORM = "multipart/form-data; boundary=b0"
 

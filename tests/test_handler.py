@@ -285,7 +285,7 @@ def test_explanations_are_integrated_gradients_per_image(make_handler, tiny_chec
     assert [a["class"] for a in two] == [one["class"], two[1]["class"]] and len(two) == 2
     assert torch.allclose(torch.tensor(two[0]["attributions"]), attributions, atol=1e-5)
     # Integrated Gradients' completeness: attributions sum to f(x) - f(baseline) for the class
-    x = handler.to_batch(handler.preprocess([{"body": cat}])[0].images)
+    x = handler.to_batch(handler.decode([{"body": cat}])[0].images)
     with torch.no_grad():
         k = CIFAR10_CLASSES.index(one["class"])
         gap = (handler.model(x)[0, k] - handler.model(torch.zeros_like(x))[0, k]).item()

@@ -32,12 +32,15 @@ from test_serving import server  # noqa: F401  (the module-scoped TorchServe fix
 from ts.protocol import otf_message_handler
 
 from client import read_properties
+from cifar10_serve import bodies, raw
+from cifar10_serve.spec import CIFAR10_CLASSES, ModelSpec
 from tests.harness import GoodTraffic
-from cifar10_serve import requests as requests_module
 from cifar10_handler import Cifar10Handler
-from cifar10_serve.errors import ACCEPTED
 from cifar10_serve.images import decode_image, image_tensor
 
+# The CIFAR-10 model the tests serve, and what its /predictions protocol says is accepted.
+CIFAR10 = ModelSpec(name="cifar10", classes=CIFAR10_CLASSES, architecture="airbench")
+ACCEPTED = raw.accepted(CIFAR10)
 FUZZ_CASES = 2000
 FUZZ_ROWS_PER_BATCH = 40
 
@@ -233,14 +236,14 @@ def test_json_bodies_over_the_largest_request_are_refused_before_the_worker_pars
     UINT8 pixels nested, max_images of them) is still parsed as before; a body with more values
     reaches the handler unparsed and gets its own 413, its batch neighbour its answer."""
     handler = make_handler(tiny_checkpoint, max_images=2)
-    limit = requests_module.json_values_limit(2)
+    limit = bodies.json_values_limit(2, (32, 32, 3))
     pixels = np.stack([np.asarray(decode_image((FIXTURES / f"{n}.jpg").read_bytes()))
                        for n in ("cat", "ship")])
     largest = json.dumps({"id": "big", "inputs": [{"name": "p", "datatype": "UINT8",
                                                    "shape": [2, 32, 32, 3],
                                                    "data": pixels.tolist()}]}).encode()
     amplified = b'{"data": [' + b"{}," * limit + b"{}]}"
-    assert requests_module.json_values(largest) <= limit < requests_module.json_values(amplified)
+    assert bodies.json_values(largest) <= limit < bodies.json_values(amplified)
     read = [otf_message_handler._retrieve_input_data(
         FrontendSocket(frontend_frame("application/json", body))) for body in (largest, amplified)]
     assert read[0]["value"]["id"] == "big"  # parsed by TorchServe, as before
@@ -258,7 +261,8 @@ def test_a_body_the_reader_cannot_decode_costs_one_log_line_not_a_traceback(capl
     """TorchServe's reader logged a 10-line traceback for every bad JSON or UTF-8 body, so a
     client could fill the log ten times faster than the access log; now one line with the reason
     (and the body still reaches the handler as bytes, for its own 400)."""
-    import cifar10_serve.compat  # noqa: F401  (its import applies the patches)
+    from cifar10_serve import torchserve_adapter  # its import applies the patches
+    torchserve_adapter.set_json_values_limit(2, CIFAR10)  # as a handler with max_images 2 sets it
     amplified = b'{"data": [' + b"{}," * 10 ** 5 + b"{}]}"
     bodies = [("application/json", b'{"data": '), ("application/json", amplified),
               ("text/plain", b"\xff\xfe not utf-8")]

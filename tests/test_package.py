@@ -19,7 +19,7 @@ from ts.service import Service
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 
 import cifar10_handler
-from cifar10_serve import settings
+from cifar10_serve import settings, torchserve_adapter
 from cifar10_serve.images import decode_image, image_tensor
 
 CAT = (FIXTURES / "cat.jpg").read_bytes()
@@ -27,7 +27,7 @@ CAT = (FIXTURES / "cat.jpg").read_bytes()
 
 def test_only_the_compatibility_module_changes_anything_on_import():
     """Importing the package in a fresh interpreter leaves TorchServe's worker as it is, until
-    cifar10_serve.compat (which the handler imports) patches it."""
+    cifar10_serve.torchserve_adapter (which the handler imports) patches it."""
     script = """
 import importlib, pkgutil
 from ts.protocol import otf_message_handler
@@ -35,10 +35,10 @@ from ts.service import Service
 import cifar10_serve
 before = (Service.retrieve_data_for_inference, otf_message_handler.json)
 for module in pkgutil.iter_modules(cifar10_serve.__path__):
-    if module.name != "compat":
+    if module.name != "torchserve_adapter":
         importlib.import_module(f"cifar10_serve.{module.name}")
 assert (Service.retrieve_data_for_inference, otf_message_handler.json) == before
-import cifar10_serve.compat
+import cifar10_serve.torchserve_adapter
 assert Service.retrieve_data_for_inference is not before[0] and otf_message_handler.json is not before[1]
 print("ok")
 """
@@ -200,7 +200,8 @@ def test_a_kserve_batch_is_told_from_its_instances_by_what_torchserve_built(make
     context = handler.context
     context.request_processor = headers
     KServeEnvelope(handler.handle).handle(rows, context)
-    assert handler.enveloped
+    assert torchserve_adapter.enveloped(first["instances"], context)
+    assert not torchserve_adapter.enveloped(rows, context)
     assert headers[0].get_response_status_code() == 400
     assert "instance 1" in headers[0].get_response_status_phrase()
     assert headers[1].get_response_status_code() == 200  # nothing of request 0's set on it

@@ -33,6 +33,8 @@ from PIL import Image
 
 import client as client_module
 import proxy
+import torch
+from cifar10_serve import spec, v2
 from client import TorchServeClient
 from tests.harness import GoodTraffic, free_port, local_proxy
 from test_serving import torchserve
@@ -46,10 +48,11 @@ DIRECT = os.environ.get("TEST_PROXY_TARGET") == "torchserve"
 # ------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def served(colour_checkpoint, tmp_path_factory):
-    """TorchServe serving the colour net, and the archive's v2 metadata (`make archive`'s)."""
+    """TorchServe serving the colour net, and the v2 metadata its spec describes."""
     run = tmp_path_factory.mktemp("torchserve")
     with torchserve(colour_checkpoint, run) as ts:
-        ts.metadata = json.loads((run / "store" / "cifar10.v2.json").read_text())
+        ts.metadata = v2.metadata(spec.from_checkpoint(
+            torch.load(colour_checkpoint, weights_only=True)), "1.0")
         ts.tokens = json.loads((run / "key_file.json").read_text())
         yield ts
 
@@ -64,7 +67,7 @@ def front(served, tmp_path_factory):
         return
     if NGINX is None:
         pytest.skip("the proxy tests need nginx (apt-get install nginx)")
-    with local_proxy(served, tmp_path_factory.mktemp("proxy"), served.metadata,
+    with local_proxy(served, tmp_path_factory.mktemp("proxy"),
                            read_timeout=5) as running:
         yield running
 
@@ -74,12 +77,11 @@ def make_proxy(served, tmp_path):
     """make_proxy(upstream=served, **settings) -> a proxy in front of ``upstream`` with other
     limits (the upstream itself with TEST_PROXY_TARGET=torchserve)."""
     with contextlib.ExitStack() as stack:
-        def make(upstream=served, metadata=None, **settings):
+        def make(upstream=served, **settings):
             if DIRECT:
                 return upstream
             folder = tmp_path / f"proxy-{len(stack._exit_callbacks)}"
-            return stack.enter_context(local_proxy(
-                upstream, folder, metadata or served.metadata, **settings))
+            return stack.enter_context(local_proxy(upstream, folder, **settings))
         yield make
 
 
@@ -626,7 +628,8 @@ def test_slow_bodies_from_a_few_addresses_do_not_deny_service(make_proxy, served
 @needs_nginx
 def test_v2_health_and_metadata_answer_tritonclient_with_the_token(front, served):
     """tritonclient 2.73's calls succeed through the proxy with the inference token (TorchServe
-    alone: 404, so False and errors); the metadata is `make archive`'s, and its output names
+    alone: 404, so False and errors); the metadata is the served model's own answer (its spec's
+    name, input shape and classes; the archive's version), and its output names
     and shapes are those an inference answers with."""
     tritonclient = pytest.importorskip("tritonclient.http")
     triton = tritonclient.InferenceServerClient(url=urlsplit(front.inference).netloc)
@@ -830,10 +833,8 @@ def test_proxy_py_start_and_stop_as_make_serve_proxy_runs_them(served, tmp_path)
     background, client.properties through it for client.py; `stop` ends it, by its pid."""
     run = tmp_path / "proxy"
     listen, manage = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    metadata = tmp_path / "cifar10.v2.json"
-    metadata.write_text(json.dumps(served.metadata))
     assert proxy.main(["start", "--run-dir", str(run), "--ts-config",
-                       str(served.run_dir / "config.properties"), "--metadata", str(metadata),
+                       str(served.run_dir / "config.properties"),
                        "--listen", listen, "--listen-management", manage]) == 0
     master = int((run / "nginx.pid").read_text())
     try:
@@ -853,9 +854,8 @@ def test_proxy_py_start_and_stop_as_make_serve_proxy_runs_them(served, tmp_path)
 def test_the_kubernetes_sidecar_config_passes_nginx_t(tmp_path):
     """The pod's config (`make k8s-config`: deploy/k8s/nginx.conf), its paths moved under
     tmp_path."""
-    metadata = proxy.model_metadata(proxy.ROOT / "weights" / "cifar10.pt", "1.0")
     conf = tmp_path / "nginx.conf"
-    conf.write_text(proxy.pod_conf(metadata).replace(proxy.K8S["run_dir"], str(tmp_path)))
+    conf.write_text(proxy.pod_conf().replace(proxy.K8S["run_dir"], str(tmp_path)))
     check = proxy.subprocess.run([proxy.nginx_binary(), "-t", "-q", "-c", str(conf)],
                                  capture_output=True, text=True)
     assert check.returncode == 0, check.stderr

@@ -326,7 +326,7 @@ def test_prometheus_metrics_count_inference_requests(server):
     counts = re.findall(r'^ts_inference_requests_total\{.*model_name="cifar10".*\} (\S+)$',
                         text, flags=re.M)
     assert counts and float(counts[0]) >= 1
-    for stage in ("preprocess", "inference", "postprocess"):  # the handler's own timings
+    for stage in ("decode", "infer", "encode"):  # the handler's own timings
         assert re.search(rf'^ts_handler_{stage}\{{ModelName="cifar10",.*\}} [0-9.]+$', text,
                          flags=re.M), stage
     # gated TTA (tta_margin): how many images were served, how many took the second look

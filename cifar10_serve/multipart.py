@@ -1,11 +1,19 @@
-"""Multipart bodies the reverse proxy hands over unparsed (deploy/nginx/, README "Reverse proxy").
+"""Multipart forms on /predictions: several images as form fields, read as TorchServe's worker
+gives them (one dict of fields) or, where the reverse proxy passed the body on unparsed
+(deploy/nginx/, README "Reverse proxy"), parsed here; answered as the plain /predictions protocol
+answers (raw.py: one object for one image, else a list).
+
+    curl -F a=@cat.png -F b=@dog.jpg .../predictions/<model>
+
+An HTML form's text fields beside the files are not images (a CSRF token, a submit button), unless
+they hold one (`curl -F "data=<cat.jpg"`, base64, a data URL).
 
 TorchServe 0.12's frontend parses multipart/form-data with Netty 4.1.53's decoder, which keeps
 a copy of the body in direct memory whenever a body fails to decode (base64 parts, an empty
 boundary, a part without Content-Disposition, a bogus charset...): 15 s of 7 MB such bodies left
 TorchServe answering every body over ~5 MB with 507 until it was restarted. So the proxy sends a
-multipart body on as application/octet-stream with its own Content-Type in FORM_HEADER, and the
-handler reads the parts here, with python-multipart (the parser Starlette and FastAPI use):
+multipart body on as application/octet-stream with its own Content-Type in FORM_HEADER, and
+``read_form`` reads the parts with python-multipart (the parser Starlette and FastAPI use):
 fields as TorchServe would have given them, and a malformed body is that request's 400.
 """
 import base64
@@ -17,19 +25,85 @@ import re
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from cifar10_serve.errors import bad_request, shown
-from cifar10_serve.requests import numbered
+from cifar10_serve import raw
+from cifar10_serve.bodies import field_name, looks_like_json, numbered, read_json
+from cifar10_serve.errors import bad_request, shown, too_many
+from cifar10_serve.images import looks_like_image
 
 # The request header the proxy puts a multipart request's own Content-Type in.
 FORM_HEADER = "x-form-content-type"
 PLAIN = {b"", b"7bit", b"8bit", b"binary"}
+MAX_TEXT_FIELDS = 64  # an HTML form's own fields (tokens, buttons) read beside max_images images
+WHITESPACE = re.compile(rb"\s+")
+
+error = raw.error  # a form is a /predictions request: its errors are written alike
+
+
+def read(payload, limits, spec):
+    """(images, raw.Reply) of a form: ``payload`` is (its fields, each field's content type or
+    None where unknown ("" for an HTML form's text fields), the Content-Type of a body the proxy
+    passed on unparsed or None). Counts the images against the limits before decoding any."""
+    fields, types, proxied = payload
+    max_images = limits["max_images"]
+    if proxied is not None:
+        fields, types = read_form(fields, proxied, max_images + MAX_TEXT_FIELDS)
+    if not fields:
+        raise bad_request("the multipart body has no part TorchServe could read (text before "
+                          "the first boundary, a preamble, makes it drop every part)"
+                          if types is not None else "the request is empty")
+    texts = {name for name in fields if types is not None and types.get(name) == ""}
+    if len(fields) - len(texts) > max_images:
+        raise too_many(len(fields) - len(texts), max_images)
+    if len(texts) > max_images + MAX_TEXT_FIELDS:  # a form's own fields beside its images
+        raise bad_request(f"the form has {len(texts)} text fields; at most "
+                          f"{max_images + MAX_TEXT_FIELDS} are read", 413)
+    images, as_list, text_fields = [], False, []
+    for name, value in fields.items():
+        if looks_like_json(value):  # a JSON part: not parsed by TorchServe (see the adapter)
+            value = read_json(value, max_images, spec)
+        if isinstance(value, (dict, list)):
+            images += raw.json_images(value, len(images), max_images)
+            as_list = as_list or isinstance(value.get("data"), list)
+        elif name in texts and isinstance(value, (bytes, bytearray)):
+            image = _text_image(value)
+            images += [image] if image else []
+            text_fields += [] if image else [field_name(name)]
+            if len(images) > max_images:
+                raise too_many(len(images), max_images)
+        else:
+            images.append(raw.one_image(name, value))
+    if not images:
+        raise bad_request(f"the form has no image: its fields {[shown(n) for n in text_fields]} "
+                          f"are text (send the image as a file field, -F name=@cat.jpg, or as "
+                          f"base64 text)")
+    return images, raw.Reply(as_list or len(images) > 1)
+
+
+def field_type(headers):
+    """A TorchServe-parsed multipart field's own content type, or None where a request header of
+    the same name (`accept`, `explain`) took its place in TorchServe's one dict of both."""
+    return headers.get("content-type") if isinstance(headers, dict) else None
+
+
+def _text_image(value):
+    """The image a form's text field holds (its bytes, or base64), or None when it holds none
+    (a CSRF token, a submit button's name)."""
+    if looks_like_image(value):  # `curl -F "data=<cat.jpg"`: the file's bytes, no content type
+        return bytes(value)
+    if value.startswith(b"data:") and b"," in value[:256]:  # a data URL, as browsers produce
+        value = value.split(b",", 1)[1]
+    try:
+        data = base64.b64decode(WHITESPACE.sub(b"", bytes(value)), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return data if looks_like_image(data) else None
 
 
 def read_form(body, content_type, max_parts):
     """({field name: value}, {field name: its content type, "" for a text field}) of a
     multipart/form-data ``body``, as TorchServe's frontend and worker give a form: a file part's
-    bytes (str for text/*; JSON is parsed by requests.read_request), a text field's bytes;
-    several fields numbered by position (data#1, data#2, as cifar10_serve.compat keeps
+    bytes (str for text/*; JSON is parsed by ``read``), a text field's bytes;
+    several fields numbered by position (data#1, data#2, as the TorchServe adapter keeps
     repeated names). A body that is no well-formed form, or of more than ``max_parts`` parts,
     is a 400 (413) naming what is wrong."""
     if not isinstance(body, (bytes, bytearray)):

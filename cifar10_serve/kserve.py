@@ -1,0 +1,73 @@
+"""KServe's v1 protocol: {"instances": [{"data": "<base64>"}, ...]} ("b64" is read as "data"),
+answered {"predictions": [...]} (or {"explanations": [...]}) with each image's top classes, errors
+as TorchServe's error object. Read on /predictions and on TorchServe's /v1/models/<model>:predict
+(which the worker cannot tell from v2's route); under TorchServe's own `kserve` envelope each
+instance reaches the handler as a row of its own (``read_instance``).
+"""
+from dataclasses import dataclass
+
+from cifar10_serve import answers
+from cifar10_serve.bodies import decode_base64
+from cifar10_serve.errors import bad_request, too_many
+
+
+def accepted(spec):
+    return (f"a KServe v1 request (POST /v1/models/{spec.name}:predict, or "
+            f"/predictions/{spec.name}) is JSON {{\"instances\": [{{\"data\": \"<base64>\"}}, "
+            f"...]}} of images (PNG, JPEG, GIF, BMP, WebP, TIFF), and nothing else but "
+            f"\"parameters\"")
+
+
+def error(failure, spec):
+    return answers.error_object(failure, accepted(spec))
+
+
+@dataclass
+class Reply:
+    """{"predictions": [...]} or {"explanations": [...]}: one answer per instance."""
+
+    def predictions(self, probs, classes, topk, model_name):
+        return {"predictions": answers.top_classes(probs, classes, topk)}, {}
+
+    def explanations(self, found):
+        return {"explanations": found}, {}
+
+
+@dataclass
+class Instance:
+    """One instance of TorchServe's `kserve` envelope, which wraps the answers itself."""
+
+    def predictions(self, probs, classes, topk, model_name):
+        return answers.top_classes(probs, classes, topk)[0], {}
+
+    def explanations(self, found):
+        return found[0], {}
+
+
+def read(request, limits, spec):
+    """(images, Reply) of a parsed KServe v1 request."""
+    instances = request.get("instances")
+    if set(request) - {"instances", "parameters"} or not isinstance(instances, list) \
+            or not instances:
+        raise bad_request("a KServe v1 request needs \"instances\": [{\"data\": \"<base64>\"}, "
+                          "...] and nothing else but \"parameters\"")
+    if len(instances) > limits["max_images"]:
+        raise too_many(len(instances), limits["max_images"])
+    return [_image(instance, f"instance {i}") for i, instance in enumerate(instances)], Reply()
+
+
+def read_instance(instance, limits, spec):
+    """(images, Instance) of one instance the `kserve` envelope passes: {"data": "<base64>"},
+    {"b64": ...}, or the base64 text itself."""
+    return [_image(instance, "the instance")], Instance()
+
+
+def _image(instance, where):
+    if isinstance(instance, dict):
+        if not instance:
+            raise bad_request("the instance is empty")
+        return decode_base64(instance.get("data", instance.get("b64")), where)
+    if isinstance(instance, str):
+        return decode_base64(instance, where)
+    raise bad_request(f"an instance must be {{\"data\": \"<base64>\"}}, got "
+                      f"{type(instance).__name__}")

@@ -1,0 +1,365 @@
+"""The Open Inference Protocol (v2), both directions: inference requests as JSON or as
+`tritonclient.http` sends them by default (the binary tensor data extension), their answers as
+their inference header asks, their errors in v2's shape, and the model's metadata.
+
+A request has one input: BYTES of encoded images, shape [N] (base64 strings in JSON; in binary
+data each image's 4-byte little-endian length, then its bytes), or UINT8 pixels of the model's
+input, shape [N, H, W, C] (integers in JSON, flat or nested; N*H*W*C bytes in binary data). A
+binary request is one body: a JSON inference header of `Inference-Header-Content-Length` bytes,
+then the bytes of each input whose `parameters.binary_data_size` says so, in input order. Every
+size is checked against the body and the limits before any image is copied or allocated.
+
+The answer echoes the request's "id" and holds the outputs asked (default: all, in this order):
+`label` BYTES [N], `probabilities` FP32 [N, classes], or where an output's `classification` asks,
+the top k as BYTES "probability:index:label"; each as JSON or, where the request's
+`binary_data_output` or an output's `binary_data` says so, as binary data after a JSON header
+whose length the response's `Inference-Header-Content-Length` header gives.
+
+TorchServe 0.12 passes the worker no URL: its KServe inference routes (/v2/models/<model>/infer,
+/v1/models/<model>:predict) are told by the headers they add (the TorchServe adapter), and the
+two cannot be told apart, so KServe v1 is read there too.
+"""
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cifar10_serve import answers
+from cifar10_serve.bodies import decode_base64, json_values, json_values_limit
+from cifar10_serve.errors import bad_request, shown, too_many
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+OUTPUTS = ("label", "probabilities")
+# The metadata's platform: what serves the model.
+PLATFORM = "pytorch_torchserve"
+
+
+def accepted(spec):
+    height, width, channels = spec.pixel_shape
+    return (f"a v2 request (POST /v2/models/{spec.name}/infer) is a JSON inference request "
+            f"with one input: BYTES of encoded images (PNG, JPEG, GIF, BMP, WebP, TIFF), shape "
+            f"[N], as base64 strings in \"data\", or UINT8 pixels, shape [N, {height}, {width}, "
+            f"{channels}], as integers; or, as tritonclient sends by default, the same input as "
+            f"binary tensor data after a JSON header of {HEADER_LENGTH} bytes (BYTES: each "
+            f"image's 4-byte little-endian length, then its bytes; UINT8: "
+            f"N*{spec.values_per_image} raw bytes); a raw image or a form goes to "
+            f"/predictions/{spec.name}")
+
+
+def error(failure, spec):
+    """The error object in v2's shape: "error" (which v2 clients such as tritonclient read),
+    beside TorchServe's code, type and message."""
+    found = answers.error_object(failure, accepted(spec))
+    return {**found, "error": found["message"]}
+
+
+def metadata(spec, version):
+    """The model's v2 metadata: the images in as BYTES (encoded files) or UINT8 pixels, the label
+    and every class probability out."""
+    return {"name": spec.name, "versions": [str(version)], "platform": PLATFORM,
+            "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]},
+                       {"name": "images", "datatype": "UINT8",
+                        "shape": [-1, *spec.pixel_shape]}],
+            "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
+                        {"name": "probabilities", "datatype": "FP32",
+                         "shape": [-1, len(spec.classes)]}]}
+
+
+# --- requests --------------------------------------------------------------------------------
+
+def read(payload, limits, spec):
+    """(images, Reply) of a v2 request: ``payload`` is (the body: parsed JSON, or bytes after a
+    binary header; the Inference-Header-Content-Length header or None; the Content-Encoding
+    header or None)."""
+    body, header_length, encoding = payload
+    if encoding not in (None, "", "identity"):
+        raise bad_request(f"the body is compressed (Content-Encoding: {shown(encoding)}), which "
+                          f"TorchServe's frontend does not undo: send it uncompressed "
+                          f"(tritonclient: request_compression_algorithm=None, its default)")
+    max_images = limits["max_images"]
+    if header_length is not None and isinstance(body, (bytes, bytearray, str)):
+        header, images = _read_binary(body, header_length, max_images, spec)
+    elif isinstance(body, dict) and "inputs" in body:
+        header = body  # JSON, or sent as application/json and parsed: the body is the header
+        images = _images(header, memoryview(b""), max_images, spec)
+    elif header_length is not None:
+        raise bad_request(f"binary tensor data must be the whole body, got a form of "
+                          f"{len(body) if isinstance(body, dict) else 0} fields")
+    else:
+        raise bad_request(f"the body is not a v2 inference request (nor, on /v1/models/"
+                          f"{spec.name}:predict, KServe v1's {{\"instances\": [...]}}); "
+                          f"TorchServe passes no URL to the handler, so both routes are read "
+                          f"alike")
+    return images, reply(header, limits["max_id_length"], spec.classes)
+
+
+def read_tensor(tensor, limits, spec):
+    """The images of one input tensor as a request of its own (TorchServe's kservev2 envelope
+    passes the handler its tensors)."""
+    return _images({"inputs": [tensor]}, memoryview(b""), limits["max_images"], spec)
+
+
+def _read_binary(body, header_length, max_images, spec):
+    """(the inference header, images) of a binary body: the header parsed, each input's binary
+    data found by its binary_data_size."""
+    if isinstance(body, str):
+        body = body.encode()
+    if not re.fullmatch(r"[0-9]{1,10}", header_length.strip()) \
+            or not 0 < int(header_length) <= len(body):
+        raise bad_request(f"the {HEADER_LENGTH} header is {shown(header_length)!r} for a body of "
+                          f"{len(body)} bytes: it must be the length in bytes of the JSON "
+                          f"inference header at the start of the body, a whole number from 1 "
+                          f"to {len(body)}")
+    length = int(header_length)
+    view = memoryview(body)
+    raw, limit = bytes(view[:length]), json_values_limit(max_images, spec.pixel_shape)
+    if json_values(raw) > limit:  # counted before parsing, as the adapter's bounded_loads
+        raise bad_request(f"the inference header holds more than {limit:,} JSON values", 413)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise bad_request(f"the first {length} bytes of the body ({HEADER_LENGTH}) are not a "
+                          f"valid JSON inference header ({err})") from err
+    if not isinstance(header, dict):
+        raise bad_request(f"the inference header must be a JSON object, got "
+                          f"{type(header).__name__}")
+    return header, _images(header, view[length:], max_images, spec)
+
+
+def parameters_of(tensor, where, shared):
+    """A tensor's (an input's, an output's) "parameters" object; a 400 where it is not one, or
+    where it names a shared memory region (``shared``: what this server does instead)."""
+    parameters = tensor.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise bad_request(f"{where}.parameters must be an object")
+    if any(key.startswith("shared_memory") for key in parameters):
+        raise bad_request(f"{where} names a shared memory region; {shared}")
+    return parameters
+
+
+def _images(header, data, max_images, spec):
+    """The images of the one input: in its JSON "data", or found in ``data`` (the bytes after a
+    binary header) by the inputs' binary_data_size; sizes that do not add up to the data are the
+    client's mistake."""
+    inputs = header.get("inputs")
+    if not (isinstance(inputs, list) and inputs and all(isinstance(i, dict) for i in inputs)):
+        raise bad_request("a v2 request needs \"inputs\": [one tensor]")
+    parts, offset = [], 0
+    for index, tensor in enumerate(inputs):
+        parameters = parameters_of(tensor, f"inputs[{index}]",
+                                   "this server reads data from the request only")
+        size = parameters.get("binary_data_size")
+        if size is None:
+            parts.append(None)
+            continue
+        if type(size) is not int or size < 0:
+            raise bad_request(f"inputs[{index}].parameters.binary_data_size must be a whole "
+                              f"number of bytes, got {shown(size)!r}")
+        if "data" in tensor:
+            raise bad_request(f"inputs[{index}] has both \"data\" and binary_data_size: send one")
+        if size > len(data) - offset:
+            raise bad_request(f"inputs[{index}].parameters.binary_data_size is {size} bytes, but "
+                              f"only {len(data) - offset} of the body's {len(data)} bytes after "
+                              f"the inference header are left for it")
+        parts.append(data[offset:offset + size])
+        offset += size
+    if offset != len(data):
+        raise bad_request(f"the body holds {len(data)} bytes after the inference header, but the "
+                          f"inputs' binary_data_size add up to {offset}")
+    if len(inputs) != 1:
+        raise bad_request(f"the request has {len(inputs)} inputs; the model takes one (the "
+                          f"images)")
+    return _tensor_images(inputs[0], parts[0], max_images, spec)
+
+
+def _tensor_images(tensor, binary, max_images, spec):
+    """The images of one input tensor, its shape checked against the limits and the data sent
+    before anything is allocated; ``binary``: its binary data, or None for JSON "data"."""
+    datatype, shape = tensor.get("datatype"), tensor.get("shape")
+    if not (isinstance(shape, list) and shape and all(type(n) is int for n in shape)):
+        raise bad_request(f"v2 inputs[0].shape must be a list of integers, got {shown(shape)}")
+    count = shape[0]
+    if count > max_images:
+        raise too_many(count, max_images)
+    if count < 1:
+        raise bad_request(f"v2 inputs[0].shape[0] must be at least 1, got {count}")
+    if datatype not in ("BYTES", "UINT8"):
+        raise bad_request(f"v2 inputs[0].datatype must be BYTES (encoded images) or UINT8 "
+                          f"(pixels), got {shown(datatype)!r}")
+    data = tensor.get("data") if binary is None else binary
+    if binary is None and (not isinstance(data, list) or not data):
+        raise bad_request("v2 inputs[0].data must be a non-empty list")
+    if datatype == "BYTES":
+        if binary is not None:
+            if len(shape) != 1:
+                raise bad_request(f"a BYTES input has shape [N] (N images), got {shape}")
+            return _elements(binary, count)
+        if shape != [len(data)]:
+            raise bad_request(f"v2 BYTES input: shape {shape} does not match {len(data)} items")
+        return [decode_base64(item, f"v2 inputs[0].data[{i}]") for i, item in enumerate(data)]
+    pixels = (_binary_pixels if binary is not None else _json_pixels)(shape, data, spec)
+    batch = torch.from_numpy(pixels.reshape(count, *spec.pixel_shape))
+    return list(batch.permute(0, 3, 1, 2))
+
+
+def _pixel_rule(count, spec, got):
+    """The one rule of UINT8 pixels, as a message: their shape, and what was sent (``got``)."""
+    height, width, channels = spec.pixel_shape
+    values = count * spec.values_per_image
+    return (f"a UINT8 input is pixels of shape [N, {height}, {width}, {channels}]: {values} "
+            f"integers 0-255 ({values} bytes of pixels as binary data; flat or nested in JSON); "
+            f"got {got}")
+
+
+def _binary_pixels(shape, data, spec):
+    count = shape[0]
+    if shape != [count, *spec.pixel_shape] or len(data) != count * spec.values_per_image:
+        raise bad_request(_pixel_rule(count, spec, f"shape {shape} with {len(data)} bytes"))
+    return np.frombuffer(bytearray(data), dtype=np.uint8)
+
+
+def _json_pixels(shape, data, spec):
+    count, values = shape[0], shape[0] * spec.values_per_image
+    if shape != [count, *spec.pixel_shape] or len(data) not in (values, count):
+        raise bad_request(_pixel_rule(count, spec, f"shape {shape} with {len(data)} items"))
+    try:
+        pixels = np.asarray(data)
+    except ValueError as err:
+        raise bad_request(f"v2 UINT8 input: data is not a regular array ({err})") from err
+    if (pixels.shape not in ((values,), tuple(shape))
+            or pixels.dtype.kind not in "iu" or pixels.min() < 0 or pixels.max() > 255):
+        raise bad_request(_pixel_rule(count, spec, f"data of shape {list(pixels.shape)} and "
+                                                   f"type {pixels.dtype}"))
+    return pixels.astype(np.uint8)
+
+
+def _elements(data, count):
+    """BYTES elements: each a 4-byte little-endian length and that many bytes, ``count`` in all
+    (the shape's), filling the input's binary data exactly."""
+    if 4 * count > len(data):
+        raise bad_request(f"a BYTES input of shape [{count}] needs at least {4 * count} bytes (a "
+                          f"4-byte length per image), got {len(data)}")
+    images, offset = [], 0
+    while offset < len(data):
+        index = len(images)
+        if index == count:
+            raise bad_request(f"the BYTES input's {len(data)} bytes hold more than the {count} "
+                              f"images its shape says ({len(data) - offset} bytes left after "
+                              f"image {count - 1})")
+        if len(data) - offset < 4:
+            raise bad_request(f"BYTES image {index}: its 4-byte length is cut off after "
+                              f"{len(data) - offset} bytes")
+        (size,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if size > len(data) - offset:
+            raise bad_request(f"BYTES image {index} says it is {size} bytes, but only "
+                              f"{len(data) - offset} are left in the input")
+        if size == 0:
+            raise bad_request(f"BYTES image {index} is empty")
+        images.append(bytes(data[offset:offset + size]))
+        offset += size
+    if len(images) != count:
+        raise bad_request(f"the BYTES input holds {len(images)} images, its shape says {count}")
+    return images
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+@dataclass
+class Reply:
+    """What a v2 request asks of its answer: its id echoed, and which outputs, in order, each as
+    JSON or binary data, each its full tensor or its top ``classification`` classes."""
+    id: str = None
+    outputs: list = field(default_factory=lambda: [(name, False, 0) for name in OUTPUTS])
+
+    def predictions(self, probs, classes, topk, model_name):
+        """The answer to the request's images (their class probabilities, N x classes): a dict
+        to send as JSON, or the bytes of a binary answer with the headers that say so."""
+        tensors = []
+        for name, binary, top in self.outputs:
+            if name == "label":
+                tensor = ("BYTES", [len(probs)],
+                          [classes[i] for i in probs.argmax(dim=1).tolist()])
+            elif top:
+                values, indices = probs.topk(top, dim=1)
+                tensor = ("BYTES", [len(probs), top],
+                          [f"{p:f}:{i}:{classes[i]}" for row_p, row_i in
+                           zip(values.tolist(), indices.tolist()) for p, i in zip(row_p, row_i)])
+            else:
+                tensor = ("FP32", list(probs.shape), probs.reshape(-1))
+            tensors.append((name, binary, *tensor))
+        answer = {"model_name": model_name, "outputs": []}
+        if self.id is not None:
+            answer["id"] = self.id
+        payload = []
+        for name, binary, datatype, shape, data in tensors:
+            output = {"name": name, "datatype": datatype, "shape": shape}
+            if binary:
+                raw = _raw(datatype, data)
+                output["parameters"] = {"binary_data_size": len(raw)}
+                payload.append(raw)
+            else:
+                output["data"] = data.tolist() if isinstance(data, torch.Tensor) else data
+            answer["outputs"].append(output)
+        if not payload:
+            return answer, {}
+        header = json.dumps(answer, separators=(",", ":")).encode()
+        return header + b"".join(payload), {HEADER_LENGTH: str(len(header)),
+                                            "content-type": "application/octet-stream"}
+
+    def explanations(self, found):
+        return found, {}
+
+
+def reply(header, max_id_length, classes):
+    """The Reply a v2 request (its JSON inference header) asks for: its "id", and its outputs:
+    each named in "outputs" (default: all, in the model's order), binary where its
+    parameters.binary_data, else the request's parameters.binary_data_output, says so."""
+    request_id = header.get("id")
+    if request_id is not None and not (isinstance(request_id, str)
+                                       and len(request_id) <= max_id_length):
+        raise bad_request(f"a v2 \"id\" must be a string of at most {max_id_length} characters")
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise bad_request("the request's \"parameters\" must be an object")
+    binary = _flag(parameters, "binary_data_output", "parameters")
+    asked = header.get("outputs")
+    if asked is None:
+        return Reply(request_id, [(name, binary, 0) for name in OUTPUTS])
+    if not (isinstance(asked, list) and asked and len(asked) <= len(OUTPUTS)
+            and all(isinstance(o, dict) for o in asked)):
+        raise bad_request(f"\"outputs\" must be a list of at most {len(OUTPUTS)} objects, each "
+                          f"{{\"name\": one of {list(OUTPUTS)}}}")
+    outputs = []
+    for index, output in enumerate(asked):
+        name, where = output.get("name"), f"outputs[{index}]"
+        if name not in OUTPUTS or name in [o[0] for o in outputs]:
+            raise bad_request(f"{where}.name is {shown(name)!r}; the outputs are "
+                              f"{list(OUTPUTS)}, each asked once")
+        options = parameters_of(output, where, "outputs come back in the response only")
+        own = _flag(options, "binary_data", f"{where}.parameters")
+        top = options.get("classification", 0)
+        if type(top) is not int or not 0 <= top <= len(classes) \
+                or (top and name != "probabilities"):
+            raise bad_request(f"{where}.parameters.classification must be a whole number from 1 "
+                              f"to {len(classes)}, on the \"probabilities\" output, got "
+                              f"{shown(top)!r}")
+        outputs.append((name, binary if own is None else own, top))
+    return Reply(request_id, outputs)
+
+
+def _flag(parameters, name, where):
+    value = parameters.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise bad_request(f"{where}.{name} must be true or false, got {shown(value)!r}")
+    return value if name == "binary_data" else bool(value)
+
+
+def _raw(datatype, data):
+    if datatype == "FP32":
+        return data.numpy().astype("<f4").tobytes()
+    return b"".join(struct.pack("<I", len(item)) + item
+                    for item in (text.encode() for text in data))
