@@ -21,14 +21,16 @@ LAYERS = {
     # The bottom: what describes the model and how the handler is configured.
     "spec": ["cifar10_serve.spec"],
     "settings": ["cifar10_serve.settings"],
-    # Reading request bodies (every wire protocol's decoding).
-    "parsing": ["cifar10_serve.requests", "cifar10_serve.oip", "cifar10_serve.forms"],
-    # Writing answers and errors.
-    "answers": ["cifar10_serve.answers", "cifar10_serve.oip_reply"],
+    # Reading request bodies: the wire protocols (each also writes its own answers and errors)
+    # and the record and JSON/base64 limits they share.
+    "parsing": ["cifar10_serve.raw", "cifar10_serve.multipart", "cifar10_serve.kserve",
+                "cifar10_serve.v2", "cifar10_serve.bodies"],
+    # TorchServe's own answer shapes (top classes, the error object), which protocols write with.
+    "answers": ["cifar10_serve.answers"],
     # Which forward serves (torch, ONNX Runtime fp32/int8, bf16) and its golden check.
     "runtime choice": ["cifar10_serve.runtimes"],
     # TorchServe 0.12's workarounds: the adapter between TorchServe and the package.
-    "adapter": ["cifar10_serve.compat"],
+    "adapter": ["cifar10_serve.torchserve_adapter"],
     "package": ["cifar10_serve", "cifar10_serve.*"],
     "handler": ["cifar10_handler"],
     "training": ["train", "data", "evaluate", "export_onnx"],
@@ -47,8 +49,7 @@ RULES = [
      "export_onnx.py (onnx_forward, agreement) import runtimes.py: issue 31's calibration work "
      "moves them"),
     ("answers", "never", ["parsing"], "an answer is written from what a request became, not by "
-     "reading it again", "answers.py and oip_reply.py import oip.py: issue 31's one module per "
-     "protocol"),
+     "reading it again", None),
     ("package", "never", ["adapter"], "the TorchServe adapter sits on top: only the handler "
      "imports it (the package works without TorchServe's patches)", None),
     ("package", "never", ["handler", "training", "outside the archive"], "the .mar ships the "
@@ -125,7 +126,8 @@ def test_the_import_reader_sees_what_the_handler_imports():
     """The reader itself: `from package import module, module` and `from package.module import
     name` both count as importing the module; third-party imports are not the repository's."""
     imported = imports_of("cifar10_handler")
-    assert {"cifar10_serve.compat", "cifar10_serve.settings", "cifar10_serve.images"} <= imported
+    assert {"cifar10_serve.torchserve_adapter", "cifar10_serve.settings",
+            "cifar10_serve.bodies"} <= imported
     assert all(name in MODULES for name in imported) and "torch" not in imported
 
 
