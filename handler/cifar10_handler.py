@@ -190,7 +190,12 @@ class Cifar10Handler(BaseHandler):
         where the budget refused it)."""
         answers.set_errors(rows, self.context, self._request_of)
         answers.set_binary(rows, self.context)
+        # Which archive answered (release.py: several versions serve at once during a canary).
+        version = str((self.context.manifest or {}).get("model", {}).get("modelVersion", ""))
         for index, row in enumerate(rows):
+            if version:
+                self.context.set_response_header(self._request_of(index), "X-Model-Version",
+                                                 version)
             if row.error is not None and row.error[0] == 503:
                 self.context.set_response_header(self._request_of(index), "Retry-After",
                                                  str(self.budget.retry_after))
