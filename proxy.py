@@ -277,14 +277,13 @@ def set_canary(run_dir, version=None, share=0.0, timeout=60.0):
             snippet.write_text(previous)
         raise RuntimeError(f"nginx -t refused the canary split:\n{check.stderr}")
     master = psutil.Process(int((run_dir / "nginx.pid").read_text()))
-    since = time.time()
+    old = {worker.pid for worker in master.children()}
     master.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            workers = master.children()
-            if workers and all(w.create_time() >= since - 0.01 for w in workers):
-                return
+        workers = {worker.pid for worker in master.children()}
+        if workers and not workers & old:
+            return
         time.sleep(0.05)
     raise TimeoutError(f"nginx's old worker processes still run {timeout:.0f} s after reload")
 
