@@ -407,7 +407,8 @@ def release(args):
             if Path(args.mar).resolve() != (server.store / name).resolve():
                 shutil.copy(args.mar, server.store / name)
         else:
-            new = args.version or next_version(registered, state.data["archives"])
+            stored = [m.stem.split("-", 1)[1] for m in server.store.glob(f"{server.model}-*.mar")]
+            new = args.version or next_version(registered, [*state.data["archives"], *stored])
             name = build(args.weights, new, server.store, server.model)
         if new in registered:
             raise RuntimeError(f"version {new} is already registered")
