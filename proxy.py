@@ -218,7 +218,7 @@ def prepare(run_dir, settings, metadata, daemon=True):
     else:
         (run_dir / "tmp").mkdir(exist_ok=True)
     # No split at start: a release (release.py) writes its own while this nginx runs.
-    (run_dir / "canary.conf").write_text(canary_conf(log=run_dir / "canary.log"))
+    (run_dir / "canary.conf").write_text(canary_conf())
     text = render({**settings, "run_dir": run_dir}, metadata, daemon=daemon, temp_root=temp_root)
     conf = run_dir / "nginx.conf"
     conf.write_text(text)
@@ -232,8 +232,8 @@ def prepare(run_dir, settings, metadata, daemon=True):
 def canary_conf(version=None, share=0.0, log=None, model=MODEL):
     """The canary snippet (deploy/nginx/canary.conf.template): ``share`` percent (0-100) of
     /predictions and /explanations requests go to ``version``'s own route, the rest to the
-    default version; with ``log``, each request is logged there as `time arm status seconds
-    "answering version" uri` (release.py reads it)."""
+    default version; with ``log``, each request (but the 429s, as in access.log) is logged
+    there as `time arm status seconds "answering version" uri` (release.py reads it)."""
     if not 0 <= share <= 100:
         raise ValueError(f"the canary share is a percentage from 0 to 100, got {share}")
     if version is not None and not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}", version):
@@ -250,7 +250,7 @@ def canary_conf(version=None, share=0.0, log=None, model=MODEL):
     logged = "" if log is None else (
         "log_format canary '$msec $model_canary $status $request_time "
         "\"$upstream_http_x_model_version\" $uri';\n"
-        f"access_log {log} canary;")
+        f"access_log {log} canary if=$loggable;")
     fields = {"SHARE": f"{share:g} %", "VERSION": version, "SPLIT": split, "ROUTES": routes,
               "LOG": logged}
     text = CANARY.read_text()
@@ -268,7 +268,9 @@ def set_canary(run_dir, version=None, share=0.0, timeout=60.0):
     snippet = run_dir / "canary.conf"
     previous = snippet.read_text() if snippet.exists() else None
     fresh = run_dir / "canary.conf.new"
-    fresh.write_text(canary_conf(version, share, log=run_dir / "canary.log"))
+    # Logged while a canary runs only: it is what judges the canary.
+    fresh.write_text(canary_conf(version, share, log=run_dir / "canary.log" if version and share
+                                 else None))
     fresh.replace(snippet)
     check = subprocess.run([nginx_binary(), "-t", "-q", "-p", str(run_dir), "-c",
                             str(run_dir / "nginx.conf")], capture_output=True, text=True)

@@ -188,7 +188,8 @@ def register(server, state, name, version, workers, timeout):
             failure = f"workers {statuses}"
     if failure is not None:
         unregister(server, state, version, reason="its workers did not start")
-        raise Refused(f"version {version} did not start: {failure}")
+        raise Refused(f"version {version} did not start: {failure} (why: the worker log, "
+                      f"logs/model_log.log where TorchServe started)")
 
 
 def unregister(server, state, version, reason):
@@ -346,9 +347,10 @@ def canary(server, state, new, old, images, args):
     """Send the canary share through the proxy for --canary-seconds; (passed, why)."""
     canary_log = Path(args.proxy_dir) / "canary.log"
     offset = canary_log.stat().st_size if canary_log.exists() else 0
-    proxy.set_canary(args.proxy_dir, new, args.canary_share)
+    # Recorded first: the new nginx workers route to the canary as soon as they start.
     state.data["canary"] = {"version": new, "share": args.canary_share}
     state.step("canary", version=new, share=args.canary_share, seconds=args.canary_seconds)
+    proxy.set_canary(args.proxy_dir, new, args.canary_share)
     stop, prober = threading.Event(), None
     if args.probe_rate > 0:
         prober = threading.Thread(target=probe, daemon=True, args=(
@@ -415,7 +417,7 @@ def release(args):
         state.data["archives"].setdefault(old, registered[old].get("modelUrl"))
         state.data["archives"][new] = name
         state.step("release", version=new, serving=old, archive=name,
-                   weights=str(args.weights or args.mar))
+                   weights=str(args.mar or args.weights))
         workers = max(1, len(registered[old].get("workers", [])))
         images = check_set(args.check_dir, args.check_images)
         try:

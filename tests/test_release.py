@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from ts.context import RequestProcessor
 
 import proxy
 import release
-from test_serving import torchserve
+from test_serving import replace_in_zip, torchserve
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = pytest.mark.skipif(NGINX is None and not os.environ.get("CI"),
@@ -207,6 +208,25 @@ def test_a_worse_checkpoint_is_refused_at_the_gate_and_answers_no_user(stack, ch
     assert registered(stack) == ["2.0"]
 
 
+def test_an_archive_whose_net_misses_its_golden_answers_never_starts(stack, checkpoints,
+                                                                    tmp_path):
+    """Version 2.0's archive with the scrambled weights in it (its golden set is 2.0's): the
+    workers refuse to start, the release is refused and the version unregistered."""
+    mar = tmp_path / "cifar10-4.0.mar"
+    shutil.copy(stack.ts.run_dir / "store" / "cifar10-2.0.mar", mar)
+    with zipfile.ZipFile(mar) as archive:
+        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+    manifest["model"]["modelVersion"] = "4.0"
+    replace_in_zip(mar, "MAR-INF/MANIFEST.json", json.dumps(manifest).encode())
+    replace_in_zip(mar, manifest["model"]["serializedFile"], checkpoints["worse"].read_bytes())
+    with Traffic(f"{stack.inference}/predictions/cifar10", stack.token) as traffic:
+        done = make(stack, "release", f"RELEASE_ARGS=--mar {mar}")
+    assert done.returncode != 0 and "version 4.0 did not start" in done.stderr, done.stderr
+    assert traffic.failed() == [] and {a[4] for a in traffic.answers} == {"2.0"}
+    assert last(stack, "refused")["version"] == "4.0"
+    assert registered(stack) == ["2.0"]
+
+
 def test_rollback_restores_the_previous_version_without_a_failed_request(stack):
     with Traffic(f"{stack.inference}/predictions/cifar10", stack.token) as traffic:
         time.sleep(1)
@@ -251,10 +271,10 @@ def test_every_answer_names_the_version_that_made_it(make_handler, colour_checkp
 
 
 def test_canary_snippet_routes_the_share_to_the_version(tmp_path):
-    none = proxy.canary_conf(log=tmp_path / "canary.log")
-    assert "* 0;" in none and "/predictions/cifar10/" not in none
-    assert f"access_log {tmp_path / 'canary.log'} canary;" in none
-    some = proxy.canary_conf("2.0", 12.5)
+    none = proxy.canary_conf()
+    assert "* 0;" in none and "/predictions/cifar10/" not in none and "access_log" not in none
+    some = proxy.canary_conf("2.0", 12.5, log=tmp_path / "canary.log")
+    assert f"access_log {tmp_path / 'canary.log'} canary if=$loggable;" in some
     assert "12.50% 1;" in some and '"1 /predictions/cifar10" /predictions/cifar10/2.0;' in some
     assert '"1 /explanations/cifar10" /explanations/cifar10/2.0;' in some
     assert "* 1;" in proxy.canary_conf("2.0", 100)
