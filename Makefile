@@ -191,8 +191,8 @@ stop-proxy: ## stop the nginx of make serve-proxy, then TorchServe (make stop)
 	$(PY) proxy.py stop --run-dir $(PROXY_DIR)
 	@$(MAKE) --no-print-directory stop
 
-status: ## show the model's workers (management API)
-	$(PY) client.py describe
+status: ## show the model's versions (default starred), workers, canary share and last release steps
+	$(PY) release.py status $(RELEASE_FLAGS)
 
 predict: ## classify IMG (default: a test fixture) on the running server
 	$(PY) client.py predict $(IMG)
@@ -262,3 +262,30 @@ docker-test: $(BIN)/torchserve ## build the image, serve from it, check answers 
 
 clean: ## remove build outputs (the archive, logs, run files)
 	rm -rf $(MAR) $(K8S_CONF) $(BUILD) logs $(RUN_DIR) .pytest_cache dist
+
+# ------------------------------------------------------------- releases (release.py, README
+# "Releasing a new model"): make release WEIGHTS=path/to/new.pt beside make serve-proxy.
+# The gate's check set (an ImageFolder of real held-out images) and how far (a fraction) the new
+# version's accuracy on it may fall below the serving version's
+RELEASE_CHECK_DIR ?= $(CHECK_DIR)
+RELEASE_MARGIN ?= 0.01
+# Percent of /predictions and /explanations requests the canary gets, and for how many seconds
+# (CANARY_SHARE=0: no canary, promoted once the gate passes)
+CANARY_SHARE ?= 10
+CANARY_SECONDS ?= 60
+# The tokens of the TorchServe released to (it writes them where it starts), the release's record,
+# more release.py flags (python release.py release --help)
+KEY_FILE    ?= key_file.json
+RELEASE_STATE ?= $(RUN_DIR)/release.json
+RELEASE_ARGS ?=
+RELEASE_FLAGS = --ts-config $(TS_CONFIG) --key-file $(KEY_FILE) --proxy-dir $(PROXY_DIR) \
+                --state $(RELEASE_STATE)
+
+.PHONY: release rollback
+release: $(BIN)/torchserve ## archive WEIGHTS as the next version, gate it, canary it through the proxy, promote it or take it down
+	$(PY) release.py release $(WEIGHTS) $(RELEASE_FLAGS) --check-dir $(RELEASE_CHECK_DIR) \
+	  --margin $(RELEASE_MARGIN) --canary-share $(CANARY_SHARE) \
+	  --canary-seconds $(CANARY_SECONDS) $(RELEASE_ARGS)
+
+rollback: $(BIN)/torchserve ## the previous version back as the default (registered again, warm); the current one drained and unregistered
+	$(PY) release.py rollback $(RELEASE_FLAGS)

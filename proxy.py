@@ -35,6 +35,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent
 TEMPLATE = ROOT / "deploy" / "nginx" / "nginx.conf.template"
+CANARY = ROOT / "deploy" / "nginx" / "canary.conf.template"
 MODEL = "cifar10"
 # Connections a worker process may hold: idle clients cost one descriptor each, proxied requests
 # two. 20,000 idle connections fit in one worker with room for the good clients.
@@ -158,6 +159,7 @@ def render(settings, daemon=True, as_root=None, temp_root=None, logs=None):
                         "as form fields; send an image as the raw body with Content-Type "
                         "application/octet-stream or image/*, images as multipart/form-data, or "
                         "JSON (application/json)",
+        "CANARY": s.get("canary") or f"include {s['run_dir']}/canary.conf;",
         "SERVER_METADATA": nginx_string(server_metadata())}
     text = TEMPLATE.read_text()
     for key, value in fields.items():
@@ -198,6 +200,8 @@ def prepare(run_dir, settings, daemon=True):
         os.chmod(temp_root, 0o755)
     else:
         (run_dir / "tmp").mkdir(exist_ok=True)
+    # No split at start: a release (release.py) writes its own while this nginx runs.
+    (run_dir / "canary.conf").write_text(canary_conf())
     text = render({**settings, "run_dir": run_dir}, daemon=daemon, temp_root=temp_root)
     conf = run_dir / "nginx.conf"
     conf.write_text(text)
@@ -206,6 +210,67 @@ def prepare(run_dir, settings, daemon=True):
     if check.returncode:
         raise RuntimeError(f"nginx -t refused {conf}:\n{check.stderr}")
     return conf
+
+
+def canary_conf(version=None, share=0.0, log=None, model=MODEL):
+    """The canary snippet (deploy/nginx/canary.conf.template): ``share`` percent (0-100) of
+    /predictions and /explanations requests go to ``version``'s own route, the rest to the
+    default version; with ``log``, each request (but the 429s, as in access.log) is logged
+    there as `time arm status seconds "answering version" uri` (release.py reads it)."""
+    if not 0 <= share <= 100:
+        raise ValueError(f"the canary share is a percentage from 0 to 100, got {share}")
+    if version is not None and not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}", version):
+        raise ValueError(f"not a model version this proxy routes: {version!r}")
+    if version is None or share == 0:
+        split, version = "    * 0;", "(none)"
+    elif share == 100:
+        split = "    * 1;"
+    else:
+        split = f"    {share:.2f}% 1;\n    * 0;"
+    routes = "" if version == "(none)" else "\n".join(
+        f'    "1 /{route}/{model}" /{route}/{model}/{version};'
+        for route in ("predictions", "explanations"))
+    logged = "" if log is None else (
+        "log_format canary '$msec $model_canary $status $request_time "
+        "\"$upstream_http_x_model_version\" $uri';\n"
+        f"access_log {log} canary if=$loggable;")
+    fields = {"SHARE": f"{share:g} %", "VERSION": version, "SPLIT": split, "ROUTES": routes,
+              "LOG": logged}
+    text = CANARY.read_text()
+    for key, value in fields.items():
+        text = text.replace(f"@{key}@", value)
+    return text
+
+
+def set_canary(run_dir, version=None, share=0.0, timeout=60.0):
+    """Route ``share`` percent of the inference requests of the nginx running from ``run_dir``
+    to ``version`` (None or 0: none): rewrite its canary.conf, check the whole config with
+    `nginx -t`, reload (SIGHUP: the old worker processes finish their requests, nothing is
+    dropped) and return once every worker process left runs the new config."""
+    run_dir = Path(run_dir).resolve()
+    snippet = run_dir / "canary.conf"
+    previous = snippet.read_text() if snippet.exists() else None
+    fresh = run_dir / "canary.conf.new"
+    # Logged while a canary runs only: it is what judges the canary.
+    fresh.write_text(canary_conf(version, share, log=run_dir / "canary.log" if version and share
+                                 else None))
+    fresh.replace(snippet)
+    check = subprocess.run([nginx_binary(), "-t", "-q", "-p", str(run_dir), "-c",
+                            str(run_dir / "nginx.conf")], capture_output=True, text=True)
+    if check.returncode:
+        if previous is not None:
+            snippet.write_text(previous)
+        raise RuntimeError(f"nginx -t refused the canary split:\n{check.stderr}")
+    master = psutil.Process(int((run_dir / "nginx.pid").read_text()))
+    old = {worker.pid for worker in master.children()}
+    master.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = {worker.pid for worker in master.children()}
+        if workers and not workers & old:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nginx's old worker processes still run {timeout:.0f} s after reload")
 
 
 def write_client_properties(run_dir, settings, ts_config):
@@ -281,7 +346,9 @@ def stop_process(master, timeout=15.0):
 def pod_conf():
     """The nginx.conf of the Kubernetes sidecar (K8S settings): `make k8s-config` writes it to
     deploy/k8s/nginx.conf, which kustomize's configMapGenerator puts in the pod's ConfigMap."""
-    text = render({**settings_from(*K8S_CONFIGS), **K8S}, daemon=False,
+    # No canary in the pod: a release there is a new image and a rolling update (README).
+    text = render({**settings_from(*K8S_CONFIGS), **K8S,
+                   "canary": "map $uri $model_uri { default $uri; }"}, daemon=False,
                   as_root=False, temp_root=K8S["run_dir"],
                   logs={"error": "stderr", "access": "/dev/stdout"})
     return ("# The nginx sidecar's config (deploy/k8s/): proxy.py's render of\n"

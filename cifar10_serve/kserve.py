@@ -26,7 +26,7 @@ def error(failure, spec):
 class Reply:
     """{"predictions": [...]} or {"explanations": [...]}: one answer per instance."""
 
-    def predictions(self, probs, classes, topk, model_name):
+    def predictions(self, probs, classes, topk, model_name, model_version=None):
         return {"predictions": answers.top_classes(probs, classes, topk)}, {}
 
     def explanations(self, found):
@@ -37,7 +37,7 @@ class Reply:
 class Instance:
     """One instance of TorchServe's `kserve` envelope, which wraps the answers itself."""
 
-    def predictions(self, probs, classes, topk, model_name):
+    def predictions(self, probs, classes, topk, model_name, model_version=None):
         return answers.top_classes(probs, classes, topk)[0], {}
 
     def explanations(self, found):

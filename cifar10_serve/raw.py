@@ -25,7 +25,7 @@ class Reply:
     """A /predictions answer's shape: one object, or a list (several images, or a list sent)."""
     as_list: bool = False
 
-    def predictions(self, probs, classes, topk, model_name):
+    def predictions(self, probs, classes, topk, model_name, model_version=None):
         found = answers.top_classes(probs, classes, topk)
         return (found if self.as_list else found[0]), {}
 

@@ -210,7 +210,7 @@ class _EnvelopeTensor:
     error = staticmethod(v2.error)
 
     @staticmethod
-    def predictions(probs, classes, topk, model_name):
+    def predictions(probs, classes, topk, model_name, model_version=None):
         return probs.reshape(-1).tolist(), {}
 
     @staticmethod
@@ -234,12 +234,13 @@ def check_instances(count, limit):
         raise too_many(count, limit)
 
 
-def respond(rows, context, together, spec, retry_after):
+def respond(rows, context, together, spec, retry_after, version=None):
     """Each row's answer back through the context: a failed row's error written by its protocol
     and its status set for its own request (``together``: every row is an instance of request
     0, and the first failing instance names the status), with Retry-After where the budget
-    refused it; an answer's own headers (v2 binary data) for its request alone. Returns the
-    answers, one per row."""
+    refused it; an answer's own headers (v2 binary data) for its request alone; and which
+    ``version`` of the model answered (X-Model-Version: during a release several answer at once).
+    Returns the answers, one per row."""
     statuses = {}
     for index, row in enumerate(rows):
         request = 0 if together else index
@@ -253,6 +254,8 @@ def respond(rows, context, together, spec, retry_after):
                 context.set_response_header(request, "Retry-After", str(retry_after))
         for key, value in row.headers.items():
             context.set_response_header(request, key, value)
+        if version:
+            context.set_response_header(request, "X-Model-Version", version)
     for request, (code, message) in statuses.items():
         context.set_response_status(code, message, request)
     return [row.answer for row in rows]

@@ -275,7 +275,7 @@ class Reply:
     id: str = None
     outputs: list = field(default_factory=lambda: [(name, False, 0) for name in OUTPUTS])
 
-    def predictions(self, probs, classes, topk, model_name):
+    def predictions(self, probs, classes, topk, model_name, model_version=None):
         """The answer to the request's images (their class probabilities, N x classes): a dict
         to send as JSON, or the bytes of a binary answer with the headers that say so."""
         tensors = []
@@ -292,6 +292,8 @@ class Reply:
                 tensor = ("FP32", list(probs.shape), probs.reshape(-1))
             tensors.append((name, binary, *tensor))
         answer = {"model_name": model_name, "outputs": []}
+        if model_version:  # several versions answer at once during a release (release.py)
+            answer["model_version"] = model_version
         if self.id is not None:
             answer["id"] = self.id
         payload = []

@@ -76,6 +76,9 @@ class Cifar10Handler(BaseHandler):
             self.forward, self.model,
             self.to_batch([torch.zeros(self.spec.input_shape, dtype=torch.uint8)] * self.chunk),
             timed_ms, self.runtime)
+        # Which archive this is (X-Model-Version, v2 model_version): during a release
+        # (release.py) several versions of the model answer at once.
+        self.version = str((context.manifest or {}).get("model", {}).get("modelVersion") or "")
         self.initialized = True
         logger.info("model %s loaded on %s (runtime %s, tta=%d, top-%d, %d threads, limits %s), "
                     "spec %s", self.spec.name, self.device, self.runtime, self.settings.tta,
@@ -182,15 +185,15 @@ class Cifar10Handler(BaseHandler):
                 if row.kind == "describe":
                     row.answer = self.describe_handle()
                 elif row.kind == "metadata":
-                    row.answer = v2.metadata(self.spec, self.context.manifest["model"].get(
-                        "modelVersion", "1.0"))
+                    row.answer = v2.metadata(self.spec, self.version or "1.0")
                 elif row.kind == "explain":
                     row.answer, row.headers = row.reply.explanations(row.result)
                 else:
                     row.answer, row.headers = row.reply.predictions(
-                        row.result, self.classes, self.settings.topk, self.context.model_name)
+                        row.result, self.classes, self.settings.topk, self.context.model_name,
+                        self.version)
         return torchserve_adapter.respond(rows, self.context, together, self.spec,
-                                          self.budget.retry_after)
+                                          self.budget.retry_after, self.version)
 
     def describe_handle(self):
         """The management API's customized describe: what this model answers and its limits."""
