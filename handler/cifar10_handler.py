@@ -33,7 +33,8 @@ from cifar10_serve import answers, budget, compat, oip, oip_reply, predict, sett
 from cifar10_serve.images import decode_request, eval_transform
 from cifar10_serve.net import build_net, class_names, load_checkpoint
 from cifar10_serve.requests import Row, too_many
-from cifar10_serve.runtimes import choose, select_device
+from cifar10_serve.runtimes import calibrate, select_device
+from cifar10_serve.spec import from_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class Cifar10Handler(BaseHandler):
                                       .get("handler"))
         self.limits = self.settings.limits
         compat.set_json_values_limit(self.limits["max_images"])
-        self.chunk = max(1, int(properties.get("batch_size") or 16))
+        self.chunk = self.settings.forward_batch  # images per forward call, not batchSize
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         self.device = select_device(properties.get("gpu_id"))
@@ -57,17 +58,16 @@ class Cifar10Handler(BaseHandler):
         self.model = build_net(checkpoint).to(self.device, memory_format=torch.channels_last)
         self.model.eval()
         self.transform = eval_transform(**checkpoint.get("normalization", {}))
-        self.forward, self.runtime, self.trials = self.model, "torch", []
-        if self.device.type == "cpu":  # on a GPU the torch net runs
-            self.forward, self.runtime, self.trials = choose(
-                self.settings.runtime, self.model, model_dir, self.transform,
-                torch.get_num_threads())
+        self.spec = from_checkpoint(checkpoint)
+        # One start-up calibration (on a GPU the torch net runs) feeds the runtime and the budget.
+        self.calibration = calibrate(self.settings.runtime, self.model, model_dir, self.transform,
+                                     self.spec, self.device, self.chunk, self.settings.ig_steps,
+                                     torch.get_num_threads())
+        self.forward, self.runtime = self.calibration.forward, self.calibration.runtime
         config = getattr(context, "model_yaml_config", None) or {}
-        timed_ms = next((t.ms_per_image for t in self.trials if t.forward is self.forward), None)
         self.budget = budget.for_worker(
             self.settings, config.get("responseTimeout", budget.TORCHSERVE_RESPONSE_TIMEOUT),
-            self.forward, self.model, self.to_batch([torch.zeros(3, 32, 32, dtype=torch.uint8)]
-                                                    * self.chunk), timed_ms, self.runtime)
+            self.calibration)
         self.enveloped, self.initialized = False, True
         logger.info("cifar10 model loaded on %s (runtime %s, tta=%d, top-%d, %d threads, "
                     "limits %s)", self.device, self.runtime, self.settings.tta,
@@ -98,7 +98,10 @@ class Cifar10Handler(BaseHandler):
         failed row with its own error."""
         started = self.budget.clock()
         rows = [self._read(index, request, len(data)) for index, request in enumerate(data)]
-        self.budget.admit(rows, self._decode, started, together=self.enveloped)
+        self.admission = self.budget.admission(rows, started, together=self.enveloped)
+        for row in self.admission.order:
+            if self.admission.fits(row):  # else it has its 503 or 413
+                self._decode(row)
         return rows
 
     def _read(self, index, request, rows):
@@ -138,12 +141,23 @@ class Cifar10Handler(BaseHandler):
     @timed
     def inference(self, rows, *args, **kwargs):
         """Predictions for every predict row, Integrated Gradients for every explain row."""
-        predicting = [row for row in rows if row.kind == "predict" and row.error is None]
-        if predicting:
-            predict.run_isolated(predicting, self._predict)
-        explaining = [row for row in rows if row.kind == "explain" and row.error is None]
-        if explaining:
-            predict.run_isolated(explaining, self._explain)
+        forwards = predict.Forwards(self.forward, self.model, self.transform, self.device,
+                                    self.chunk, self.settings.tta, self.settings.tta_margin,
+                                    self.settings.ig_steps, self.classes)
+        found, looked = predict.run(rows, forwards, getattr(self, "admission", None))
+        self._count(sum(len(f.probs) for f in found if f is not None), looked)
+        for row, result in zip(rows, found):
+            if result is None:
+                continue
+            try:
+                row.answer = (answers.shaped(row.reply, result.explained, "explanations")
+                              if row.kind == "explain" else
+                              answers.prediction(row, result.probs, self.classes,
+                                                 self.settings.topk, self.context.model_name))
+            except Exception:  # noqa: BLE001  (ours: this request's 500)
+                logger.exception("answering a %s request failed", row.kind)
+                row.error = (500, f"the server failed while answering this {row.kind} "
+                                  f"request (logged)")
         for row in rows:
             if row.kind == "describe":
                 row.answer = self.describe_handle()
@@ -153,30 +167,14 @@ class Cifar10Handler(BaseHandler):
         """Decoded uint8 images -> the normalised batch the forward takes (tests, bench)."""
         return predict.to_batch(images, self.transform, self.device)
 
-    def _probabilities(self, rows):
-        """The served forward's class probabilities per row, with the configured (gated) TTA;
-        the images counted on the metrics port (ts_handler_tta_images, ..._second_looks)."""
-        probs, looked = predict.probabilities(rows, self.forward, self.transform, self.device,
-                                              self.chunk, self.settings.tta,
-                                              self.settings.tta_margin)
-        self.budget.saw(sum(len(p) for p in probs), looked)
+    def _count(self, images, looked):
+        """Images forwarded and how many took the TTA views: for the budget's estimate, and on
+        the metrics port (ts_handler_tta_images, ..._second_looks)."""
+        self.budget.saw(images, looked)
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None and self.settings.tta:
-            metrics.add_counter("ts_handler_tta_images", sum(len(p) for p in probs), None)
+            metrics.add_counter("ts_handler_tta_images", images, None)
             metrics.add_counter("ts_handler_tta_second_looks", looked, None)
-        return probs
-
-    def _predict(self, rows):
-        for row, row_probs in zip(rows, self._probabilities(rows)):
-            row.answer = answers.prediction(row, row_probs, self.classes, self.settings.topk,
-                                            self.context.model_name)
-
-    def _explain(self, rows):
-        for row, row_probs in zip(rows, self._probabilities(rows)):
-            found = predict.explanations(row, self.model, row_probs.argmax(dim=1),
-                                         self.transform, self.device, self.chunk,
-                                         self.settings.ig_steps, self.classes)
-            row.answer = answers.shaped(row.reply, found, "explanations")
 
     def describe_handle(self):
         """The management API's customized describe: what this model answers and its limits."""
