@@ -35,8 +35,8 @@ def probabilities(rows, forward, transform, device, chunk, tta, margin=1.0):
 def explanations(row, net, targets, transform, device, chunk, steps, classes):
     """Per image of the row, its class (``targets``: the served prediction's, so an explanation
     names what /predictions answers) and a map of Captum Integrated Gradients attributions of the
-    fp32 net for it at the net's input size (summed over colour channels). Captum is imported
-    here, so predictions never pay for it."""
+    fp32 net for it at the net's input size (summed over colour channels). Captum, imported
+    here, is already loaded by the worker's start-up calibration (runtimes.calibrate)."""
     from captum.attr import IntegratedGradients
 
     answers = []
