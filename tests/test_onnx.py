@@ -316,7 +316,8 @@ def test_calibration_times_the_model_specs_input_shape(tmp_path):
     calibration = runtimes.calibrate("torch", net, tmp_path, lambda x: x.float() / 255, spec,
                                      torch.device("cpu"), batch=4, ig_steps=32)
     assert calibration.runtime == "torch" and calibration.forward is net
-    assert set(seen) == {(4, 3, 64, 48), (runtimes.TIMED_STEPS, 3, 64, 48)}
+    assert {shape[1:] for shape in seen} == {(3, 64, 48)}
+    assert {(4, 3, 64, 48), (runtimes.TIMED_STEPS, 3, 64, 48)} <= set(seen)
     assert calibration.forward_ms > 0 and calibration.ig_ms > 0
     assert calibration.clock is time.thread_time
     assert calibration.figures()["clock"] == "thread CPU time"
