@@ -507,6 +507,7 @@ def load_handler(args, folder, threads):
         model_config["handler"]["runtime"] = "torch"
     worker_threads = model_config["handler"].get("threads") or torch.get_num_threads()
     model_config["handler"]["threads"] = threads or worker_threads
+    model_config["handler"]["forward_batch"] = args.batch  # a --batch batch in one forward call
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     context = Context("cifar10", str(model_dir), manifest, batch_size=args.batch,
                       gpu=0 if cuda else None, mms_version=_torchserve_version(),

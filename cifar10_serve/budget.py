@@ -1,12 +1,13 @@
 """What one batch may cost on the machine that serves, and which of its requests fit in it.
 
 TorchServe fails a batch that runs past the model's `responseTimeout` and restarts its worker, so
-no batch may be allowed to get near it, whatever mix of requests it holds. At worker start the
-handler times, on this CPU or GPU, one view of one image through the forward it serves (the
-timing runtimes.py took where it chose one) and one image's Integrated Gradients (``measure``). A
-batch may cost `budget_share` of responseTimeout by these timings (``batch_seconds``), and in
-each batch the requests are admitted (``Budget.admit``) while their estimated cost fits, in this
-order:
+no batch may be allowed to get near it, whatever mix of requests it holds. The worker's start-up
+calibration (runtimes.calibrate: on this CPU or GPU, on the model spec's input shape) gives what
+one view of one image through the served forward costs and what one image's Integrated Gradients
+costs. A batch may cost `budget_share` of responseTimeout by these figures (``batch_seconds``),
+and in each batch the handler asks its Admission (``Budget.admission``), in its ``order``, whether
+each request ``fits`` before decoding it; requests are admitted while their estimated cost fits,
+in this order:
 
   1. the batch's oldest prediction, or where it holds none its oldest explanation: every request
      that fits a batch alone is served once it is the oldest of its kind waiting. On a slow
@@ -27,28 +28,25 @@ slow to decode happened to arrive before it in the same batch.
 
 The time already spent on the batch (reading its requests, decoding those admitted before) counts
 against the budget, so a request slow to decode leaves less for those after it; decoding itself is
-bounded by `max_decode_ms`. On a CPU every figure is the worker's CPU time (``work_clock``), as the
-decoding deadline's is: time spent waiting for a core, on a machine busy with other work, neither
-shrinks what fits at start nor lets one slow request push the rest of its batch out; it stretches
-the batch's wall time, which responseTimeout's headroom (4/5 of it) is for. On a GPU, wall
-time. A request refused for the budget is not decoded and is answered as soon as its batch ends:
-503 with a Retry-After header (the longest a batch may take), which clients resend after. One
+bounded by `max_decode_ms`. Where a group of forwards fails and its requests are run again one by
+one (predict.run), each rerun is charged too: run only while it fits what is left of the batch's
+budget (``Admission.again``), else that request's 503. On a CPU every figure, the calibration's
+and the batch's, is the worker thread's CPU time (deadline.work_clock, which says why that one),
+as the decoding deadline's is; on a GPU, wall time. A request refused for the budget is not
+decoded and is answered as soon as its batch ends: 503 with a Retry-After header (the longest a
+batch may take), which clients resend after. One
 that alone costs more than a batch may (estimated with every image taking every TTA view) is its
 413 naming the largest request that fits alone.
 """
 import logging
 import math
-import time
 from dataclasses import dataclass
 
-import torch
+from cifar10_serve.deadline import work_clock
 
 logger = logging.getLogger(__name__)
 # TorchServe's own responseTimeout (seconds) where model-config.yaml names none.
 TORCHSERVE_RESPONSE_TIMEOUT = 120
-# Integrated Gradients steps timed at start, the cost scaled to ig_steps: from 8 on a step costs
-# the same (here: 8 steps x 4 = 198 ms, 32 steps 193-199 ms), and start-up stays short.
-TIMED_STEPS = 8
 # Forwards an image takes when its TTA runs (net.tta_views): plain; + mirror; + two shifts, each
 # with its mirror.
 VIEWS = {0: 1, 1: 2, 2: 6}
@@ -56,7 +54,7 @@ VIEWS = {0: 1, 1: 2, 2: 6}
 
 @dataclass
 class Costs:
-    """What work costs on this machine, timed at worker start."""
+    """What work costs on this machine (from the start-up calibration)."""
     forward_ms: float  # one view of one image through the served forward
     ig_ms: float       # one image's Integrated Gradients (ig_steps forward+backward passes)
     views: int = 1     # forwards an image takes when every TTA view runs
@@ -71,12 +69,6 @@ def headroom_cap(response_timeout, max_decode_ms):
     """The most a batch may be budgeted (s): what leaves half of responseTimeout as headroom
     after one request's decoding, the most a batch can run past its budget."""
     return response_timeout / 2 - max_decode_ms / 1000
-
-
-def work_clock(device):
-    """The clock work is counted on: the worker process's CPU time on a CPU, wall time on a GPU
-    (whose kernels run while the CPU waits)."""
-    return time.monotonic if device.type == "cuda" else time.process_time
 
 
 def batch_seconds(response_timeout, share, max_decode_ms):
@@ -114,13 +106,14 @@ def stretched(seconds, costs, limits, response_timeout, max_decode_ms):
 class Budget:
     """Admits a batch's requests (cifar10_serve.bodies.Row) while their estimated cost fits
     ``seconds``; a batch's first request alone up to ``most`` (``stretched``'s figure; default
-    ``seconds``). See the module docstring. ``clock``: ``work_clock``'s (tests pass their own)."""
+    ``seconds``). See the module docstring. ``clock``: the calibration's (deadline.work_clock;
+    tests pass their own); ``timed``: how the costs were timed (describe's figures)."""
 
-    def __init__(self, costs, seconds, explain_share=0.5, limits=None, clock=time.process_time,
-                 most=None):
+    def __init__(self, costs, seconds, explain_share=0.5, limits=None, clock=None, most=None,
+                 timed=None):
         self.costs, self.seconds, self.explain_share = costs, seconds, explain_share
         self.most = max(seconds, most or seconds)
-        self.limits, self.clock = limits or {}, clock
+        self.limits, self.clock, self.timed = limits or {}, clock or work_clock(), timed
         self.images = self.looked = 0  # images predicted so far here, and how many took TTA
 
     def saw(self, images, looked):
@@ -155,51 +148,13 @@ class Budget:
         batch takes."""
         return max(1, math.ceil(self.most))
 
-    def admit(self, rows, decode, started, together=False):
-        """``decode(row)`` for each row ``admitting`` admits."""
-        for row in self.admitting(rows, started, together):
-            decode(row)
+    def admission(self, rows, started, together=False):
+        """The Admission of a batch of ``rows`` begun at ``started`` (on ``clock``)."""
+        return Admission(self, rows, started, together)
 
-    def admitting(self, rows, started, together=False):
-        """The rows that fit the batch begun at ``started`` (on ``clock``), in the order of the
-        module docstring, each yielded for its caller to decode before the next is weighed (its
-        decoding counts against the budget; a row that failed to decode, ``row.error``, costs
-        nothing more); every other row that needs work gets its 503, or 413, as ``row.error``.
-        ``together``: the rows are one request's instances (a KServe envelope), admitted or
-        refused as one."""
-        working = [row for row in rows if row.error is None and row.kind in ("predict", "explain")]
-        if together:
-            images = sum(len(row.images) for row in working)
-            most = sum(self.cost(row, self.costs.views) for row in working)
-            for row in working:
-                if most > self.most:
-                    self._refuse(row, 413, images, most)
-                else:
-                    yield row
-            return
-        kinds = [[row for row in working if row.kind == kind] for kind in ("predict", "explain")]
-        first = (kinds[0] or kinds[1])[:1]
-        order = first + [row for rows in kinds for row in sorted(rows, key=_weight)
-                         if not (first and row is first[0])]
-        reserved = explaining = 0.0
-        for row in order:
-            cost, most = self.cost(row), self.cost(row, self.costs.views)
-            if most > self.most:
-                self._refuse(row, 413, len(row.images), most)
-                continue
-            over = self.clock() - started + reserved + cost > self.seconds
-            if row.kind == "explain":
-                over = over or explaining + cost > self.explain_share * self.seconds
-            if over and row is not order[0]:
-                self._refuse(row, 503)
-                continue
-            yield row
-            if row.error is None:  # a request that failed to decode costs nothing more
-                reserved += cost
-                explaining += cost if row.kind == "explain" else 0.0
-
-    def _refuse(self, row, code, images=None, cost=None):
-        """The row's 503, or its 413 (``images`` in its request could cost ``cost`` s)."""
+    def refuse(self, row, code, images=None, cost=None):
+        """The row's 503, or its 413 (``images`` in its request could cost ``cost`` s), as
+        ``row.error``; its images dropped undecoded."""
         kind = "explanation" if row.kind == "explain" else "prediction"
         if code == 413:
             message = (f"this {kind} request's {images} images could cost {cost:.1f} s on this "
@@ -222,68 +177,101 @@ class Budget:
                 "first_request_budget_s": round(self.most, 3), "explain_share": self.explain_share,
                 "largest_request_images": {"predict": self.largest("predict"),
                                            "explain": self.largest("explain")},
-                "retry_after_s": self.retry_after}
+                "retry_after_s": self.retry_after, **({"timed": self.timed} if self.timed else {})}
+
+
+class Admission:
+    """Which requests of one batch (rows of cifar10_serve.bodies.Row, begun at ``started`` on
+    the budget's clock) the budget admits. The handler asks, for each row in ``order`` (those that
+    need work: the batch's leading request, then the lightest first; see the module docstring),
+    whether it ``fits`` and decodes it if so; after a failed group of forwards, whether a row's
+    rerun fits ``again``. A row that does not fit carries its 503, or 413, as ``row.error``.
+    ``together``: the rows are one request's instances (a KServe envelope), admitted or refused
+    as one."""
+
+    def __init__(self, budget, rows, started, together=False):
+        self.budget, self.started, self.together = budget, started, together
+        working = [row for row in rows if row.error is None and row.kind in ("predict", "explain")]
+        self.admitted = []  # (row, its estimated cost), in the order admitted
+        if together:
+            self.order = working
+            self.images = sum(len(row.images) for row in working)
+            self.most = sum(budget.cost(row, budget.costs.views) for row in working)
+            return
+        kinds = [[row for row in working if row.kind == kind] for kind in ("predict", "explain")]
+        first = (kinds[0] or kinds[1])[:1]
+        self.order = first + [row for rows in kinds for row in sorted(rows, key=_weight)
+                              if not (first and row is first[0])]
+
+    def spent(self):
+        """Seconds of the budget's clock since the batch began."""
+        return self.budget.clock() - self.started
+
+    def fits(self, row):
+        """Whether ``row`` (the next of ``order``) fits the batch: then decode it; else it has
+        its 503, or its 413 where it alone costs more than a batch may. What was admitted before
+        counts unless it failed to decode (a row with an error costs nothing more)."""
+        budget = self.budget
+        if self.together:
+            if self.most > budget.most:
+                budget.refuse(row, 413, self.images, self.most)
+                return False
+            return True
+        cost, most = budget.cost(row), budget.cost(row, budget.costs.views)
+        if most > budget.most:
+            budget.refuse(row, 413, len(row.images), most)
+            return False
+        live = [(r, c) for r, c in self.admitted if r.error is None]
+        reserved = sum(c for _, c in live)
+        explaining = sum(c for r, c in live if r.kind == "explain")
+        over = self.spent() + reserved + cost > budget.seconds
+        if row.kind == "explain":
+            over = over or explaining + cost > budget.explain_share * budget.seconds
+        if over and row is not self.order[0]:
+            budget.refuse(row, 503)
+            return False
+        self.admitted.append((row, cost))
+        return True
+
+    def again(self, row):
+        """Whether running ``row`` once more (its group of forwards failed) fits what is left of
+        the batch's budget after the time spent so far, the failed group's included; if not, the
+        row has its 503 (the server did not get to it; it may well succeed when resent)."""
+        if self.spent() + self.budget.cost(row) <= self.budget.seconds:
+            return True
+        self.budget.refuse(row, 503)
+        return False
 
 
 
-def for_worker(settings, response_timeout, forward, net, x, timed_ms, runtime):
-    """A worker's Budget from this machine's timings of the served ``forward`` (``timed_ms`` per
-    image where the runtime check timed it) and of one image's Integrated Gradients of ``net``
-    (on ``x``, a batch of the served shape); its figures logged."""
+def for_worker(settings, response_timeout, calibration):
+    """A worker's Budget from its start-up calibration (runtimes.Calibration: the served forward's
+    and one image's Integrated Gradients' cost here, and the clock they were timed on); its
+    figures logged."""
     limits, decode_ms = settings.limits, settings.limits["max_decode_ms"]
     seconds = batch_seconds(response_timeout, settings.budget_share, decode_ms)
-    forward_ms, ig_ms = measure(forward, net, x, settings.ig_steps, timed_ms)
-    costs = Costs(forward_ms, ig_ms, VIEWS[settings.tta])
+    costs = Costs(calibration.forward_ms, calibration.ig_ms, VIEWS[settings.tta])
     most = stretched(seconds, costs, limits, response_timeout, decode_ms)
-    found = Budget(costs, seconds, settings.explain_share, limits, work_clock(x.device), most)
+    found = Budget(costs, seconds, settings.explain_share, limits, calibration.clock, most,
+                   calibration.figures())
     largest = found.largest("predict"), found.largest("explain")
     alone = (f"; a batch's first request alone up to {found.most:.2f} s, what the largest "
              f"request allowed needs here" if found.most > seconds else "")
-    logger.info("batch budget %.2f s (responseTimeout %s s x budget_share %s%s), timed here: "
-                "forward %.3f ms per image and view (%s, tta %d: up to %d views), "
-                "Integrated Gradients %.0f ms per image (%d steps); the largest request that "
-                "fits: %s images to predict, %s to explain; explanations at most %.0f%% of a "
-                "batch; refused requests get 503 with Retry-After %d s", seconds,
-                response_timeout, settings.budget_share, alone, forward_ms, runtime,
-                settings.tta, costs.views, ig_ms, settings.ig_steps, *largest,
-                100 * found.explain_share, found.retry_after)
+    logger.info("batch budget %.2f s (responseTimeout %s s x budget_share %s%s), timed here on "
+                "the %s, %d images of %s a batch, median of a few runs: forward %.3f ms per "
+                "image and view (%s, tta %d: up to %d views; runs %.3f-%.3f), Integrated "
+                "Gradients %.0f ms per image (%d steps; runs %.0f-%.0f); the largest request "
+                "that fits: %s images to predict, %s to explain; explanations at most %.0f%% of "
+                "a batch; refused requests get 503 with Retry-After %d s", seconds,
+                response_timeout, settings.budget_share, alone, calibration.clock_name,
+                calibration.batch, "x".join(map(str, calibration.input_shape)),
+                costs.forward_ms, calibration.runtime, settings.tta, costs.views,
+                *calibration.forward_spread, costs.ig_ms, settings.ig_steps,
+                *calibration.ig_spread, *largest, 100 * found.explain_share, found.retry_after)
     return found
+
 
 def _weight(row):
     """How heavy a request is before decoding: its images, then its encoded bytes (v2 UINT8
     pixels, already tensors, decode for free)."""
     return len(row.images), sum(len(image) for image in row.images if isinstance(image, bytes))
-
-
-def measure(forward, net, x, ig_steps, forward_ms=None):
-    """Costs on this machine: ``forward_ms`` (where runtimes.py timed the served forward) or one
-    timed call of ``forward`` on the batch ``x``, per image; and one image's Integrated Gradients
-    of ``net``: ``ig_steps`` scaled copies of it forward and backward in one batch, as Captum's
-    IntegratedGradients runs them (without importing Captum, which only explanations need),
-    timed on TIMED_STEPS of them and scaled.
-    Each is timed after one untimed call (warm-up), on ``work_clock``: on a CPU its CPU time, so
-    that a worker started while the machine is busy (beside a restarting worker, or other
-    programs) does not time the wait for a core too and refuse requests that fit."""
-    clock = work_clock(x.device)
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-
-    def timed(step):
-        step()
-        sync()
-        start = clock()
-        step()
-        sync()
-        return 1000 * (clock() - start)
-
-    if forward_ms is None:
-        with torch.inference_mode():
-            forward_ms = timed(lambda: forward(x)) / len(x)
-    steps = min(ig_steps, TIMED_STEPS)
-    alphas = torch.linspace(1 / steps, 1, steps, device=x.device).view(-1, 1, 1, 1)
-
-    def integrated_gradients():
-        with torch.enable_grad():
-            scaled = (alphas * x[:1]).contiguous(memory_format=torch.channels_last)
-            scaled.requires_grad_(True)
-            torch.autograd.grad(net(scaled)[:, 0].sum(), scaled)
-    return forward_ms, timed(integrated_gradients) * ig_steps / steps

@@ -1,7 +1,9 @@
-"""The forward passes of a batch: every predict row's images through the chosen forward in chunks of
-at most batchSize images (with the configured TTA), Integrated Gradients for explain rows; a group
-that fails is retried row by row, so a failure stays the failing request's own 500."""
+"""The forward passes of a batch (``run``): every predict row's images through the chosen forward in
+chunks of at most `forward_batch` images (with the configured TTA), Integrated Gradients for
+explain rows; a group that fails is run again row by row, each rerun charged to the batch's budget,
+so a failure stays the failing request's own 500."""
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -32,9 +34,9 @@ def probabilities(rows, forward, transform, device, chunk, tta, margin=1.0):
 
 def explanations(row, net, targets, transform, device, chunk, steps, classes):
     """Per image of the row, its class (``targets``: the served prediction's, so an explanation
-    names what /predictions answers) and a 32x32 map of Captum Integrated Gradients attributions
-    (summed over colour channels) of the fp32 net for it. Captum is imported here, so
-    predictions never pay for it."""
+    names what /predictions answers) and a map of Captum Integrated Gradients attributions of the
+    fp32 net for it at the net's input size (summed over colour channels). Captum, imported
+    here, is already loaded by the worker's start-up calibration (runtimes.calibrate)."""
     from captum.attr import IntegratedGradients
 
     answers = []
@@ -48,31 +50,76 @@ def explanations(row, net, targets, transform, device, chunk, steps, classes):
     return answers
 
 
-def explain(rows, net, steps, classes, forward, transform, device, chunk, tta, margin=1.0):
-    """(per row, its images' explanations (``explanations``) of the class the served forward
-    gives each; how many images took the TTA views)."""
-    probs, looked = probabilities(rows, forward, transform, device, chunk, tta, margin)
-    return [explanations(row, net, row_probs.argmax(dim=1), transform, device, chunk, steps,
-                         classes) for row, row_probs in zip(rows, probs)], looked
+@dataclass
+class Forwards:
+    """What a batch's forwards run with: the served ``forward``, the fp32 ``net`` (Integrated
+    Gradients), the ``transform``, the ``device``, images per forward call (``chunk``), TTA and
+    its gate (``tta``, ``margin``), Integrated Gradients steps and the class names."""
+    forward: object
+    net: object
+    transform: object
+    device: object
+    chunk: int
+    tta: int = 0
+    margin: float = 1.0
+    ig_steps: int = 32
+    classes: tuple = ()
 
 
-def run_isolated(group, run):
-    """(rows, ``run(rows)``) of the group run together; if that fails, of each row run alone,
-    so a failure stays its own (that row's 500, and nothing yielded for it)."""
-    try:
-        result = run(group)
-    except Exception:  # noqa: BLE001
-        logger.exception("a %s batch of %d requests failed; retrying them one by one",
-                         group[0].kind, len(group))
-    else:
-        yield group, result
-        return
-    for row in group:
-        try:
-            result = run([row])
-        except Exception:  # noqa: BLE001
-            logger.exception("a %s request failed", row.kind)
-            row.error = (500, f"the server failed while answering this {row.kind} request "
-                              f"(logged)")
+@dataclass
+class Found:
+    """What the forwards found for one row: its images' class probabilities (N, classes) and,
+    for an explain row, its explanations (one {"class", "attributions"} per image)."""
+    probs: torch.Tensor
+    explained: list = None
+
+
+def run(rows, forwards, admission=None):
+    """(per row, its Found, or None where it was not run or failed; how many images took the
+    TTA views). The predict rows run together, then the explain rows; a group that fails is run
+    again one row at a time after both, each rerun while it fits what is left of the batch's
+    budget (``admission.again``, budget.Admission; else it has its 503). A row that fails
+    alone gets its 500 as ``row.error``; the others are answered."""
+    found, looked, failed = [None] * len(rows), 0, []
+    for kind in ("predict", "explain"):
+        group = [i for i, row in enumerate(rows) if row.kind == kind and row.error is None]
+        if not group:
             continue
-        yield [row], result
+        try:
+            results, seen = _work([rows[i] for i in group], forwards)
+        except Exception:  # noqa: BLE001  (ours: answered per row below)
+            logger.exception("a %s batch of %d requests failed%s", kind, len(group),
+                             "; retrying them one by one" if len(group) > 1 else "")
+            failed += group if len(group) > 1 else []
+            if len(group) == 1:  # alone already: running it again would fail alike
+                _failed(rows[group[0]])
+            continue
+        looked += seen
+        for i, result in zip(group, results):
+            found[i] = result
+    for i in failed:
+        if admission is not None and not admission.again(rows[i]):
+            continue
+        try:
+            (found[i],), seen = _work([rows[i]], forwards)
+            looked += seen
+        except Exception:  # noqa: BLE001
+            logger.exception("a %s request failed", rows[i].kind)
+            _failed(rows[i])
+    return found, looked
+
+
+def _work(rows, forwards):
+    """(a Found per row, images that took TTA views) for rows of one kind."""
+    f = forwards
+    probs, looked = probabilities(rows, f.forward, f.transform, f.device, f.chunk, f.tta,
+                                  f.margin)
+    if rows[0].kind != "explain":
+        return [Found(p) for p in probs], looked
+    return [Found(p, explanations(row, f.net, p.argmax(dim=1), f.transform, f.device, f.chunk,
+                                  f.ig_steps, f.classes))
+            for row, p in zip(rows, probs)], looked
+
+
+def _failed(row):
+    row.error = (500, f"the server failed while answering this {row.kind} request (logged)")

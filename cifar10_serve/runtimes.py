@@ -1,4 +1,5 @@
-"""The forward pass a worker runs, chosen on the CPU that serves (model-config.yaml `runtime`).
+"""The forward pass a worker runs, chosen on the CPU that serves (model-config.yaml `runtime`), and
+the one start-up calibration of what work costs there.
 
 A .mar is built on one machine and served on others whose kernels differ: ONNX Runtime and
 PyTorch pick different code on AVX2, AVX-512, VNNI and AMX, and int8 can even be wrong on some
@@ -11,9 +12,15 @@ flags decides here. At start, each candidate forward
     torch  the fp32 torch net
 
 runs the archive's golden set (real held-out images and the fp32 logits the build machine's torch
-gave them, golden.npz) and is timed on it; `runtime: auto` serves the fastest that gives the
-golden answers, a named runtime is served if it does, else auto's choice with a logged reason.
-The worker logs the table.
+gave them, golden.npz) and, where it gives the golden answers, is timed; `runtime: auto` serves
+the fastest that passes, a named runtime is served if it passes, else auto's choice with a logged
+reason. The worker logs the table.
+
+``calibrate`` times every forward and one image's Integrated Gradients once, on one clock
+(deadline.work_clock: the worker thread's CPU time on a CPU), on a batch of the model spec's input
+shape as large as the handler's forward chunk (`forward_batch`), each warmed by one call and
+counted as the median of a few runs. Its result (Calibration) decides the runtime and is what the
+batch budget (budget.py) charges work by: the choice and the budget never disagree on a figure.
 """
 import contextlib
 import importlib.util
@@ -22,17 +29,17 @@ import logging
 import os
 import platform
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cifar10_serve.deadline import work_clock
+from cifar10_serve.settings import RUNTIMES
 
 logger = logging.getLogger(__name__)
-CANDIDATES = ("int8", "bf16", "onnx", "torch")
-RUNTIMES = ("auto",) + CANDIDATES
+CANDIDATES = RUNTIMES[1:]  # ("int8", "bf16", "onnx", "torch"): every runtime but "auto"
 ONNX_FILE = "cifar10.onnx"  # export_onnx.py writes these; `make archive` ships them
 INT8_FILE = "cifar10.int8.onnx"
 GOLDEN_FILE = "golden.npz"
@@ -49,6 +56,12 @@ MARGIN = 0.1
 # serve different arithmetic (for this net int8 leads by 1.8-2x, bf16 by ~1.8x).
 RANK = {"torch": 0, "onnx": 0, "bf16": 1, "int8": 2}
 TIE = 1.25
+# Each timing: one warm-up call, then RUNS timed calls (at least MIN_RUNS; fewer where they have
+# taken TIMING_SECONDS together: a 224-px net's batches take seconds), the median kept.
+RUNS, MIN_RUNS, TIMING_SECONDS = 5, 3, 1.0
+# Integrated Gradients steps timed, the cost scaled to ig_steps: from 8 on a step costs the same
+# (CIFAR net, one core: 8 steps x 4 = 198 ms, 32 steps 193-199 ms), and start-up stays short.
+TIMED_STEPS = 8
 
 
 def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
@@ -97,7 +110,8 @@ class Trial:
     forward: object = None
     agree: float = None
     drift: float = None
-    ms_per_image: float = None
+    ms_per_image: float = None  # the median of the timed runs
+    spread: tuple = None        # their lowest and highest (ms per image)
     failure: str = None
 
     def row(self):
@@ -154,7 +168,7 @@ def bf16_forward(net):
 
 
 def load_golden(model_dir):
-    """(uint8 images (N, 3, 32, 32), their fp32 logits) from the archive's golden.npz."""
+    """(uint8 images (N, C, H, W), their fp32 logits) from the archive's golden.npz."""
     path = Path(model_dir) / GOLDEN_FILE
     if not path.exists():
         raise FileNotFoundError(f"the archive has no {GOLDEN_FILE} (the golden images every "
@@ -183,25 +197,35 @@ def candidate(name, net, model_dir, threads):
         return f"ONNX Runtime cannot load {path.name}: {str(err)[:200]}"
 
 
+def timed(step, clock, runs=RUNS):
+    """(median, lowest, highest) seconds of ``step()`` on ``clock``, after one untimed call."""
+    step()
+    times = []
+    while len(times) < runs and (len(times) < MIN_RUNS or sum(times) < TIMING_SECONDS):
+        start = clock()
+        step()
+        times.append(clock() - start)
+    return float(np.median(times)), min(times), max(times)
+
+
 @torch.inference_mode()
-def trial(name, net, model_dir, threads, x, reference):
-    """Check candidate ``name`` on the golden batch ``x`` against ``reference`` logits, then time
-    it there; a failing or missing candidate is not timed."""
+def trial(name, net, model_dir, threads, golden, reference, x, clock):
+    """Check candidate ``name`` on the ``golden`` batch against ``reference`` logits, then time it
+    on ``x`` (``timed`` on ``clock``); a failing or missing candidate is not timed."""
     forward = candidate(name, net, model_dir, threads)
     if isinstance(forward, str):
         return Trial(name, failure=forward)
     result = Trial(name, forward)
     try:
-        result.agree, result.drift = agreement(forward(x).float(), reference)
+        result.agree, result.drift = agreement(forward(golden).float(), reference)
     except Exception as err:  # noqa: BLE001  (a kernel that fails here fails this candidate)
         result.agree, result.drift = 0.0, float("inf")
         result.failure = f"{type(err).__name__}: {str(err)[:200]}"
         return result
     result.failure = passes(name, result.agree, result.drift)
-    if result.failure is None:  # timed after the checking run, which warmed it up
-        start = time.perf_counter()
-        forward(x)
-        result.ms_per_image = 1000 * (time.perf_counter() - start) / len(x)
+    if result.failure is None:
+        result.ms_per_image, *spread = (1000 * t / len(x) for t in timed(lambda: forward(x), clock))
+        result.spread = tuple(spread)
     return result
 
 
@@ -233,17 +257,24 @@ def agreed(model_dir, chosen, passed):
             draft.unlink()
 
 
-def choose(requested, net, model_dir, transform, threads=1):
+def choose(requested, net, model_dir, transform, x, threads=1, clock=None):
     """(forward, its name, the trials) for ``requested`` ("auto" or a CANDIDATES name) on this
-    CPU. The torch net is always checked: it is the weights themselves, so when it misses the
-    golden answers the archive is inconsistent (RuntimeError), whatever else would pass."""
+    CPU, each candidate timed on the batch ``x``. The torch net is always checked: it is the
+    weights themselves, so when it misses the golden answers the archive is inconsistent
+    (RuntimeError), whatever else would pass."""
     if requested == "torch" and not (Path(model_dir) / GOLDEN_FILE).exists():
         return net, "torch", []  # the reference itself: nothing to check it against
     images, reference = load_golden(model_dir)
-    x = transform(images).contiguous(memory_format=torch.channels_last)
+    if tuple(images.shape[1:]) != tuple(x.shape[1:]):
+        raise ValueError(f"{GOLDEN_FILE} holds images of shape {tuple(images.shape[1:])}, the "
+                         f"model spec's input is {tuple(x.shape[1:])}: rebuild with "
+                         f"`make archive`")
+    golden = transform(images).contiguous(memory_format=torch.channels_last)
+    clock = clock or work_clock("cpu")
 
     def run(names):
-        return [trial(name, net, model_dir, threads, x, reference) for name in names]
+        return [trial(name, net, model_dir, threads, golden, reference, x, clock)
+                for name in names]
     trials = run(CANDIDATES if requested == "auto" else dict.fromkeys((requested, "torch")))
     if next(t for t in trials if t.name == "torch").failure:  # the weights themselves
         raise RuntimeError(f"the fp32 torch net does not give the archive's golden answers: "
@@ -263,5 +294,90 @@ def choose(requested, net, model_dir, transform, threads=1):
         follows = "" if chosen is own else " (as another worker of this model chose)"
     logger.info("runtime %s -> %s%s, on %s (%s), golden set of %d images:\n%s", requested,
                 chosen.name, follows, cpu_name(), " ".join(cpu_flags()) or "no listed flags",
-                len(x), "\n".join(t.row() for t in trials))
+                len(golden), "\n".join(t.row() for t in trials))
     return chosen.forward, chosen.name, trials
+
+
+@dataclass
+class Calibration:
+    """What work costs on this machine, timed once at worker start (``calibrate``): the served
+    forward and its name, every candidate's Trial, and the figures the batch budget charges by,
+    all on ``clock`` (named ``clock_name``), on batches of ``batch`` images of ``input_shape``."""
+    forward: object
+    runtime: str
+    trials: list
+    forward_ms: float  # one view of one image through the served forward (median)
+    forward_spread: tuple  # the lowest and highest of its timed runs
+    ig_ms: float       # one image's Integrated Gradients at ig_steps (median)
+    ig_spread: tuple
+    clock: object
+    clock_name: str
+    input_shape: tuple
+    batch: int
+
+    def figures(self):
+        """How it was timed, as the worker logs it and the management API describes it."""
+        return {"clock": self.clock_name, "input_shape": list(self.input_shape),
+                "batch": self.batch,
+                "forward_ms_range": [round(t, 3) for t in self.forward_spread],
+                "explain_ms_range": [round(t, 1) for t in self.ig_spread]}
+
+
+def sample_batch(spec, transform, size, device):
+    """``size`` images of the spec's input shape (fixed noise), normalised and channels-last on
+    ``device``: what calibration times. Kernels' speed does not depend on the pixels."""
+    pixels = torch.randint(0, 256, (size, *spec.input_shape), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    return transform(pixels.to(device)).contiguous(memory_format=torch.channels_last)
+
+
+def integrated_gradients_step(net, x, ig_steps):
+    """(a call that runs ``min(ig_steps, TIMED_STEPS)`` steps of one image's Integrated Gradients
+    of ``net`` (scaled copies of x[0] forward and backward in one batch, as Captum's
+    IntegratedGradients runs them), the factor that scales its cost to ig_steps).
+
+    Captum itself runs once first, as an explanation does: a worker's first explanation would
+    otherwise pay its import and first call (~1.4 s of CPU time here) outside the budget. It is
+    not what is timed: its fixed cost per call (~2 ms here, one call per forward_batch images),
+    scaled with the steps, over-charged a small net (widths 16, 32, 32) 40 %: 448 ms per image
+    at 384 steps where explanations took 322 ms, and these steps 336."""
+    from captum.attr import IntegratedGradients
+
+    target = torch.zeros(1, dtype=torch.long, device=x.device)
+    IntegratedGradients(net).attribute(x[:1], target=target, n_steps=2)
+    steps = min(ig_steps, TIMED_STEPS)
+    alphas = torch.linspace(1 / steps, 1, steps, device=x.device).view(-1, *[1] * (x.dim() - 1))
+
+    def step():
+        with torch.enable_grad():
+            scaled = (alphas * x[:1]).contiguous(memory_format=torch.channels_last)
+            scaled.requires_grad_(True)
+            torch.autograd.grad(net(scaled)[:, 0].sum(), scaled)
+    return step, ig_steps / steps
+
+
+def calibrate(requested, net, model_dir, transform, spec, device, batch=16, ig_steps=32,
+              threads=1):
+    """The Calibration of this worker: on a CPU the forward ``choose`` serves for ``requested``
+    (every candidate timed), on a GPU the torch net; each forward timed on ``batch`` images of
+    ``spec.input_shape`` and one image's Integrated Gradients of ``net`` (``ig_steps``), on
+    deadline.work_clock."""
+    clock = work_clock(device.type)
+    x = sample_batch(spec, transform, batch, device)
+    forward, runtime, trials = net, "torch", []
+    if device.type == "cpu":
+        forward, runtime, trials = choose(requested, net, model_dir, transform, x, threads,
+                                          clock)
+    synced = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    served = next((t for t in trials if t.forward is forward), None)
+    if served is None:  # the torch net on a GPU, or served unchecked: timed here
+        with torch.inference_mode():
+            seconds = timed(lambda: (forward(x), synced()), clock)
+        served = Trial(runtime, forward, ms_per_image=1000 * seconds[0] / batch,
+                       spread=tuple(1000 * t / batch for t in seconds[1:]))
+    step, scale = integrated_gradients_step(net, x, ig_steps)
+    ig = [1000 * t * scale for t in timed(lambda: (step(), synced()), clock)]
+    return Calibration(forward, runtime, trials, served.ms_per_image, served.spread, ig[0],
+                       tuple(ig[1:]), clock,
+                       "wall time" if device.type == "cuda" else "thread CPU time",
+                       tuple(spec.input_shape), batch)

@@ -4,7 +4,9 @@ an unknown name or a value out of range stops the worker with a message naming t
 from dataclasses import dataclass, field
 
 from cifar10_serve.images import MAX_IMAGE_PIXELS
-from cifar10_serve.runtimes import RUNTIMES
+
+# model-config.yaml `runtime`: auto, or one forward by name (cifar10_serve/runtimes.py).
+RUNTIMES = ("auto", "int8", "bf16", "onnx", "torch")
 
 # The per-request limits and their defaults. Each is checked before the work it bounds; going
 # over one is that request's 413 (or 400), never its batch neighbours' problem.
@@ -25,6 +27,9 @@ class Settings:
     tta: int = 0
     ig_steps: int = 32
     threads: int = 0  # 0: torch's own default
+    # Images per forward call: a request's (or a batch's) images go through the forward in chunks
+    # of this many, whatever TorchServe's batchSize (requests per batch; KServe's is 1).
+    forward_batch: int = 16
     tta_margin: float = 1.0  # the extra views only below this lead (gated TTA); 1: every image
     runtime: str = "auto"
     profile: bool = False
@@ -37,12 +42,13 @@ def read(config):
     """Settings from the `handler:` mapping of model-config.yaml (None or {}: the defaults).
     ValueError naming the setting when one is unknown or out of range."""
     config = dict(config or {})
-    unknown = set(config) - {"topk", "tta", "tta_margin", "ig_steps", "threads", "runtime",
-                             "profile", "budget_share", "explain_share", *LIMITS}
+    unknown = set(config) - {"topk", "tta", "tta_margin", "ig_steps", "threads", "forward_batch",
+                             "runtime", "profile", "budget_share", "explain_share", *LIMITS}
     if unknown:
         raise ValueError(f"model-config.yaml handler: unknown settings {sorted(unknown)}")
     settings = Settings()
-    for name, default in {"topk": settings.topk, "ig_steps": settings.ig_steps, **LIMITS}.items():
+    for name, default in {"topk": settings.topk, "ig_steps": settings.ig_steps,
+                          "forward_batch": settings.forward_batch, **LIMITS}.items():
         value = _whole(name, config.get(name, default))
         if name in LIMITS:
             settings.limits[name] = value

@@ -21,7 +21,6 @@ Retry-After; an exception of ours while serving one request is that request's 50
 requests of the batch are answered as usual.
 """
 import contextlib
-import functools
 import json
 import logging
 import time
@@ -37,7 +36,7 @@ from cifar10_serve.bodies import Row
 from cifar10_serve.errors import ClientError, Failure
 from cifar10_serve.images import decode_request, eval_transform
 from cifar10_serve.net import build_net, class_names, load_checkpoint
-from cifar10_serve.runtimes import choose, select_device
+from cifar10_serve.runtimes import calibrate, select_device
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ class Cifar10Handler(BaseHandler):
         self.settings = settings.read((getattr(context, "model_yaml_config", None) or {})
                                       .get("handler"))
         self.limits = self.settings.limits
-        self.chunk = max(1, int(properties.get("batch_size") or 16))
+        self.chunk = self.settings.forward_batch  # images per forward call, not batchSize
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         self.device = select_device(properties.get("gpu_id"))
@@ -64,18 +63,15 @@ class Cifar10Handler(BaseHandler):
             self.device, memory_format=torch.channels_last)
         self.model.eval()
         self.transform = eval_transform(self.spec)
-        self.forward, self.runtime, self.trials = self.model, "torch", []
-        if self.device.type == "cpu":  # on a GPU the torch net runs
-            self.forward, self.runtime, self.trials = choose(
-                self.settings.runtime, self.model, model_dir, self.transform,
-                torch.get_num_threads())
+        # One start-up calibration (on a GPU the torch net runs) feeds the runtime and the budget.
+        self.calibration = calibrate(self.settings.runtime, self.model, model_dir, self.transform,
+                                     self.spec, self.device, self.chunk, self.settings.ig_steps,
+                                     torch.get_num_threads())
+        self.forward, self.runtime = self.calibration.forward, self.calibration.runtime
         config = getattr(context, "model_yaml_config", None) or {}
-        timed_ms = next((t.ms_per_image for t in self.trials if t.forward is self.forward), None)
         self.budget = budget.for_worker(
             self.settings, config.get("responseTimeout", budget.TORCHSERVE_RESPONSE_TIMEOUT),
-            self.forward, self.model,
-            self.to_batch([torch.zeros(self.spec.input_shape, dtype=torch.uint8)] * self.chunk),
-            timed_ms, self.runtime)
+            self.calibration)
         # Which archive this is (X-Model-Version, v2 model_version): during a release
         # (release.py) several versions of the model answer at once.
         self.version = str((context.manifest or {}).get("model", {}).get("modelVersion") or "")
@@ -90,8 +86,8 @@ class Cifar10Handler(BaseHandler):
         another."""
         start, self.context = time.time(), context
         together = torchserve_adapter.enveloped(data, context)
-        rows = self.decode(data, together)
-        self.infer(rows)
+        rows, admission = self.decode(data, together)
+        self.infer(rows, admission)
         output = self.encode(rows, together)
         context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
         return output
@@ -105,10 +101,12 @@ class Cifar10Handler(BaseHandler):
         started = self.budget.clock()
         rows = [self._read(index, request, len(data), together)
                 for index, request in enumerate(data)]
-        for row in self.budget.admitting(rows, started, together):
-            with self._own_error(row, f"decoding a {row.kind} request of the batch"):
-                row.images = decode_request(row.images, self.limits, self.spec)
-        return rows
+        admission = self.budget.admission(rows, started, together)
+        for row in admission.order:
+            if admission.fits(row):  # else it has its 503 or 413
+                with self._own_error(row, f"decoding a {row.kind} request of the batch"):
+                    row.images = decode_request(row.images, self.limits, self.spec)
+        return rows, admission
 
     def _read(self, index, request, count, together):
         headers = torchserve_adapter.headers_of(self.context, index, together)
@@ -142,27 +140,21 @@ class Cifar10Handler(BaseHandler):
                                                  f"this request (logged)", ""), []
 
     @timed
-    def infer(self, rows):
+    def infer(self, rows, admission=None):
         """Class probabilities for every predict row, Integrated Gradients for every explain row
-        (``row.result``); a group that fails is run again row by row (predict.run_isolated)."""
-        forward = {"forward": self.forward, "transform": self.transform, "device": self.device,
-                   "chunk": self.chunk, "tta": self.settings.tta,
-                   "margin": self.settings.tta_margin}
-        runs = {"predict": functools.partial(predict.probabilities, **forward),
-                "explain": functools.partial(predict.explain, net=self.model,
-                                             steps=self.settings.ig_steps,
-                                             classes=self.classes, **forward)}
-        for kind, run in runs.items():
-            group = [row for row in rows if row.kind == kind and row.error is None]
-            if not group:
-                continue
-            for done, (results, looked) in predict.run_isolated(group, run):
-                self._count(sum(len(row.images) for row in done), looked)
-                for row, result in zip(done, results):
-                    row.result = result
+        (``row.result``); a group that fails is run again row by row while it fits what is left
+        of the batch's budget (``admission``; predict.run)."""
+        forwards = predict.Forwards(self.forward, self.model, self.transform, self.device,
+                                    self.chunk, self.settings.tta, self.settings.tta_margin,
+                                    self.settings.ig_steps, self.classes)
+        found, looked = predict.run(rows, forwards, admission)
+        self._count(sum(len(f.probs) for f in found if f is not None), looked)
+        for row, result in zip(rows, found):
+            if result is not None:
+                row.result = result.explained if row.kind == "explain" else result.probs
 
     def _count(self, images, looked):
-        """The images the forward saw and how many took the TTA views: for the budget, and on
+        """Images forwarded and how many took the TTA views: for the budget's estimate, and on
         the metrics port (ts_handler_tta_images, ..._second_looks)."""
         self.budget.saw(images, looked)
         metrics = getattr(self.context, "metrics", None)

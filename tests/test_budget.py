@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import torch
 import yaml
 from conftest import COLOURS, ROOT, image_bytes, solid_png
 from ts.context import RequestProcessor
@@ -221,6 +222,29 @@ def test_a_prediction_is_never_refused_for_an_explanation_that_came_first(colour
     _, statuses, _ = run(colour_handler, [{"body": four}, {"body": four}], "ee")
     assert statuses == [200, 503]
 
+def test_a_failed_groups_reruns_stop_where_the_budget_does(colour_handler, monkeypatch):
+    """A forward that fails on one image (and takes 0.3 s a call): the group of three fails,
+    each request runs again alone while that fits the 1-s batch; the failing one gets its 500,
+    the one the budget has no room left for its 503 with Retry-After, not a run past it."""
+    clock = with_budget(colour_handler, forward_ms=250, seconds=1.0)
+    monkeypatch.setattr(colour_handler.settings, "tta", 0)
+    forward, poisoned = colour_handler.forward, None
+
+    def fragile(x):
+        clock.now += 0.3
+        if any(torch.equal(view, poisoned) for view in x):
+            raise RuntimeError("boom")
+        return forward(x)
+    rows = colour_handler.preprocess([{"body": IMAGES[1]}])
+    poisoned = colour_handler.to_batch(rows[0].images)[0]
+    colour_handler.forward = fragile
+    answers, statuses, retry = run(colour_handler, [{"body": IMAGES[i]} for i in range(3)])
+    assert statuses == [200, 500, 503] and retry == [None, None, "1"]  # 0.3 + 0.3 + 0.3 s spent
+    assert "logged" in answers[1]["message"] and "busy" in answers[2]["message"]
+    colour_handler.forward = forward
+    assert answers[0] == pytest.approx(alone(colour_handler, IMAGES[0]), abs=1e-6)
+
+
 def test_expected_tta_forwards_follow_the_second_looks_seen(colour_handler):
     """Until images are seen, every image is costed at every view; then at the share seen."""
     found = Budget(Costs(forward_ms=100, ig_ms=0, views=2), seconds=1.0)
@@ -235,16 +259,44 @@ def test_expected_tta_forwards_follow_the_second_looks_seen(colour_handler):
     assert 0 <= colour_handler.budget.looked <= 10
 
 
+def admit(found, rows, started=100.0, together=False):
+    """The rows a batch's Admission lets through, asked in its order as the handler asks."""
+    admission = found.admission(rows, started, together)
+    return [row for row in admission.order if admission.fits(row)]
+
+
 def test_one_requests_instances_are_admitted_or_refused_together():
     """A KServe envelope's rows are one request's instances: never some served, some 503."""
     found = Budget(Costs(forward_ms=400, ig_ms=0), seconds=1.0, clock=Clock())
-    decoded = []
     rows = [Row(images=[b"x"]) for _ in range(2)]
-    found.admit(rows, decoded.append, started=100.0, together=True)
-    assert decoded == rows and all(row.error is None for row in rows)
+    assert admit(found, rows, together=True) == rows and all(row.error is None for row in rows)
     rows = [Row(images=[b"x"]) for _ in range(3)]
-    found.admit(rows, decoded.append, started=100.0, together=True)
+    assert admit(found, rows, together=True) == []
     assert {row.error[0] for row in rows} == {413}
+
+
+def test_the_admission_order_is_the_oldest_prediction_then_the_lightest():
+    """The handler asks in the Admission's order: the oldest prediction (not the older
+    explanation), then predictions and explanations, each lightest first."""
+    found = Budget(Costs(forward_ms=1, ig_ms=1), seconds=10.0, clock=Clock())
+    rows = [Row("explain", images=[b"x"]), Row(images=[b"x"] * 3), Row(images=[b"x"]),
+            Row("explain", images=[b"x"] * 2), Row("describe"), Row(error=(400, "bad"))]
+    assert found.admission(rows, 100.0).order == [rows[i] for i in (1, 2, 0, 3)]
+
+
+def test_a_rerun_is_charged_to_the_batchs_budget():
+    """After a failed group a row runs again only while it fits what is left: the time spent
+    (the failed group's included) plus its cost; else its 503 with the busy message."""
+    clock = Clock()
+    found = Budget(Costs(forward_ms=250, ig_ms=0), seconds=1.0, clock=clock)
+    rows = [Row(images=[b"x"]) for _ in range(3)]
+    admission = found.admission(rows, clock())
+    assert [admission.fits(row) for row in admission.order] == [True, True, True]
+    clock.now += 0.5  # the group ran 0.5 s and failed
+    assert admission.again(rows[0]) and rows[0].error is None
+    clock.now += 0.3  # that rerun took 0.3 s: 0.8 s spent, 0.25 s more would not fit
+    assert not admission.again(rows[1])
+    assert rows[1].error[0] == 503 and "busy" in rows[1].error[1]
 
 
 def test_the_worker_times_its_budget_at_start_logs_and_describes_it(colour_handler, caplog):
@@ -258,6 +310,11 @@ def test_the_worker_times_its_budget_at_start_logs_and_describes_it(colour_handl
     assert figures["batch_budget_s"] == 2.0 and figures["retry_after_s"] == 2
     assert figures["first_request_budget_s"] == 2.0  # the colour net fits: nothing stretched
     assert figures["forward_ms_per_image"] > 0 and figures["explain_ms_per_image"] > 0
+    calibration = handler.calibration  # one start-up calibration: the runtime's and the budget's
+    assert figures["forward_ms_per_image"] == round(calibration.forward_ms, 3)
+    assert figures["explain_ms_per_image"] == round(calibration.ig_ms, 1)
+    assert handler.budget.clock is calibration.clock
+    assert figures["timed"] == {**calibration.figures(), "input_shape": [3, 32, 32]}
     assert figures["tta_views"] == 2 and figures["explain_share"] == 0.5
     assert figures["largest_request_images"] == {
         "predict": handler.budget.largest("predict"), "explain": handler.budget.largest("explain")}

@@ -37,6 +37,13 @@ def bf16_cpu(monkeypatch):
     monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: True)
 
 
+def burn(seconds):
+    """Use ``seconds`` of this thread's CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
 def top1(answers):
     return [next(iter(answer)) for answer in answers]
 
@@ -84,7 +91,7 @@ def test_without_onnxruntime_the_torch_net_answers(make_handler, tiny_checkpoint
     monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
     handler = make_handler(tiny_checkpoint, runtime="onnx")
     assert handler.runtime == "torch" and handler.forward is handler.model
-    assert "onnxruntime is not installed" in handler.trials[0].failure
+    assert "onnxruntime is not installed" in handler.calibration.trials[0].failure
     assert {code for code, _ in handle(handler, IMAGES)[1]} == {200}
 
 
@@ -135,8 +142,9 @@ def test_gpu_worker_runs_the_torch_net(make_handler, tiny_checkpoint):
 ], ids=["onnx-fastest", "int8-fastest", "fastest-is-wrong", "near-tie-goes-to-precision"])
 def test_auto_serves_the_fastest_forward_that_gives_the_golden_answers(
         make_handler, colour_checkpoint, bf16_cpu, monkeypatch, caplog, slow, broken, expected):
-    """Candidates made slow (a 50 ms pause a call) or wrong (logits reversed) on purpose: the
-    worker times the ones that pass and serves the fastest; a wrong one is never served."""
+    """Candidates made slow (50 ms of CPU time a call: calibration counts the worker thread's
+    CPU time, which a pause would not use) or wrong (logits reversed) on purpose: the worker
+    times the ones that pass and serves the fastest; a wrong one is never served."""
     real = runtimes.candidate
 
     def candidate(name, *args):
@@ -144,9 +152,9 @@ def test_auto_serves_the_fastest_forward_that_gives_the_golden_answers(
 
         def changed(x):
             if name in slow:
-                time.sleep(0.05)
+                burn(0.05)
             elif expected == ("onnx", "torch"):  # every forward about as fast: a near-tie
-                time.sleep(0.045 if name in ("int8", "bf16") else 0.05)
+                burn(0.045 if name in ("int8", "bf16") else 0.05)
             return forward(x).flip(1) if name in broken else forward(x)
         return changed
     monkeypatch.setattr(runtimes, "candidate", candidate)
@@ -155,7 +163,7 @@ def test_auto_serves_the_fastest_forward_that_gives_the_golden_answers(
         handler = make_handler(colour_checkpoint, runtime="auto", tta=1)
     assert handler.runtime in expected if isinstance(expected, tuple) else \
         handler.runtime == expected
-    trials = {t.name: t for t in handler.trials}
+    trials = {t.name: t for t in handler.calibration.trials}
     assert list(trials) == list(CANDIDATES)
     assert all((trials[n].failure is not None) == (n in broken) for n in CANDIDATES)
     assert all(trials[n].ms_per_image for n in CANDIDATES if n not in broken)
@@ -181,7 +189,7 @@ def test_a_named_runtime_is_served_when_it_passes(make_handler, colour_checkpoin
     reference), whatever the others would do."""
     monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
     handler = make_handler(colour_checkpoint, runtime="onnx")
-    assert handler.runtime == "onnx" and [t.name for t in handler.trials] == ["onnx", "torch"]
+    assert handler.runtime == "onnx" and [t.name for t in handler.calibration.trials] == ["onnx", "torch"]
 
 
 @pytest.mark.parametrize("tta", [0, 1])
@@ -279,3 +287,52 @@ def test_int8_export_refuses_a_quantization_that_drifts(colour_checkpoint, tmp_p
                              FIXTURES], capture_output=True, text=True)
     assert result.returncode != 0 and "nothing written" in result.stderr, result.stderr
     assert not int8.exists() and not int8.with_suffix(".tmp").exists()
+
+
+def test_calibration_takes_the_median_of_warmed_runs():
+    """One untimed call, then the timed runs' median (and their range) on the clock given; runs
+    that take long (a large model's) stop at MIN_RUNS."""
+    def timed(costs):
+        costs, now = iter(costs), [0.0]
+
+        def step():
+            now[0] += next(costs)
+        return runtimes.timed(step, lambda: now[0])
+    assert timed([0.9, 0.03, 0.01, 0.02, 0.05, 0.04]) == pytest.approx((0.03, 0.01, 0.05))
+    assert runtimes.MIN_RUNS == 3 and timed([9.0, 3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+
+
+def test_calibration_times_the_model_specs_input_shape(tmp_path):
+    """Every forward and Integrated Gradients are timed on the spec's input (channels, height,
+    width) in batches of the forward chunk, on the worker thread's CPU time: a 64x48 model is
+    timed at 64x48, not at CIFAR's 32x32."""
+    from torch import nn
+
+    from cifar10_serve.spec import ModelSpec
+    spec = ModelSpec(name="wide", classes=("a", "b"), architecture="test", image_size=(64, 48))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 2)).eval()
+    seen = []
+    net.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    calibration = runtimes.calibrate("torch", net, tmp_path, lambda x: x.float() / 255, spec,
+                                     torch.device("cpu"), batch=4, ig_steps=32)
+    assert calibration.runtime == "torch" and calibration.forward is net
+    assert {shape[1:] for shape in seen} == {(3, 64, 48)}
+    assert {(4, 3, 64, 48), (runtimes.TIMED_STEPS, 3, 64, 48)} <= set(seen)
+    assert calibration.forward_ms > 0 and calibration.ig_ms > 0
+    assert calibration.clock is time.thread_time
+    assert calibration.figures()["clock"] == "thread CPU time"
+    assert calibration.figures()["input_shape"] == [3, 64, 48]
+
+
+def test_the_forward_chunk_is_a_handler_setting_not_torchserves_batch_size(make_handler,
+                                                                           colour_checkpoint):
+    """forward_batch (model-config.yaml handler:) sets the images per forward call and the
+    calibration's batch; TorchServe's batchSize (16 in the test context; KServe's is 1) does
+    not."""
+    handler = make_handler(colour_checkpoint, forward_batch=5)
+    assert handler.chunk == 5 and handler.calibration.batch == 5
+    calls, forward = [], handler.forward
+    handler.forward = lambda x: calls.append(len(x)) or forward(x)
+    handle(handler, [{"body": solid_png((10 * i, 0, 0))} for i in range(12)])
+    assert calls == [5, 5, 2]
