@@ -553,7 +553,7 @@ def in_process(args, folder):
                                             for p in context.request_processor):
             sys.exit(f"the handler did not answer 200 to every request: {answers[:2]}")
 
-    batch = handler.to_batch([image for row in handler.decode(rows) for image in row.images])
+    batch = handler.to_batch([image for row in handler.decode(rows)[0] for image in row.images])
     runtime, as_worker = handler.runtime, f"{worker_threads} thread(s) as a worker"
     steps = [("handler.handle, raw-JPEG requests", args.batch, cores, handle),
              (f"forward ({runtime})", args.batch, cores, lambda: _forward(handler, batch)),

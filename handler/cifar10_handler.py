@@ -97,7 +97,8 @@ class Cifar10Handler(BaseHandler):
         """TorchServe's rows -> Rows: each request's kind and protocol detected, its body read and
         counted against the limits; those the batch's budget admits get their images decoded,
         the others refused (503, or 413 for one that never fits); each failed row with its own
-        error. ``together``: the rows are one request's instances (a KServe envelope)."""
+        error. ``together``: the rows are one request's instances (a KServe envelope). Returns
+        the rows and their budget.Admission (which decides reruns after the forwards)."""
         started = self.budget.clock()
         rows = [self._read(index, request, len(data), together)
                 for index, request in enumerate(data)]

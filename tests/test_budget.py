@@ -95,10 +95,10 @@ def test_light_requests_go_before_heavy_ones_that_arrived_earlier(colour_handler
     clock = with_budget(colour_handler, forward_ms=0, seconds=0.4)
     decoded = []
 
-    def decode_by_bytes(images, limits):  # decoding costs 1 s per MB here
+    def decode_by_bytes(images, limits, spec):  # decoding costs 1 s per MB here
         decoded.append(len(images[0]))
         clock.now += len(images[0]) / 1e6
-        return real(images, limits)
+        return real(images, limits, spec)
     real = cifar10_handler.decode_request
     monkeypatch.setattr(cifar10_handler, "decode_request", decode_by_bytes)
     heavy = [image_bytes(size=(400, 400), seed=seed) for seed in (1, 2)]  # ~0.5 MB each
@@ -132,10 +132,10 @@ def decoding_takes(monkeypatch, clock, seconds):
     requests' image counts."""
     decoded, decode = [], cifar10_handler.decode_request
 
-    def timed_decode(images, limits):
+    def timed_decode(images, limits, spec):
         decoded.append(len(images))
         clock.now += seconds
-        return decode(images, limits)
+        return decode(images, limits, spec)
     monkeypatch.setattr(cifar10_handler, "decode_request", timed_decode)
     return decoded
 
@@ -235,7 +235,7 @@ def test_a_failed_groups_reruns_stop_where_the_budget_does(colour_handler, monke
         if any(torch.equal(view, poisoned) for view in x):
             raise RuntimeError("boom")
         return forward(x)
-    rows = colour_handler.preprocess([{"body": IMAGES[1]}])
+    rows, _ = colour_handler.decode([{"body": IMAGES[1]}])
     poisoned = colour_handler.to_batch(rows[0].images)[0]
     colour_handler.forward = fragile
     answers, statuses, retry = run(colour_handler, [{"body": IMAGES[i]} for i in range(3)])

@@ -18,7 +18,7 @@ IMAGES = [solid_png(colour) for colour in COLOURS]
 def colour_batch(make_handler, colour_checkpoint):
     """(handler, normalised batch of the ten colours, first-look lead of each)."""
     handler = make_handler(colour_checkpoint, tta=1)
-    rows = handler.decode([{"body": image} for image in IMAGES])
+    rows, _ = handler.decode([{"body": image} for image in IMAGES])
     x = handler.to_batch([image for row in rows for image in row.images])
     with torch.inference_mode():
         top2 = handler.model(x).softmax(1).topk(2, dim=1).values
@@ -74,7 +74,7 @@ def test_explanations_name_the_class_predictions_answer(make_handler, colour_che
     (explained,) = handler.handle([{"body": IMAGES[0]}], context)
     assert explained["class"] == next(iter(predicted[0]))
     with torch.inference_mode():
-        x = handler.to_batch(handler.decode([{"body": IMAGES[0]}])[0].images)
+        x = handler.to_batch(handler.decode([{"body": IMAGES[0]}])[0][0].images)
         assert handler.classes[net(x).argmax().item()] != explained["class"]
 
 

@@ -56,7 +56,7 @@ def test_handler_tensor_equals_the_training_eval_tensor(make_handler, tiny_check
     images, _, _, paths = data.load_image_folder(fixture_folder(tmp_path / "folder"), spec=spec)
     training_view = eval_transform(spec)(images)
     handler = make_handler(tiny_checkpoint)
-    rows = handler.decode([{"body": open(p, "rb").read()} for p in paths])
+    rows, _ = handler.decode([{"body": open(p, "rb").read()} for p in paths])
     served_view = handler.to_batch([image for row in rows for image in row.images])
     assert torch.equal(served_view, training_view)
 
