@@ -17,7 +17,7 @@ def to_batch(images, transform, device):
 
 
 @torch.inference_mode()
-def probabilities(rows, forward, transform, device, chunk, tta, margin=1.0):
+def probabilities(rows, forward, transform, device, chunk, tta, margin=1.0, temperature=1.0):
     """(per row, its images' class probabilities (N, classes) on the CPU; how many images took
     the TTA views: all of them, or with ``margin`` < 1 those the first look left unsure)."""
     images = [image for row in rows for image in row.images]
@@ -25,7 +25,7 @@ def probabilities(rows, forward, transform, device, chunk, tta, margin=1.0):
     for start in range(0, len(images), chunk):
         batch = to_batch(images[start:start + chunk], transform, device)
         logits, second = gated_logits(forward, batch, tta, margin)
-        parts.append(logits.float().softmax(dim=1).cpu())
+        parts.append((logits.float() / temperature).softmax(dim=1).cpu())  # the spec's T
         looked += second
     return torch.split(torch.cat(parts), [len(row.images) for row in rows]), looked
 

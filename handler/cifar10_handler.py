@@ -30,6 +30,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
 from cifar10_serve import answers, budget, compat, oip, oip_reply, predict, settings
+from cifar10_serve import spec as model_spec
 from cifar10_serve.images import decode_request, eval_transform
 from cifar10_serve.net import build_net, class_names, load_checkpoint
 from cifar10_serve.requests import Row, too_many
@@ -57,6 +58,7 @@ class Cifar10Handler(BaseHandler):
         self.model = build_net(checkpoint).to(self.device, memory_format=torch.channels_last)
         self.model.eval()
         self.transform = eval_transform(**checkpoint.get("normalization", {}))
+        self.temperature = model_spec.from_checkpoint(checkpoint).temperature
         self.forward, self.runtime, self.trials = self.model, "torch", []
         if self.device.type == "cpu":  # on a GPU the torch net runs
             self.forward, self.runtime, self.trials = choose(
@@ -158,7 +160,7 @@ class Cifar10Handler(BaseHandler):
         the images counted on the metrics port (ts_handler_tta_images, ..._second_looks)."""
         probs, looked = predict.probabilities(rows, self.forward, self.transform, self.device,
                                               self.chunk, self.settings.tta,
-                                              self.settings.tta_margin)
+                                              self.settings.tta_margin, self.temperature)
         self.budget.saw(sum(len(p) for p in probs), looked)
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None and self.settings.tta:
