@@ -23,9 +23,11 @@ import torchvision
 import yaml
 from tqdm import tqdm
 
+import calibration
 import data
 import train
 from cifar10_serve import spec as specs
+from cifar10_serve.images import eval_transform
 from cifar10_serve.net import build_net, tta_views
 from cifar10_serve.runtimes import onnx_forward
 from client import TorchServeClient
@@ -116,6 +118,36 @@ def margin_table(args, precision, preds, truth, forwards):
     return rows
 
 
+def calibration_report(args, precisions):
+    """ECE (15 bins), NLL, accuracy and mean top-1 probability of the served forward of each
+    precision (gated TTA as --tta and --tta-margin), before calibration (T 1) and after (the
+    checkpoint's spec.temperature, as the handler divides by it), printed as a table; with
+    --calibration PNG, their reliability diagrams there. Returns the figures as a dict."""
+    checkpoint = torch.load(args.weights, map_location="cpu", weights_only=True)
+    spec = specs.from_checkpoint(checkpoint)
+    images, labels = calibration.held_out(args.data_dir, spec, args.holdout)
+    transform, margin = eval_transform(spec), args.tta_margin[0]
+    rows, panels, result = [], [], {}
+    for precision in precisions:
+        logits = calibration.served_logits(
+            calibration.runtime_forward(checkpoint, precision, args.int8), images, transform,
+            args.tta, margin)
+        result[precision] = {}
+        for when, temperature in (("before", 1.0), ("after", spec.temperature)):
+            found = calibration.scores(logits, labels, temperature)
+            result[precision][when] = dict(found, temperature=temperature)
+            rows.append((f"{precision}, {when} calibration", f"{temperature:.4f}", found))
+            panels.append((f"{precision} {when} calibration (T {temperature:.4f}), tta {args.tta} "
+                           f"gated at {margin:g}",
+                           (logits.double() / temperature).softmax(1), labels))
+    print(f"\n{args.weights}, {len(labels)} images of {args.data_dir}\n")
+    calibration.table(rows)
+    if args.calibration:
+        calibration.diagram(panels, args.calibration)
+        print(f"wrote {args.calibration}")
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -142,6 +174,9 @@ def main(argv=None):
                    help="score only the validation split of this size that train.py holds out "
                         "of data_dir (its --val-size), 0 for every image")
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
+    p.add_argument("--calibration", type=Path, metavar="PNG",
+                   help="for --weights, also ECE and NLL before and after the checkpoint's "
+                        "temperature per precision, and their reliability diagram here")
     args = p.parse_args(argv)
     if args.weights:
         precisions = args.precision or (["fp32", "int8"] if args.int8 else ["fp32"])
@@ -158,6 +193,8 @@ def main(argv=None):
                 result[precision] = report(preds[0], truth)
             else:
                 result[precision] = margin_table(args, precision, preds, truth, forwards)
+        if args.calibration:
+            result["calibration"] = calibration_report(args, precisions)
     else:
         client = TorchServeClient(key_file=args.key_file, model=args.model)
         client.inference = args.url.rstrip("/")

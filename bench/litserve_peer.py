@@ -13,6 +13,7 @@ import torch
 
 from cifar10_serve.images import decode_image, eval_transform, image_tensor
 from cifar10_serve.net import build_net, load_checkpoint
+from cifar10_serve.spec import from_checkpoint
 
 
 class Cifar10API(ls.LitAPI):
@@ -23,19 +24,22 @@ class Cifar10API(ls.LitAPI):
     def setup(self, device):
         torch.set_num_threads(1)
         checkpoint = load_checkpoint(self.weights)
-        self.net = build_net(checkpoint).to(memory_format=torch.channels_last).eval()
-        self.classes = checkpoint["classes"]
-        self.transform = eval_transform(**checkpoint.get("normalization", {}))
+        self.spec = from_checkpoint(checkpoint)
+        self.net = build_net(self.spec, checkpoint["state_dict"])
+        self.net = self.net.to(memory_format=torch.channels_last).eval()
+        self.classes = self.spec.classes
+        self.transform = eval_transform(self.spec)
 
     def decode_request(self, request):
-        return image_tensor(decode_image(base64.b64decode(request["data"])))
+        return image_tensor(decode_image(base64.b64decode(request["data"]), self.spec))
 
     def batch(self, inputs):
         return torch.stack(inputs)
 
     @torch.inference_mode()
     def predict(self, x):
-        return self.net(self.transform(x).contiguous(memory_format=torch.channels_last)).softmax(1)
+        logits = self.net(self.transform(x).contiguous(memory_format=torch.channels_last))
+        return (logits / self.spec.temperature).softmax(1)
 
     def unbatch(self, output):
         return list(output)

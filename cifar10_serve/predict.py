@@ -19,7 +19,7 @@ def to_batch(images, transform, device):
 
 
 @torch.inference_mode()
-def probabilities(rows, forward, transform, device, chunk, tta, margin=1.0):
+def probabilities(rows, forward, transform, device, chunk, tta, margin=1.0, temperature=1.0):
     """(per row, its images' class probabilities (N, classes) on the CPU; how many images took
     the TTA views: all of them, or with ``margin`` < 1 those the first look left unsure)."""
     images = [image for row in rows for image in row.images]
@@ -27,7 +27,7 @@ def probabilities(rows, forward, transform, device, chunk, tta, margin=1.0):
     for start in range(0, len(images), chunk):
         batch = to_batch(images[start:start + chunk], transform, device)
         logits, second = gated_logits(forward, batch, tta, margin)
-        parts.append(logits.float().softmax(dim=1).cpu())
+        parts.append((logits.float() / temperature).softmax(dim=1).cpu())  # the spec's T
         looked += second
     return torch.split(torch.cat(parts), [len(row.images) for row in rows]), looked
 
@@ -64,6 +64,7 @@ class Forwards:
     margin: float = 1.0
     ig_steps: int = 32
     classes: tuple = ()
+    temperature: float = 1.0  # the spec's: probabilities = softmax(logits / temperature)
 
 
 @dataclass
@@ -113,7 +114,7 @@ def _work(rows, forwards):
     """(a Found per row, images that took TTA views) for rows of one kind."""
     f = forwards
     probs, looked = probabilities(rows, f.forward, f.transform, f.device, f.chunk, f.tta,
-                                  f.margin)
+                                  f.margin, f.temperature)
     if rows[0].kind != "explain":
         return [Found(p) for p in probs], looked
     return [Found(p, explanations(row, f.net, p.argmax(dim=1), f.transform, f.device, f.chunk,

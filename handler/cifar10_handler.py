@@ -147,7 +147,7 @@ class Cifar10Handler(BaseHandler):
         of the batch's budget (``admission``; predict.run)."""
         forwards = predict.Forwards(self.forward, self.model, self.transform, self.device,
                                     self.chunk, self.settings.tta, self.settings.tta_margin,
-                                    self.settings.ig_steps, self.classes)
+                                    self.settings.ig_steps, self.classes, self.spec.temperature)
         found, looked = predict.run(rows, forwards, admission)
         self._count(sum(len(f.probs) for f in found if f is not None), looked)
         for row, result in zip(rows, found):
