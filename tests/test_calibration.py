@@ -98,8 +98,10 @@ def test_calibration_writes_the_temperature_into_the_spec(colour_checkpoint, tmp
     after = torch.load(weights, weights_only=True)
     assert set(after) == set(before) | {"spec", "calibration"}
     for key in before:
-        if key != "state_dict":
+        if key not in ("state_dict", "spec"):
             assert repr(after[key]) == repr(before[key])  # (nan in the tiny run's figures)
+    old, new = model_spec.from_checkpoint(before), model_spec.from_checkpoint(after)
+    assert new == old.replace(temperature=new.temperature)  # the spec's temperature alone
     assert all(torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())
     spec = model_spec.from_checkpoint(after)
     assert spec.temperature == after["calibration"]["fits"]["confidence"]["temperature"]
