@@ -122,7 +122,7 @@ def render(settings, metadata, daemon=True, as_root=None, temp_root=None, logs=N
     run_dir, and any of DEFAULTS) serving ``metadata`` (model_metadata's dict)."""
     s = {**DEFAULTS, **open_files(), **settings}
     as_root = os.geteuid() == 0 if as_root is None else as_root
-    most, within = s["max_workers"], max(1, s["response_timeout"] // 2)
+    most = s["max_workers"]
     inference_routes = (
         "this proxy forwards POST /predictions/cifar10, POST /explanations/cifar10, "
         "POST /v2/models/cifar10/infer, POST /v2/models/cifar10/explain, GET /ping, "
@@ -144,7 +144,12 @@ def render(settings, metadata, daemon=True, as_root=None, temp_root=None, logs=N
         "HEADER_TIMEOUT": s["header_timeout"], "BODY_TIMEOUT": s["body_timeout"],
         "SEND_TIMEOUT": s["send_timeout"], "KEEPALIVE_TIMEOUT": s["keepalive_timeout"],
         "READ_TIMEOUT": f"{s.get('read_timeout', 2 * s['response_timeout'])}s",
-        "RESEND_WITHIN": within, "SECONDS_BELOW": "(?:" + "|".join(map(str, range(within))) + ")",
+        # A worker that stopped answering is given up on, and the request sent once more, after
+        # half responseTimeout: before TorchServe itself gives up on the worker.
+        "RESEND_AFTER": f"{s.get('resend_after', max(1, s['response_timeout'] // 2))}s",
+        "CONTROL_REFUSED": "the path or a header value of this request holds a control character "
+                           "(CR, LF or another below 0x20, or DEL; a TAB is allowed in a header "
+                           "value), which the proxy never forwards",
         "MAX_BODY": s["max_body"], "MAX_WORKERS": most,
         "CONN_PER_CLIENT": s["conn_per_client"], "CONN_PER_SERVER": s["conn_per_server"],
         "LARGE_BODIES": s["large_bodies"], "LARGE_PER_CLIENT": s["large_per_client"],

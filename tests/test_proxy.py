@@ -56,16 +56,15 @@ def served(colour_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def front(served, tmp_path_factory):
-    """The proxy in front of ``served`` with its shipped limits (a 5 s resend of an unanswered
-    request: the colour net answers in milliseconds); TorchServe itself with
-    TEST_PROXY_TARGET=torchserve."""
+    """The proxy in front of ``served`` with its shipped limits (an unanswered request sent once
+    more after half responseTimeout, 5 s: the colour net answers in milliseconds); TorchServe
+    itself with TEST_PROXY_TARGET=torchserve."""
     if DIRECT:
         yield SimpleNamespace(inference=served.inference, management=served.management)
         return
     if NGINX is None:
         pytest.skip("the proxy tests need nginx (apt-get install nginx)")
-    with proxy.local_proxy(served, tmp_path_factory.mktemp("proxy"), served.metadata,
-                           read_timeout=5) as running:
+    with proxy.local_proxy(served, tmp_path_factory.mktemp("proxy"), served.metadata) as running:
         yield running
 
 
@@ -748,6 +747,8 @@ class StandIn(http.server.ThreadingHTTPServer):
 
 DROPPED = json.dumps({"code": 500, "type": "InternalServerException",
                       "message": "Worker died."}).encode()
+KILLED = json.dumps({"code": 507, "type": "InternalServerException",
+                     "message": "Worker died."}).encode()
 HANDLER_500 = json.dumps({"code": 500, "type": "InternalServerError",
                           "message": "the server failed while answering this predict request "
                                      "(logged)"}).encode()
@@ -757,23 +758,26 @@ HANDLER_500 = json.dumps({"code": 500, "type": "InternalServerError",
 @pytest.mark.parametrize("script,status,sent", [
     # TorchServe's own 500 for a request a stopped worker dropped: sent again, answered.
     ([(500, "application/json", DROPPED, 0), (200, None, b'{"cat": 1.0}', 0)], 200, 2),
-    # no answer at all (a job TorchServe lost): sent again after the read timeout.
+    # its 507 for a request whose worker was SIGKILLed (exit 137): likewise.
+    ([(507, "application/json", KILLED, 0), (200, None, b'{"cat": 1.0}', 0)], 200, 2),
+    # no answer within resend_after (a stopped worker, a job TorchServe lost): sent again.
     ([(200, None, b'{"late": 1.0}', 3), (200, None, b'{"cat": 1.0}', 0)], 200, 2),
+    # sent once more at most: the second try's answer passes through, whatever it is.
+    ([(507, "application/json", KILLED, 0), (500, "application/json", DROPPED, 0)], 500, 2),
     # the handler's own 500 (the worker's answers carry no Content-Type): answered, not resent.
     ([(500, None, HANDLER_500, 0)], 500, 1),
     # every other answer passes through once, unchanged: the handler's 4xx, a 429 or 503 with
-    # Retry-After, TorchServe's 503 (queue full) and 507 (worker killed).
+    # Retry-After, TorchServe's 503 (queue full).
     ([(400, None, b'{"code": 400}', 0)], 400, 1), ([(413, None, b'{"code": 413}', 0)], 413, 1),
     ([(429, None, b'{"code": 429}', 0)], 429, 1),
     ([(503, "application/json", b'{"code": 503}', 0)], 503, 1),
-    ([(507, "application/json", b'{"code": 507}', 0)], 507, 1),
-], ids=["dropped-500", "lost", "handler-500", "400", "413", "429", "503", "507"])
+], ids=["dropped-500", "killed-507", "lost", "twice", "handler-500", "400", "413", "429", "503"])
 def test_only_what_torchserve_dropped_or_lost_is_sent_again(make_proxy, tmp_path, script,
                                                             status, sent):
     (tmp_path / "config.properties").write_text("max_request_size=8388608\n")
     with StandIn(script) as upstream:
         front = make_proxy(upstream=upstream, ts_config=tmp_path / "config.properties",
-                           read_timeout=2)
+                           resend_after=2)
         body = solid_png(COLOURS[4])
         response = requests.post(f"{front.inference}/predictions/cifar10", data=body,
                                  timeout=30)
@@ -781,6 +785,8 @@ def test_only_what_torchserve_dropped_or_lost_is_sent_again(make_proxy, tmp_path
         assert upstream.received == [body] * sent
         if status == 200:
             assert response.json() == {"cat": 1.0}
+        elif status == 500 and sent == 2:
+            assert response.json()["message"] == "Worker died."
         elif status == 500:
             assert "failed while answering" in response.json()["message"]
         else:
@@ -808,17 +814,17 @@ def test_requests_handed_to_torchserve_are_bounded_with_a_429(make_proxy, tmp_pa
 
 
 @needs_nginx
-def test_a_worker_that_hung_is_not_resent(make_proxy, tmp_path):
-    """TorchServe's "Worker died." after over half responseTimeout: the worker hung, perhaps on
-    this very request, so it is answered, not sent to hang the other worker too."""
+def test_a_request_unanswered_twice_gets_a_prompt_503(make_proxy, tmp_path):
+    """No answer within resend_after, then none within read_timeout to the one resend: a 503
+    with Retry-After, and the request was sent twice, no more."""
     (tmp_path / "config.properties").write_text("max_request_size=8388608\n")
-    with StandIn([(500, "application/json", DROPPED, 1.5),
-                  (200, None, b'{"cat": 1.0}', 0)]) as upstream:
+    with StandIn([(200, None, b'{"late": 1.0}', 4)] * 2) as upstream:
         front = make_proxy(upstream=upstream, ts_config=tmp_path / "config.properties",
-                           response_timeout=2, read_timeout=5)
+                           resend_after=1, read_timeout=2)
+        started = time.monotonic()
         response = requests.post(f"{front.inference}/predictions/cifar10", data=b"x", timeout=30)
-        assert response.status_code == 500 and len(upstream.received) == 1
-        assert "over 1 s after it was sent" in response.json()["message"]
+        assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+        assert 2.5 < time.monotonic() - started < 4 and len(upstream.received) == 2
 
 
 @needs_nginx
