@@ -12,6 +12,11 @@ Protocol metadata, which `make archive` writes from the checkpoint (`metadata`).
 
 `start` writes the config, the pid file, error.log and access.log into --run-dir, and
 client.properties there: `client.py --config <run-dir>/client.properties` goes through the proxy.
+The logs are 0640, and rotated as TorchServe's are (log4j2.xml): over 100 MB a log becomes
+<log>.1 (five kept) and nginx reopens it; `start` leaves a watcher (`rotate --watch`, pid in
+rotate.pid) doing so every 30 s until nginx stops.
+
+    python proxy.py rotate --run-dir .run/proxy            # once (e.g. from cron)
 """
 import argparse
 import contextlib
@@ -62,6 +67,12 @@ K8S = {"ts_inference": "127.0.0.1:8080", "ts_management": "127.0.0.1:8081",
        "real_ip": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]}
 K8S_CONFIGS = (ROOT / "deploy" / "docker" / "config.properties",
                ROOT / "handler" / "model-config.yaml")
+LOGS = ("error.log", "access.log")
+# Rotation as log4j2.xml rotates TorchServe's logs: over LOG_BYTES, LOG_KEEP old files kept.
+LOG_BYTES, LOG_KEEP, ROTATE_EVERY = 100 * 2**20, 5, 30.0
+# nginx creates its logs and temporary files 0644 under the usual umask: they are no one
+# else's to read (request lines, client addresses).
+UMASK = 0o027
 
 
 def model_metadata(weights, version, name=MODEL):
@@ -220,6 +231,8 @@ def prepare(run_dir, settings, metadata, daemon=True):
         os.chmod(temp_root, 0o755)
     else:
         (run_dir / "tmp").mkdir(exist_ok=True)
+    for name in LOGS:
+        private_log(run_dir / name)
     text = render({**settings, "run_dir": run_dir}, metadata, daemon=daemon, temp_root=temp_root)
     conf = run_dir / "nginx.conf"
     conf.write_text(text)
@@ -228,6 +241,43 @@ def prepare(run_dir, settings, metadata, daemon=True):
     if check.returncode:
         raise RuntimeError(f"nginx -t refused {conf}:\n{check.stderr}")
     return conf
+
+
+def private_log(path):
+    """Create ``path`` (or leave it) readable by its owner and group only: nginx appends to a
+    log that exists and keeps its mode."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
+    os.chmod(path, 0o640)
+
+
+def rotate(run_dir, max_bytes=LOG_BYTES, keep=LOG_KEEP):
+    """Rotate run_dir's logs over ``max_bytes`` (<log>.1 the newest of ``keep``) and have the
+    nginx of run_dir reopen them (SIGUSR1); returns the logs rotated."""
+    run_dir, rotated = Path(run_dir), []
+    for name in LOGS:
+        log = run_dir / name
+        if not log.exists() or log.stat().st_size <= max_bytes:
+            continue
+        for n in range(keep - 1, 0, -1):
+            older = run_dir / f"{name}.{n}"
+            if older.exists():
+                older.replace(run_dir / f"{name}.{n + 1}")
+        log.replace(run_dir / f"{name}.1")
+        private_log(log)
+        rotated.append(name)
+    pid_file = run_dir / "nginx.pid"
+    if rotated and pid_file.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGUSR1)
+    return rotated
+
+
+def watch_logs(run_dir, every=ROTATE_EVERY, **limits):
+    """rotate() every ``every`` seconds while the nginx of run_dir runs."""
+    pid_file = Path(run_dir) / "nginx.pid"
+    while pid_file.exists() and psutil.pid_exists(int(pid_file.read_text() or 0)):
+        rotate(run_dir, **limits)
+        time.sleep(every)
 
 
 def write_client_properties(run_dir, settings, ts_config):
@@ -262,15 +312,26 @@ def start(run_dir, settings, metadata):
         raise RuntimeError(f"nginx of {run_dir} is already running (pid {pid_file.read_text()})")
     conf = prepare(run_dir, settings, metadata)
     subprocess.run([nginx_binary(), "-p", str(Path(run_dir).resolve()), "-c", str(conf)],
-                   check=True)
+                   check=True, umask=UMASK)
     wait_listening(settings["listen_inference"])
+    watcher = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "rotate",
+                                "--run-dir", str(run_dir), "--watch"], start_new_session=True,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    (Path(run_dir) / "rotate.pid").write_text(str(watcher.pid))
     return int(pid_file.read_text())
 
 
 def stop(run_dir, timeout=15.0):
     """Stop the nginx whose pid file is in run_dir: finish what is in progress (SIGQUIT), then
     SIGTERM and SIGKILL if it takes longer than ``timeout``. False if none was running."""
-    pid_file = Path(run_dir) / "nginx.pid"
+    pid_file, watcher = Path(run_dir) / "nginx.pid", Path(run_dir) / "rotate.pid"
+    if watcher.exists():  # the log watcher `start` left, by its pid
+        with contextlib.suppress(psutil.NoSuchProcess, ValueError):
+            process = psutil.Process(int(watcher.read_text()))
+            if "rotate" in process.cmdline():
+                process.terminate()
+        watcher.unlink()
     if not pid_file.exists():
         return False
     try:
@@ -327,7 +388,8 @@ def local_proxy(client, run_dir, metadata, ts_config=None, **overrides):
     conf = prepare(run_dir, settings, metadata, daemon=False)
     with open(Path(run_dir) / "nginx.out", "wb") as out:
         process = subprocess.Popen([nginx_binary(), "-p", str(Path(run_dir).resolve()), "-c",
-                                    str(conf)], stdout=out, stderr=subprocess.STDOUT)
+                                    str(conf)], stdout=out, stderr=subprocess.STDOUT,
+                                   umask=UMASK)
     master = psutil.Process(process.pid)
     try:
         wait_listening(settings["listen_inference"], process)
@@ -375,6 +437,10 @@ def main(argv=None):
                      help="management address (default: 127.0.0.1:8001)")
     halt = sub.add_parser("stop", help="stop the nginx that `start` started")
     halt.add_argument("--run-dir", type=Path, default=Path(".run/proxy"))
+    turn = sub.add_parser("rotate", help="rotate the logs of a running `start` over 100 MB")
+    turn.add_argument("--run-dir", type=Path, default=Path(".run/proxy"))
+    turn.add_argument("--watch", action="store_true",
+                      help=f"every {ROTATE_EVERY:.0f} s while nginx runs (default: once)")
     cmap = sub.add_parser("configmap", help="print deploy/k8s/proxy-configmap.yaml")
     cmap.add_argument("--metadata", type=Path, required=True)
     args = p.parse_args(argv)
@@ -398,6 +464,11 @@ def main(argv=None):
     elif args.command == "stop":
         if not stop(args.run_dir):
             print(f"no nginx running from {args.run_dir}")
+    elif args.command == "rotate":
+        if args.watch:
+            watch_logs(args.run_dir)
+        else:
+            print("rotated:", ", ".join(rotate(args.run_dir)) or "none")
     else:
         sys.stdout.write(configmap(json.loads(args.metadata.read_text())))
     return 0
