@@ -24,6 +24,7 @@ logs), --logs (TorchServe's logs folder).
 import argparse
 import base64
 import collections
+import contextlib
 import io
 import json
 import sys
@@ -66,10 +67,11 @@ def parse_args(argv=None):
 
 
 def png(side, seed):
-    """A side x side PNG of smooth noise: small enough for the body limit, decoded at full size."""
+    """A side x side PNG of 64 x 64 blocks of random colours: well under the body limit (PNG
+    compresses the blocks), decoded at full size."""
     rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (side // 64, side // 64, 3), dtype=np.uint8)
-    image = Image.fromarray(coarse).resize((side, side), Image.BILINEAR)
+    coarse = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((side, side), Image.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()
@@ -97,7 +99,10 @@ class Deployment:
 
     def processes(self):
         """{"java": [...], "workers": [...], "nginx": [...]} of live psutil processes."""
-        worker = [psutil.Process(pid) for pid in self.workers().values()]
+        worker = []
+        for pid in self.workers().values():
+            with contextlib.suppress(psutil.NoSuchProcess):  # replaced since describe answered
+                worker.append(psutil.Process(pid))
         java = {p.ppid() for p in worker}
         nginx = psutil.Process(int((self.proxy_dir / "nginx.pid").read_text()))
         return {"java": [psutil.Process(pid) for pid in java], "workers": worker,
@@ -196,7 +201,11 @@ def check_memory(args, deployment):
                             **{str(pid): round(rss, 1) for pid, rss in peak.items()}})
             time.sleep(0.5)
     after = deployment.workers()
+    log = args.logs / "ts_log.log"
+    overran = log.read_text(errors="replace").count("did not respond in given time") \
+        if log.exists() else 0
     result = {"seconds": args.seconds, "connections": args.connections,
+              "responseTimeout_overruns_in_ts_log": overran,
               "statuses": {str(k): v for k, v in load.statuses.items()},
               "failures": len(load.failures), "first_failures": load.failures[:10],
               "peak_worker_rss_mib": {str(k): round(v, 1) for k, v in peak.items()},
