@@ -11,6 +11,11 @@ Protocol metadata is the model's own answer (the handler's, cifar10_serve/v2.py)
 
 `start` writes the config, the pid file, error.log and access.log into --run-dir, and
 client.properties there: `client.py --config <run-dir>/client.properties` goes through the proxy.
+The logs are 0640, and rotated as TorchServe's are (log4j2.xml): over 100 MB a log becomes
+<log>.1 (five kept) and nginx reopens it; `start` leaves a watcher (`rotate --watch`, pid in
+rotate.pid) doing so every 30 s until nginx stops.
+
+    python proxy.py rotate --run-dir .run/proxy            # once (e.g. from cron)
 """
 import argparse
 import contextlib
@@ -62,6 +67,12 @@ K8S = {"ts_inference": "127.0.0.1:8080", "ts_management": "127.0.0.1:8081",
 K8S_CONFIGS = (ROOT / "deploy" / "docker" / "config.properties",
                ROOT / "handler" / "model-config.yaml")
 K8S_CONF = ROOT / "deploy" / "k8s" / "nginx.conf"  # what deploy/k8s/kustomization.yaml reads
+LOGS = ("error.log", "access.log")
+# Rotation as log4j2.xml rotates TorchServe's logs: over LOG_BYTES, LOG_KEEP old files kept.
+LOG_BYTES, LOG_KEEP, ROTATE_EVERY = 100 * 2**20, 5, 30.0
+# nginx creates its logs and temporary files 0644 under the usual umask: they are no one
+# else's to read (request lines, client addresses).
+UMASK = 0o027
 
 
 def server_metadata():
@@ -107,7 +118,7 @@ def render(settings, daemon=True, as_root=None, temp_root=None, logs=None):
     run_dir, and any of DEFAULTS)."""
     s = {**DEFAULTS, **open_files(), **settings}
     as_root = os.geteuid() == 0 if as_root is None else as_root
-    most, within = s["max_workers"], max(1, s["response_timeout"] // 2)
+    most = s["max_workers"]
     inference_routes = (
         "this proxy forwards POST /predictions/cifar10, POST /explanations/cifar10, "
         "POST /v2/models/cifar10/infer, POST /v2/models/cifar10/explain, GET /ping, "
@@ -129,7 +140,12 @@ def render(settings, daemon=True, as_root=None, temp_root=None, logs=None):
         "HEADER_TIMEOUT": s["header_timeout"], "BODY_TIMEOUT": s["body_timeout"],
         "SEND_TIMEOUT": s["send_timeout"], "KEEPALIVE_TIMEOUT": s["keepalive_timeout"],
         "READ_TIMEOUT": f"{s.get('read_timeout', 2 * s['response_timeout'])}s",
-        "RESEND_WITHIN": within, "SECONDS_BELOW": "(?:" + "|".join(map(str, range(within))) + ")",
+        # A worker that stopped answering is given up on, and the request sent once more, after
+        # half responseTimeout: before TorchServe itself gives up on the worker.
+        "RESEND_AFTER": f"{s.get('resend_after', max(1, s['response_timeout'] // 2))}s",
+        "CONTROL_REFUSED": "the path or a header value of this request holds a control character "
+                           "(CR, LF or another below 0x20, or DEL; a TAB is allowed in a header "
+                           "value), which the proxy never forwards",
         "MAX_BODY": s["max_body"], "MAX_WORKERS": most,
         "CONN_PER_CLIENT": s["conn_per_client"], "CONN_PER_SERVER": s["conn_per_server"],
         "LARGE_BODIES": s["large_bodies"], "LARGE_PER_CLIENT": s["large_per_client"],
@@ -202,6 +218,8 @@ def prepare(run_dir, settings, daemon=True):
         (run_dir / "tmp").mkdir(exist_ok=True)
     # No split at start: a release (release.py) writes its own while this nginx runs.
     (run_dir / "canary.conf").write_text(canary_conf())
+    for name in LOGS:
+        private_log(run_dir / name)
     text = render({**settings, "run_dir": run_dir}, daemon=daemon, temp_root=temp_root)
     conf = run_dir / "nginx.conf"
     conf.write_text(text)
@@ -273,6 +291,43 @@ def set_canary(run_dir, version=None, share=0.0, timeout=60.0):
     raise TimeoutError(f"nginx's old worker processes still run {timeout:.0f} s after reload")
 
 
+def private_log(path):
+    """Create ``path`` (or leave it) readable by its owner and group only: nginx appends to a
+    log that exists and keeps its mode."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
+    os.chmod(path, 0o640)
+
+
+def rotate(run_dir, max_bytes=LOG_BYTES, keep=LOG_KEEP):
+    """Rotate run_dir's logs over ``max_bytes`` (<log>.1 the newest of ``keep``) and have the
+    nginx of run_dir reopen them (SIGUSR1); returns the logs rotated."""
+    run_dir, rotated = Path(run_dir), []
+    for name in LOGS:
+        log = run_dir / name
+        if not log.exists() or log.stat().st_size <= max_bytes:
+            continue
+        for n in range(keep - 1, 0, -1):
+            older = run_dir / f"{name}.{n}"
+            if older.exists():
+                older.replace(run_dir / f"{name}.{n + 1}")
+        log.replace(run_dir / f"{name}.1")
+        private_log(log)
+        rotated.append(name)
+    pid_file = run_dir / "nginx.pid"
+    if rotated and pid_file.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGUSR1)
+    return rotated
+
+
+def watch_logs(run_dir, every=ROTATE_EVERY, **limits):
+    """rotate() every ``every`` seconds while the nginx of run_dir runs."""
+    pid_file = Path(run_dir) / "nginx.pid"
+    while pid_file.exists() and psutil.pid_exists(int(pid_file.read_text() or 0)):
+        rotate(run_dir, **limits)
+        time.sleep(every)
+
+
 def write_client_properties(run_dir, settings, ts_config):
     """A config.properties for client.py that goes through the proxy (metrics: TorchServe's)."""
     props = Path(ts_config).read_text()
@@ -305,15 +360,26 @@ def start(run_dir, settings):
         raise RuntimeError(f"nginx of {run_dir} is already running (pid {pid_file.read_text()})")
     conf = prepare(run_dir, settings)
     subprocess.run([nginx_binary(), "-p", str(Path(run_dir).resolve()), "-c", str(conf)],
-                   check=True)
+                   check=True, umask=UMASK)
     wait_listening(settings["listen_inference"])
+    watcher = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "rotate",
+                                "--run-dir", str(run_dir), "--watch"], start_new_session=True,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    (Path(run_dir) / "rotate.pid").write_text(str(watcher.pid))
     return int(pid_file.read_text())
 
 
 def stop(run_dir, timeout=15.0):
     """Stop the nginx whose pid file is in run_dir: finish what is in progress (SIGQUIT), then
     SIGTERM and SIGKILL if it takes longer than ``timeout``. False if none was running."""
-    pid_file = Path(run_dir) / "nginx.pid"
+    pid_file, watcher = Path(run_dir) / "nginx.pid", Path(run_dir) / "rotate.pid"
+    if watcher.exists():  # the log watcher `start` left, by its pid
+        with contextlib.suppress(psutil.NoSuchProcess, ValueError):
+            process = psutil.Process(int(watcher.read_text()))
+            if "rotate" in process.cmdline():
+                process.terminate()
+        watcher.unlink()
     if not pid_file.exists():
         return False
     try:
@@ -375,6 +441,10 @@ def main(argv=None):
     pod = sub.add_parser("pod-conf", help="write the Kubernetes sidecar's nginx.conf")
     pod.add_argument("--out", type=Path, default=K8S_CONF,
                      help=f"(default: {K8S_CONF.relative_to(ROOT)})")
+    turn = sub.add_parser("rotate", help="rotate the logs of a running `start` over 100 MB")
+    turn.add_argument("--run-dir", type=Path, default=Path(".run/proxy"))
+    turn.add_argument("--watch", action="store_true",
+                      help=f"every {ROTATE_EVERY:.0f} s while nginx runs (default: once)")
     args = p.parse_args(argv)
 
     if args.command == "start":
@@ -391,6 +461,11 @@ def main(argv=None):
     elif args.command == "stop":
         if not stop(args.run_dir):
             print(f"no nginx running from {args.run_dir}")
+    elif args.command == "rotate":
+        if args.watch:
+            watch_logs(args.run_dir)
+        else:
+            print("rotated:", ", ".join(rotate(args.run_dir)) or "none")
     else:
         args.out.write_text(pod_conf())
         print(f"wrote {args.out}: `kubectl apply -k deploy/k8s` (GPU nodes: -k deploy/k8s-gpu)")

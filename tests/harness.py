@@ -139,7 +139,8 @@ def local_proxy(client, run_dir, ts_config=None, **overrides):
     conf = proxy.prepare(run_dir, settings, daemon=False)
     with open(Path(run_dir) / "nginx.out", "wb") as out:
         process = subprocess.Popen([proxy.nginx_binary(), "-p", str(Path(run_dir).resolve()),
-                                    "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+                                    "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
+                                   umask=proxy.UMASK)
     master = psutil.Process(process.pid)
     try:
         proxy.wait_listening(settings["listen_inference"], process)

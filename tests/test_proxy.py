@@ -16,6 +16,7 @@ import http.server
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -59,16 +60,15 @@ def served(colour_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def front(served, tmp_path_factory):
-    """The proxy in front of ``served`` with its shipped limits (a 5 s resend of an unanswered
-    request: the colour net answers in milliseconds); TorchServe itself with
-    TEST_PROXY_TARGET=torchserve."""
+    """The proxy in front of ``served`` with its shipped limits (an unanswered request sent once
+    more after half responseTimeout, 5 s: the colour net answers in milliseconds); TorchServe
+    itself with TEST_PROXY_TARGET=torchserve."""
     if DIRECT:
         yield SimpleNamespace(inference=served.inference, management=served.management)
         return
     if NGINX is None:
         pytest.skip("the proxy tests need nginx (apt-get install nginx)")
-    with local_proxy(served, tmp_path_factory.mktemp("proxy"),
-                           read_timeout=5) as running:
+    with local_proxy(served, tmp_path_factory.mktemp("proxy")) as running:
         yield running
 
 
@@ -270,6 +270,137 @@ def test_a_bad_chunk_size_gets_a_400(front, served, chunk):
         "POST", "/predictions/cifar10", {**inference_headers(served),
                                          "Transfer-Encoding": "chunked"}, chunk))
     assert status == 400 and json.loads(body)["code"] == 400
+
+
+def torchserve_access_log(served):
+    return served.run_dir / "logs" / "access_log.log"
+
+
+def torchserve_logged_after(served, since):
+    """What TorchServe's access log (written asynchronously) recorded after byte ``since``, up
+    to and including a /ping sent now as a marker."""
+    requests.get(f"{served.inference}/ping", headers=inference_headers(served), timeout=10)
+    deadline = time.monotonic() + 60  # async_logging: seconds on a busy machine
+    while time.monotonic() < deadline:
+        new = torchserve_access_log(served).read_bytes()[since:].decode(errors="replace")
+        if '"GET /ping HTTP/1.1"' in new:
+            return new
+        time.sleep(0.1)
+    raise AssertionError("TorchServe's access log never recorded the marker /ping")
+
+
+CONTROL_TARGETS = ["/predictions/cifar10%0A", "/predictions/cifar10%0D",
+                   "/predictions/cifar10%0D%0AX-Smuggled:%201", "/v2/models/cifar10/infer%0a",
+                   "/explanations/cifar10%09", "/predictions/cifar10%7F", "/ping%0A",
+                   "/v2/health/ready%0A", "/predictions/cifar10\x0b", "/predictions/cifar10\x01",
+                   "/predictions/cifar10\x7f", "/predictions/\x1bcifar10"]
+CONTROL_HEADERS = [{"Authorization": "Bearer x\x0b"}, {"Content-Type": "image/png\x0c"},
+                   {"Content-Type": "multipart/form-data; boundary=b\x01"},
+                   {"Inference-Header-Content-Length": "12\x0b"},
+                   {"Content-Encoding": "identity\x1b"}, {"X-Form-Content-Type": "x\x7f"},
+                   {"User-Agent": "curl\x0b"}, {"Accept": "*/*\x00"},
+                   {"X-Forwarded-For": "1.2.3.4\x0b"}]
+
+
+@needs_nginx
+def test_control_characters_in_the_target_or_a_header_value_get_a_400_and_reach_nothing(
+        front, served):
+    """CR, LF (%0D, %0A: PCRE's `$` matched before a final line feed, and nginx sent it raw in
+    TorchServe's request line), other control characters, raw or percent-encoded, in the path,
+    and in header values: a 400 from the proxy each, and nothing in TorchServe's access log."""
+    since = torchserve_access_log(served).stat().st_size
+    body = solid_png(COLOURS[1])
+    for target in CONTROL_TARGETS:
+        method = "GET" if target.startswith(("/ping", "/v2/health")) else "POST"
+        sent = f"{method} {target} HTTP/1.1\r\nHost: x\r\n".encode("latin-1") + "".join(
+            f"{k}: {v}\r\n" for k, v in {**inference_headers(served),
+                                          "Content-Length": len(body)}.items()).encode()
+        responses = exchange(front.inference, sent + b"\r\n" + body)
+        assert [status for status, _, _ in responses][:1] == [400], target
+        assert json.loads(responses[0][2])["code"] == 400, target
+    for extra in CONTROL_HEADERS:
+        headers = {**inference_headers(served), "Content-Length": len(body), **extra}
+        sent = b"POST /predictions/cifar10 HTTP/1.1\r\nHost: x\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
+        responses = exchange(front.inference, sent + b"\r\n" + body)
+        assert [status for status, _, _ in responses][:1] == [400], extra
+    logged = torchserve_logged_after(served, since)
+    assert logged.count("HTTP/1.1") == 1, logged  # the marker /ping alone
+    # a TAB within a header value is HTTP's own, and still served
+    tab = requests.post(f"{front.inference}/predictions/cifar10", data=body,
+                        headers={**inference_headers(served), "User-Agent": "a\tb"}, timeout=30)
+    assert tab.status_code == 200
+
+
+def test_every_location_regex_of_the_template_ends_at_the_end_of_the_path():
+    """`\\z`, not `$` (which PCRE also matches before a final line feed)."""
+    template = proxy.TEMPLATE.read_text()
+    regexes = re.findall(r'location ~\*? "([^"]+)"', template)
+    assert regexes and all(regex.endswith(r"\z") for regex in regexes), regexes
+
+
+@needs_nginx
+def test_only_the_headers_torchserve_reads_are_forwarded(make_proxy, tmp_path):
+    """The stand-in sees the token, the content headers and the proxy's own, never a client's
+    other headers."""
+    (tmp_path / "config.properties").write_text("max_request_size=8388608\n")
+    with StandIn([(200, None, b'{"cat": 1.0}', 0)]) as upstream:
+        front = make_proxy(upstream=upstream, ts_config=tmp_path / "config.properties")
+        response = requests.post(
+            f"{front.inference}/predictions/cifar10", data=b"x", timeout=30,
+            headers={"Authorization": "Bearer t", "Content-Type": "image/png", "X-Evil": "1",
+                     "explain": "True", "Inference-Header-Content-Length": "1",
+                     "Content-Encoding": "identity", "Cookie": "a=b"})
+        assert response.status_code == 200
+        assert set(upstream.headers[0]) == {
+            "host", "x-forwarded-for", "authorization", "content-type", "content-encoding",
+            "inference-header-content-length", "content-length"}
+        assert upstream.headers[0]["authorization"] == "Bearer t"
+
+
+@needs_nginx
+def test_an_outage_costs_error_log_nothing_per_refused_request_and_logs_are_private(
+        make_proxy, tmp_path):
+    """TorchServe down (nothing listens on its port): 300 requests get the proxy's prompt 503,
+    and error.log grows by under 100 bytes a request (it grew ~650 before); the logs are
+    readable by their owner and group only."""
+    (tmp_path / "config.properties").write_text("max_request_size=8388608\n")
+    down = SimpleNamespace(inference=f"http://127.0.0.1:{free_port()}",
+                           management=f"http://127.0.0.1:{free_port()}")
+    front = make_proxy(upstream=down, ts_config=tmp_path / "config.properties")
+    run_dir = Path(front.conf).parent
+    error_log = run_dir / "error.log"
+    before = error_log.stat().st_size
+    session = requests.Session()
+    statuses = collections.Counter(
+        session.post(f"{front.inference}/predictions/cifar10", data=solid_png(COLOURS[0]),
+                     headers={"Authorization": "Bearer x"}, timeout=10).status_code
+        for _ in range(300))
+    assert statuses == {503: 300}
+    assert (error_log.stat().st_size - before) / 300 < 100
+    for name in ("error.log", "access.log"):
+        assert (run_dir / name).stat().st_mode & 0o777 in (0o640, 0o600), name
+
+
+def test_rotate_keeps_five_logs_and_has_nginx_reopen_them(tmp_path, monkeypatch):
+    """Over the size: access.log becomes access.log.1 (the older ones move up, five kept), a new
+    0640 access.log is created and nginx's master gets SIGUSR1 (reopen)."""
+    (tmp_path / "access.log").write_bytes(b"x" * 200)
+    (tmp_path / "error.log").write_bytes(b"e")
+    for n in range(1, 6):
+        (tmp_path / f"access.log.{n}").write_text(str(n))
+    (tmp_path / "nginx.pid").write_text("4242")
+    signals = []
+    monkeypatch.setattr(proxy.os, "kill", lambda pid, sig: signals.append((pid, sig)))
+    assert proxy.rotate(tmp_path, max_bytes=100, keep=5) == ["access.log"]
+    assert (tmp_path / "access.log.1").read_bytes() == b"x" * 200
+    assert [(tmp_path / f"access.log.{n}").read_text() for n in range(2, 6)] == \
+        ["1", "2", "3", "4"]
+    assert not (tmp_path / "access.log.6").exists()
+    assert (tmp_path / "access.log").stat().st_size == 0
+    assert (tmp_path / "access.log").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "error.log").read_bytes() == b"e"
+    assert signals == [(4242, proxy.signal.SIGUSR1)]
 
 
 @needs_nginx
@@ -692,7 +823,7 @@ class StandIn(http.server.ThreadingHTTPServer):
     ``ping``; it records the bodies it received."""
 
     def __init__(self, script, ping=200):
-        self.script, self.ping, self.received = list(script), ping, []
+        self.script, self.ping, self.received, self.headers = list(script), ping, [], []
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -700,6 +831,7 @@ class StandIn(http.server.ThreadingHTTPServer):
             def do_POST(handler):  # noqa: N805
                 handler.server.received.append(
                     handler.rfile.read(int(handler.headers["Content-Length"])))
+                handler.server.headers.append({k.lower(): v for k, v in handler.headers.items()})
                 status, kind, body, wait = handler.server.script.pop(0)
                 time.sleep(wait)
                 handler.answer(status, kind, body)
@@ -735,6 +867,8 @@ class StandIn(http.server.ThreadingHTTPServer):
 
 DROPPED = json.dumps({"code": 500, "type": "InternalServerException",
                       "message": "Worker died."}).encode()
+KILLED = json.dumps({"code": 507, "type": "InternalServerException",
+                     "message": "Worker died."}).encode()
 HANDLER_500 = json.dumps({"code": 500, "type": "InternalServerError",
                           "message": "the server failed while answering this predict request "
                                      "(logged)"}).encode()
@@ -744,23 +878,26 @@ HANDLER_500 = json.dumps({"code": 500, "type": "InternalServerError",
 @pytest.mark.parametrize("script,status,sent", [
     # TorchServe's own 500 for a request a stopped worker dropped: sent again, answered.
     ([(500, "application/json", DROPPED, 0), (200, None, b'{"cat": 1.0}', 0)], 200, 2),
-    # no answer at all (a job TorchServe lost): sent again after the read timeout.
+    # its 507 for a request whose worker was SIGKILLed (exit 137): likewise.
+    ([(507, "application/json", KILLED, 0), (200, None, b'{"cat": 1.0}', 0)], 200, 2),
+    # no answer within resend_after (a stopped worker, a job TorchServe lost): sent again.
     ([(200, None, b'{"late": 1.0}', 3), (200, None, b'{"cat": 1.0}', 0)], 200, 2),
+    # sent once more at most: the second try's answer passes through, whatever it is.
+    ([(507, "application/json", KILLED, 0), (500, "application/json", DROPPED, 0)], 500, 2),
     # the handler's own 500 (the worker's answers carry no Content-Type): answered, not resent.
     ([(500, None, HANDLER_500, 0)], 500, 1),
     # every other answer passes through once, unchanged: the handler's 4xx, a 429 or 503 with
-    # Retry-After, TorchServe's 503 (queue full) and 507 (worker killed).
+    # Retry-After, TorchServe's 503 (queue full).
     ([(400, None, b'{"code": 400}', 0)], 400, 1), ([(413, None, b'{"code": 413}', 0)], 413, 1),
     ([(429, None, b'{"code": 429}', 0)], 429, 1),
     ([(503, "application/json", b'{"code": 503}', 0)], 503, 1),
-    ([(507, "application/json", b'{"code": 507}', 0)], 507, 1),
-], ids=["dropped-500", "lost", "handler-500", "400", "413", "429", "503", "507"])
+], ids=["dropped-500", "killed-507", "lost", "twice", "handler-500", "400", "413", "429", "503"])
 def test_only_what_torchserve_dropped_or_lost_is_sent_again(make_proxy, tmp_path, script,
                                                             status, sent):
     (tmp_path / "config.properties").write_text("max_request_size=8388608\n")
     with StandIn(script) as upstream:
         front = make_proxy(upstream=upstream, ts_config=tmp_path / "config.properties",
-                           read_timeout=2)
+                           resend_after=2)
         body = solid_png(COLOURS[4])
         response = requests.post(f"{front.inference}/predictions/cifar10", data=body,
                                  timeout=30)
@@ -768,6 +905,8 @@ def test_only_what_torchserve_dropped_or_lost_is_sent_again(make_proxy, tmp_path
         assert upstream.received == [body] * sent
         if status == 200:
             assert response.json() == {"cat": 1.0}
+        elif status == 500 and sent == 2:
+            assert response.json()["message"] == "Worker died."
         elif status == 500:
             assert "failed while answering" in response.json()["message"]
         else:
@@ -795,17 +934,17 @@ def test_requests_handed_to_torchserve_are_bounded_with_a_429(make_proxy, tmp_pa
 
 
 @needs_nginx
-def test_a_worker_that_hung_is_not_resent(make_proxy, tmp_path):
-    """TorchServe's "Worker died." after over half responseTimeout: the worker hung, perhaps on
-    this very request, so it is answered, not sent to hang the other worker too."""
+def test_a_request_unanswered_twice_gets_a_prompt_503(make_proxy, tmp_path):
+    """No answer within resend_after, then none within read_timeout to the one resend: a 503
+    with Retry-After, and the request was sent twice, no more."""
     (tmp_path / "config.properties").write_text("max_request_size=8388608\n")
-    with StandIn([(500, "application/json", DROPPED, 1.5),
-                  (200, None, b'{"cat": 1.0}', 0)]) as upstream:
+    with StandIn([(200, None, b'{"late": 1.0}', 4)] * 2) as upstream:
         front = make_proxy(upstream=upstream, ts_config=tmp_path / "config.properties",
-                           response_timeout=2, read_timeout=5)
+                           resend_after=1, read_timeout=2)
+        started = time.monotonic()
         response = requests.post(f"{front.inference}/predictions/cifar10", data=b"x", timeout=30)
-        assert response.status_code == 500 and len(upstream.received) == 1
-        assert "over 1 s after it was sent" in response.json()["message"]
+        assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+        assert 2.5 < time.monotonic() - started < 4 and len(upstream.received) == 2
 
 
 @needs_nginx

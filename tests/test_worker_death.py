@@ -1,0 +1,173 @@
+"""A worker that dies or stops answering costs no request through the proxy: a real TorchServe
+serving the colour net (its answers tell images apart), nginx in front (proxy.py), 8 connections
+of good traffic, and a worker of that TorchServe SIGKILLed (TorchServe answers its batch 507
+"Worker died.") or SIGSTOPped (TorchServe fails its batch only at responseTimeout). Every answer
+is checked against the one TorchServe gave that image before. Workers are found by the pids the
+management API's describe gives, children of the TorchServe this module started.
+
+Needs nginx (apt-get install nginx): skipped, with the reason, where it is missing outside CI.
+"""
+import collections
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from conftest import COLOURS, solid_png
+
+import proxy
+from test_serving import torchserve
+from tests.harness import local_proxy
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+pytestmark = pytest.mark.skipif(NGINX is None and not os.environ.get("CI"),
+                                reason="the proxy tests need nginx (apt-get install nginx)")
+CONNECTIONS = 8
+
+
+@pytest.fixture(scope="module")
+def deployment(colour_checkpoint, tmp_path_factory):
+    """TorchServe (its own: its workers get killed) and the proxy in front, shipped settings."""
+    run = tmp_path_factory.mktemp("torchserve")
+    with torchserve(colour_checkpoint, run) as ts:
+        ts.headers = {"Authorization": "Bearer " + json.loads(
+            (run / "key_file.json").read_text())["inference"]["key"]}
+        with local_proxy(ts, tmp_path_factory.mktemp("proxy")) as front:
+            ts.front = front
+            yield ts
+
+
+def workers(ts):
+    """TorchServe's workers: (id, pid, status), each pid a live child of its Java process."""
+    children = {p.pid for p in ts.server.children(recursive=True)}
+    return [(w["id"], w["pid"], w["status"]) for w in ts.describe().json()[0]["workers"]
+            if w.get("pid") in children]
+
+
+def two_ready(ts, timeout=180):
+    """The pids of TorchServe's two workers once both are READY and answering."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = workers(ts)
+        if len(found) == 2 and all(status == "READY" for _, _, status in found):
+            return [pid for _, pid, _ in found]
+        time.sleep(0.5)
+    raise TimeoutError(f"TorchServe's workers not both READY after {timeout} s: {workers(ts)}")
+
+
+class GoodTraffic:
+    """CONNECTIONS threads posting solid-colour PNGs through the proxy, predictions and v2 infer
+    in turn, each answer checked against ``expected``; failures and wrong answers recorded."""
+
+    def __init__(self, ts, expected):
+        self.url, self.headers, self.expected = ts.front.inference, ts.headers, expected
+        self.stop, self.counts, self.failures = threading.Event(), collections.Counter(), []
+        self.threads = [threading.Thread(target=self.run, args=(i,)) for i in range(CONNECTIONS)]
+
+    def run(self, index):
+        session = requests.Session()
+        n = index
+        while not self.stop.is_set():
+            colour = n % len(COLOURS)
+            n += 1
+            try:
+                response = session.post(f"{self.url}/predictions/cifar10",
+                                         data=solid_png(COLOURS[colour]), headers=self.headers,
+                                         timeout=60)
+            except requests.RequestException as err:
+                self.failures.append(repr(err))
+                continue
+            if response.status_code != 200:
+                self.failures.append(f"{response.status_code} {response.text[:200]}")
+            else:
+                answer = response.json()
+                if max(answer, key=answer.get) != self.expected[colour]:
+                    self.counts["wrong"] += 1
+                    self.failures.append(f"wrong answer for colour {colour}: {answer}")
+            self.counts["answered"] += 1
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+@pytest.fixture
+def traffic(deployment):
+    """Good traffic through the proxy while the test runs; the answers each colour gets."""
+    expected = []
+    for colour in COLOURS:
+        answer = deployment.predict(solid_png(colour)).json()
+        expected.append(max(answer, key=answer.get))
+    two_ready(deployment)
+    with GoodTraffic(deployment, expected) as good:
+        time.sleep(2)
+        yield good
+
+
+def torchserve_statuses(ts, since):
+    """Statuses TorchServe's access log recorded for inference after byte ``since``."""
+    log = ts.run_dir / "logs" / "access_log.log"
+    text = log.read_bytes()[since:].decode(errors="replace")
+    return collections.Counter(re.findall(r'"POST /predictions/cifar10 HTTP/1.1" (\d+)', text))
+
+
+def log_size(ts):
+    log = ts.run_dir / "logs" / "access_log.log"
+    return log.stat().st_size if log.exists() else 0
+
+
+def test_five_sigkills_of_a_worker_cost_no_request(deployment, traffic):
+    """Five SIGKILLs of a worker, each once both workers are READY again: TorchServe answers
+    the killed worker's batch 507 "Worker died." (seen in its access log), the proxy sends those
+    requests once more, and no client sees a failure or a wrong answer."""
+    since = log_size(deployment)
+    for kill in range(5):
+        pids = two_ready(deployment)
+        time.sleep(1)  # both busy with the traffic
+        psutil.Process(pids[kill % 2]).send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 180
+        while pids[kill % 2] in [pid for _, pid, _ in workers(deployment)]:
+            assert time.monotonic() < deadline, "TorchServe never noticed the killed worker"
+            time.sleep(0.2)
+    two_ready(deployment)
+    time.sleep(1)
+    traffic.__exit__()
+    time.sleep(1.5)  # TorchServe's access log is written asynchronously
+    assert traffic.failures == [] and traffic.counts["answered"] > 100, traffic.counts
+    assert torchserve_statuses(deployment, since)["507"] >= 1, \
+        "no request was in a killed worker's batch: the test checked nothing"
+
+
+def test_a_worker_stopped_for_15_seconds_costs_no_request(deployment, traffic):
+    """One worker SIGSTOPped for 15 s (TorchServe replaces it only at responseTimeout, 10 s):
+    its batch is sent once more after half responseTimeout and answered by the other worker
+    (the proxy's access log shows upstream statuses 504 : 200), and no client sees a failure
+    or a wrong answer."""
+    pid = two_ready(deployment)[0]
+    stopped = psutil.Process(pid)
+    stopped.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(15)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            stopped.send_signal(signal.SIGCONT)  # TorchServe has killed it by now
+    time.sleep(3)
+    traffic.__exit__()
+    assert traffic.failures == [] and traffic.counts["answered"] > 100, traffic.counts
+    access = (Path(deployment.front.conf).parent / "access.log").read_text()
+    assert re.search(r"upstream=504 : 200/", access), "no request was resent after a timeout"
+    two_ready(deployment)
