@@ -23,7 +23,6 @@ import pytest
 import requests
 from conftest import COLOURS, solid_png
 
-import proxy
 from test_serving import torchserve
 from tests.harness import local_proxy
 
