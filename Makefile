@@ -174,7 +174,7 @@ serve: $(ARCHIVED) ## start TorchServe in the background; returns once a predict
 	@if $(PY) client.py --config $(TS_CONFIG) ping --quiet 2>/dev/null; then echo "TorchServe is already running"; \
 	else name=$(NAME) && TMPDIR=$(abspath $(RUN_DIR)) TEMP=$(abspath $(RUN_DIR)) $(BIN)/torchserve --start --ncs --ts-config $(TS_CONFIG) --log-config $(abspath log4j2.xml) \
 	  --model-store $(MODEL_STORE) --models $$name=$$name.mar >$(RUN_DIR)/torchserve.out 2>&1 \
-	  && $(PY) client.py --config $(TS_CONFIG) wait --timeout 60 --worker-log logs/model_log.log || { cat $(RUN_DIR)/torchserve.out; \
+	  && $(PY) client.py --config $(TS_CONFIG) --model $$name wait --timeout 60 --worker-log logs/model_log.log || { cat $(RUN_DIR)/torchserve.out; \
 	  tail -n 30 logs/model_log.log 2>/dev/null; $(MAKE) --no-print-directory stop; exit 1; }; fi
 
 stop: ## stop the TorchServe that `make serve` started
@@ -184,7 +184,7 @@ serve-proxy: serve ## make serve, then nginx in front on 127.0.0.1:PROXY_PORT (i
 	@$(PY) -c "import proxy; proxy.nginx_binary()" 2>/dev/null \
 	  || { echo "make serve-proxy needs nginx (Debian/Ubuntu: apt-get install nginx)"; exit 1; }
 	$(PY) proxy.py start --run-dir $(PROXY_DIR) --ts-config $(TS_CONFIG) \
-	  --model-config $(MODEL_CONFIG) \
+	  --model-config $(MODEL_CONFIG) --model $(NAME) \
 	  --listen 127.0.0.1:$(PROXY_PORT) --listen-management 127.0.0.1:$(PROXY_MANAGEMENT_PORT)
 
 stop-proxy: ## stop the nginx of make serve-proxy, then TorchServe (make stop)
@@ -195,13 +195,13 @@ status: ## show the model's versions (default starred), workers, canary share an
 	$(PY) release.py status $(RELEASE_FLAGS)
 
 predict: ## classify IMG (default: a test fixture) on the running server
-	$(PY) client.py predict $(IMG)
+	$(PY) client.py --model $(NAME) predict $(IMG)
 
 demo: $(BIN)/torchserve ## serve the browser demo on 127.0.0.1:DEMO_PORT (after `make serve`)
 	$(PY) -m demo.serve --config $(TS_CONFIG) --port $(DEMO_PORT)
 
 scale: ## set the number of workers to WORKERS (management API)
-	$(PY) client.py scale $(WORKERS)
+	$(PY) client.py --model $(NAME) scale $(WORKERS)
 
 evaluate: $(BIN)/torchserve ## score WEIGHTS in fp32 and int8 (or URL=http://127.0.0.1:8080, the server) on the ImageFolder EVAL_DIR
 	@test -n "$(EVAL_DIR)" || { echo "usage: make evaluate EVAL_DIR=path/to/imagefolder [URL=http://127.0.0.1:8080]"; exit 2; }
@@ -246,7 +246,7 @@ docker-stop: ## stop the container docker-run started (torchserve --stop inside 
 	-$(RUNTIME) rm -f $(IMAGE) >/dev/null 2>&1
 
 k8s-config: $(BIN)/torchserve ## render the proxy sidecar's nginx.conf into deploy/k8s/ (then kubectl apply -k deploy/k8s, or -k deploy/k8s-gpu)
-	$(PY) proxy.py pod-conf --out $(K8S_CONF)
+	$(PY) proxy.py pod-conf --out $(K8S_CONF) $(if $(MODEL_NAME),--model $(MODEL_NAME))
 
 kserve-bundle: $(ARCHIVED) ## lay out KSERVE_DIR (config/ + model-store/) for KServe's storageUri
 	rm -rf $(KSERVE_DIR)

@@ -51,7 +51,7 @@ DEFAULTS = {"conn_per_client": 128, "conn_per_server": 1024, "large_bodies": 32,
             "large_per_client": 8,
             "req_rate": 1000, "req_burst": 2000,
             "header_timeout": "10s", "body_timeout": "10s", "send_timeout": "10s",
-            "keepalive_timeout": "15s", "worker_processes": "auto"}
+            "keepalive_timeout": "15s", "worker_processes": "auto", "model": MODEL}
 GET_ONLY = '{"code": 405, "type": "MethodNotAllowed", "message": "this route takes GET only", ' \
            '"error": "this route takes GET only"}\\n'
 # The Kubernetes pod (deploy/k8s/): TorchServe on the pod's loopback, the proxy on the pod's
@@ -118,13 +118,15 @@ def render(settings, daemon=True, as_root=None, temp_root=None, logs=None):
     run_dir, and any of DEFAULTS)."""
     s = {**DEFAULTS, **open_files(), **settings}
     as_root = os.geteuid() == 0 if as_root is None else as_root
-    most = s["max_workers"]
+    most, model = s["max_workers"], s["model"]
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", model):  # as the model spec's names
+        raise ValueError(f"not a model name this proxy routes: {model!r}")
     inference_routes = (
-        "this proxy forwards POST /predictions/cifar10, POST /explanations/cifar10, "
-        "POST /v2/models/cifar10/infer, POST /v2/models/cifar10/explain, GET /ping, "
-        "GET /v2/health/live, GET /v2/health/ready, GET /v2, GET /v2/models/cifar10 and "
-        "GET /v2/models/cifar10/ready only")
-    rule = (f"scaling takes PUT /models/cifar10?min_worker=N&max_worker=M with both given, each "
+        f"this proxy forwards POST /predictions/{model}, POST /explanations/{model}, "
+        f"POST /v2/models/{model}/infer, POST /v2/models/{model}/explain, GET /ping, "
+        f"GET /v2/health/live, GET /v2/health/ready, GET /v2, GET /v2/models/{model} and "
+        f"GET /v2/models/{model}/ready only")
+    rule = (f"scaling takes PUT /models/{model}?min_worker=N&max_worker=M with both given, each "
             f"once, whole numbers 1 <= N <= M <= {most} (maxWorkers in the model config), and "
             f"optionally synchronous=true|false; nothing else")
     scale_rule = nginx_string({"code": 400, "type": "BadRequest", "message": rule,
@@ -132,7 +134,7 @@ def render(settings, daemon=True, as_root=None, temp_root=None, logs=None):
     fields = {
         "USER": "user nobody nogroup;" if as_root else "",
         "DAEMON": "" if daemon else "daemon off;",
-        "RUN_DIR": str(s["run_dir"]),
+        "RUN_DIR": str(s["run_dir"]), "MODEL": model,
         "ERROR_LOG": logs["error"] if logs else f"{s['run_dir']}/error.log",
         "ACCESS_LOG": logs["access"] if logs else f"{s['run_dir']}/access.log",
         "WORKER_PROCESSES": s["worker_processes"], "NOFILE": s["nofile"],
@@ -409,11 +411,11 @@ def stop_process(master, timeout=15.0):
                     process.kill()
 
 
-def pod_conf():
+def pod_conf(model=MODEL):
     """The nginx.conf of the Kubernetes sidecar (K8S settings): `make k8s-config` writes it to
     deploy/k8s/nginx.conf, which kustomize's configMapGenerator puts in the pod's ConfigMap."""
     # No canary in the pod: a release there is a new image and a rolling update (README).
-    text = render({**settings_from(*K8S_CONFIGS), **K8S,
+    text = render({**settings_from(*K8S_CONFIGS), **K8S, "model": model,
                    "canary": "map $uri $model_uri { default $uri; }"}, daemon=False,
                   as_root=False, temp_root=K8S["run_dir"],
                   logs={"error": "stderr", "access": "/dev/stdout"})
@@ -436,11 +438,15 @@ def main(argv=None):
                      help="inference address (default: 127.0.0.1:8000)")
     run.add_argument("--listen-management", default="127.0.0.1:8001",
                      help="management address (default: 127.0.0.1:8001)")
+    run.add_argument("--model", default=MODEL,
+                     help=f"the served model's name, its spec's (default: {MODEL})")
     halt = sub.add_parser("stop", help="stop the nginx that `start` started")
     halt.add_argument("--run-dir", type=Path, default=Path(".run/proxy"))
     pod = sub.add_parser("pod-conf", help="write the Kubernetes sidecar's nginx.conf")
     pod.add_argument("--out", type=Path, default=K8S_CONF,
                      help=f"(default: {K8S_CONF.relative_to(ROOT)})")
+    pod.add_argument("--model", default=MODEL,
+                     help=f"the served model's name, its spec's (default: {MODEL})")
     turn = sub.add_parser("rotate", help="rotate the logs of a running `start` over 100 MB")
     turn.add_argument("--run-dir", type=Path, default=Path(".run/proxy"))
     turn.add_argument("--watch", action="store_true",
@@ -449,7 +455,8 @@ def main(argv=None):
 
     if args.command == "start":
         settings = {**settings_from(args.ts_config, args.model_config),
-                    "listen_inference": args.listen, "listen_management": args.listen_management}
+                    "listen_inference": args.listen, "listen_management": args.listen_management,
+                    "model": args.model}
         pid = start(args.run_dir, settings)
         write_client_properties(args.run_dir, settings, args.ts_config)
         room = open_files()
@@ -467,7 +474,7 @@ def main(argv=None):
         else:
             print("rotated:", ", ".join(rotate(args.run_dir)) or "none")
     else:
-        args.out.write_text(pod_conf())
+        args.out.write_text(pod_conf(args.model))
         print(f"wrote {args.out}: `kubectl apply -k deploy/k8s` (GPU nodes: -k deploy/k8s-gpu)")
     return 0
 

@@ -58,14 +58,15 @@ def error(failure, spec):
 
 def metadata(spec, version):
     """The model's v2 metadata: the images in as BYTES (encoded files) or UINT8 pixels, the label
-    and every class probability out."""
+    and every class probability out, in the order its parameters' "classes" name them."""
     return {"name": spec.name, "versions": [str(version)], "platform": PLATFORM,
             "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]},
                        {"name": "images", "datatype": "UINT8",
                         "shape": [-1, *spec.pixel_shape]}],
             "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                         {"name": "probabilities", "datatype": "FP32",
-                         "shape": [-1, len(spec.classes)]}]}
+                         "shape": [-1, len(spec.classes)],
+                         "parameters": {"classes": list(spec.classes)}}]}
 
 
 # --- requests --------------------------------------------------------------------------------

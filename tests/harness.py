@@ -47,20 +47,25 @@ def free_port():
 # ---- TorchServe ---------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def local_torchserve(store, run, extra_config="", timeout=180, probe=None, env=None):
+def local_torchserve(store, run, extra_config="", timeout=180, probe=None, env=None,
+                     models=("cifar10",)):
     """A TorchServe started in the folder ``run`` on free loopback ports (the repo's
-    config.properties plus ``extra_config`` lines), serving ``store``/cifar10.mar, ready once
-    ``probe`` (a body; default a PNG) is answered; yields a TorchServeClient (its ``run_dir`` is
-    ``run``, its ``server`` the Java process) and always stops the server and its workers, by
-    pid. ``env``: more environment variables (JAVA_HOME picks the Java that TorchServe's launcher
-    runs)."""
+    config.properties plus ``extra_config`` lines), serving ``store``/<name>.mar for each of
+    ``models``, ready once each answers ``probe`` (a body; default a PNG); yields a
+    TorchServeClient of the first model (its ``run_dir`` is ``run``, its ``server`` the Java
+    process, its ``clients`` one per model by name) and always stops the server and its
+    workers, by pid. ``env``: more environment variables (JAVA_HOME picks the Java that
+    TorchServe's launcher runs)."""
     run = Path(run)
     for attempt in range(2):  # a free port can be taken by another program before TorchServe
-        java = start_torchserve(store, run, extra_config, env)  # binds it: once more if so
-        client = TorchServeClient(run / "config.properties", run / "key_file.json")
+        java = start_torchserve(store, run, extra_config, env, models)  # binds it: again if so
+        clients = {name: TorchServeClient(run / "config.properties", run / "key_file.json",
+                                          model=name) for name in models}
+        client = clients[models[0]]
         try:
-            client.wait_ready(timeout=timeout, worker_log=run / "logs" / "model_log.log",
-                              probe=probe, server=java)
+            for each in clients.values():
+                each.wait_ready(timeout=timeout, worker_log=run / "logs" / "model_log.log",
+                                probe=probe, server=java)
         except ServerExited:
             stop_torchserve(java)
             out = run / "torchserve.out"  # the server's stdout: its bind failure
@@ -72,15 +77,18 @@ def local_torchserve(store, run, extra_config="", timeout=180, probe=None, env=N
             stop_torchserve(java)
             raise
         break
-    client.run_dir, client.server = run, java
+    for each in clients.values():
+        each.run_dir, each.server = run, java
+    client.clients = clients
     try:
         yield client
     finally:
         stop_torchserve(java)
 
 
-def start_torchserve(store, run, extra_config="", env=None):
-    """Start a TorchServe in ``run`` on free ports; its Java process."""
+def start_torchserve(store, run, extra_config="", env=None, models=("cifar10",)):
+    """Start a TorchServe in ``run`` on free ports serving ``models`` (store/<name>.mar each);
+    its Java process."""
     config = (ROOT / "config.properties").read_text()
     for name in ("inference", "management", "metrics"):
         config = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{free_port()}",
@@ -96,7 +104,8 @@ def start_torchserve(store, run, extra_config="", env=None):
     with open(run / "torchserve.out", "wb") as out:  # the launcher's and the server's stdout
         subprocess.run([str(torchserve), "--start", "--ncs", "--ts-config", "config.properties",
                         "--log-config", str(ROOT / "log4j2.xml"),
-                        "--model-store", str(store), "--models", "cifar10=cifar10.mar"],
+                        "--model-store", str(store), "--models",
+                        *[f"{name}={name}.mar" for name in models]],
                        cwd=run, env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
     return psutil.Process(int((run / ".model_server.pid").read_text()))
 
@@ -133,7 +142,7 @@ def local_proxy(client, run_dir, ts_config=None, **overrides):
                 "listen_management": f"127.0.0.1:{free_port()}",
                 **proxy.settings_from(ts_config or client.run_dir / "config.properties",
                                       ROOT / "handler" / "model-config.yaml"),
-                "worker_processes": 1, **overrides}
+                "worker_processes": 1, "model": client.model, **overrides}
     settings.update(ts_inference=urlsplit(client.inference).netloc,
                     ts_management=urlsplit(client.management).netloc)
     conf = proxy.prepare(run_dir, settings, daemon=False)

@@ -13,22 +13,20 @@ import base64
 import importlib.util
 import io
 import json
-import os
-import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
+import requests
 import torch
 import yaml
-from pathlib import Path
 from conftest import ROOT
 from PIL import Image
 
-from client import TorchServeClient
-from tests.harness import free_port, stop_torchserve
+from tests.harness import local_proxy, local_torchserve
 
 RESNET = {"name": "resnet18", "architecture": "resnet18",
           "classes": [f"class{i:03d}" for i in range(100)],
@@ -158,33 +156,11 @@ def own_models(tmp_path_factory):
 def served(own_models, tmp_path_factory):
     """One TorchServe (free ports) serving the four archives; (clients by model name, run dir)."""
     models, store, tmp = own_models
-    names = [n for name in models for n in (name, f"{name}-fp32")]
+    names = tuple(n for name in models for n in (name, f"{name}-fp32"))
     run = tmp_path_factory.mktemp("run")
-    # TODO(merge): the tests' shared TorchServe harness, once it serves models by name
-    config = (ROOT / "config.properties").read_text()
-    for key in ("inference_address", "management_address", "metrics_address"):
-        config = re.sub(rf"^{key}=.*$", f"{key}=http://127.0.0.1:{free_port()}", config,
-                        flags=re.M)
-    for key in ("grpc_inference_port", "grpc_management_port"):
-        config = re.sub(rf"^{key}=.*$", f"{key}={free_port()}", config, flags=re.M)
-    config = re.sub(r"^(model_store|load_models)=.*$", "", config, flags=re.M)
-    (run / "config.properties").write_text(config)
-    env = dict(os.environ, TMPDIR=str(run), TEMP=str(run), LOG_LOCATION=str(run / "logs"),
-               METRICS_LOCATION=str(run / "logs"))
-    subprocess.run([str(ROOT / ".venv" / "bin" / "torchserve"), "--start", "--ncs",
-                    "--ts-config", "config.properties", "--log-config", str(ROOT / "log4j2.xml"),
-                    "--model-store", str(store), "--models", *[f"{n}={n}.mar" for n in names]],
-                   cwd=run, env=env, check=True, stdout=subprocess.DEVNULL)
-    java = psutil.Process(int((run / ".model_server.pid").read_text()))
-    clients = {n: TorchServeClient(run / "config.properties", run / "key_file.json", model=n)
-               for n in names}
-    try:
-        for name, client in clients.items():
-            client.wait_ready(timeout=600, worker_log=run / "logs" / "model_log.log",
-                              probe=png((40, 30), "RGB", 9), server=java)
-        yield clients, run
-    finally:
-        stop_torchserve(java)
+    with local_torchserve(store, run, timeout=600, probe=png((40, 30), "RGB", 9),
+                          models=names) as client:
+        yield client.clients, run
 
 
 def customized(client):
@@ -297,3 +273,37 @@ def test_unknown_architectures_name_the_forms_accepted():
                            ("no_such_module:Net", "cannot import Net")):
         with pytest.raises(ValueError, match=fragment):
             build_net(from_dict({**TINY, "architecture": name}))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "tiny-gray"])
+def test_own_model_is_served_through_the_proxy_with_its_own_v2_metadata(served, name,
+                                                                        tmp_path):
+    """The proxy routes the model by its spec's name; its v2 metadata is the model's own answer:
+    the spec's shape (H, W, C) and classes; /predictions through the proxy answers as
+    TorchServe does."""
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        pytest.skip("needs nginx (apt-get install nginx)")
+    clients, _ = served
+    spec = RESNET if name == "resnet18" else TINY
+    client = clients[name]
+    with local_proxy(client, tmp_path / "proxy") as front:
+        headers = client._token("inference")
+        metadata = requests.get(f"{front.inference}/v2/models/{name}", headers=headers,
+                                timeout=60)
+        assert metadata.status_code == 200, metadata.text
+        described = metadata.json()
+        assert described["name"] == name
+        assert [-1, *spec["image_size"], spec["channels"]] in [
+            t["shape"] for t in described["inputs"]]
+        (probabilities,) = [t for t in described["outputs"] if t["name"] == "probabilities"]
+        assert probabilities["shape"] == [-1, len(spec["classes"])]
+        assert probabilities["parameters"]["classes"] == spec["classes"]
+        body = png((120, 90), "RGB", 77)
+        direct = client.predict(body)
+        through = requests.post(f"{front.inference}/predictions/{name}", data=body,
+                                headers=headers, timeout=60)
+        assert through.status_code == 200, through.text
+        assert through.json() == pytest.approx(direct.json(), abs=1e-6)
+        other = requests.post(f"{front.inference}/predictions/cifar10", data=body,
+                              headers=headers, timeout=60)
+        assert other.status_code == 404  # the proxy routes the served model only
