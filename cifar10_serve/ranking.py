@@ -1,7 +1,9 @@
 """The one rule that orders an answer's classes: probability descending, and on an exact tie
 the lower class index first (a stable sort). argmax and topk each break ties their own way
 (topk's is not even specified), so two routes that pick the top-1 by different calls can name
-different classes for one image; every route that ranks classes should ask this module."""
+different classes for one image; every route that ranks classes should ask this module. Also
+what the answers say of their confidence: the top-1 probability and its lead over the runner-up
+(``min_confidence``'s marker), and the buckets of the metrics port's confidence histogram."""
 import torch
 
 
