@@ -97,7 +97,8 @@ def test_every_route_names_the_same_class_on_an_exact_tie(make_handler, tie_chec
     label, top = oip["outputs"]
     assert label["data"] == [first] * 4
     assert [top["data"][3 * i].split(":")[1:] for i in range(4)] == [[str(min(TIED)), first]] * 4
-    assert [top["data"][3 * i + 1].split(":")[2] for i in range(4)] == [CIFAR10_CLASSES[max(TIED)]] * 4
+    second = CIFAR10_CLASSES[max(TIED)]
+    assert [top["data"][3 * i + 1].split(":")[2] for i in range(4)] == [second] * 4
     assert [list(a)[0] for a in kserve["predictions"]] == [first] * 4
     assert [a["class"] for a in explained] == [first] * 4
 
