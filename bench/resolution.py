@@ -1,11 +1,13 @@
 """How finely each forward's probabilities resolve, and what the int8 files cost: per ONNX file
-(or the fp32 torch net), on a folder of images through the served forward (gated TTA and the
-checkpoint's temperature, as the handler runs it): distinct probabilities per answer, answers
-that repeat a probability, exact ties for first place; then the in-process int8 forward's
-ms/image, one thread as inside a worker, repeated to show the machine's noise.
+(and the fp32 torch net; with --bf16 also the bf16 runtime's forward), on a folder of images
+through the served forward (gated TTA and the checkpoint's temperature, as the handler runs it):
+distinct probabilities per answer, answers that repeat a probability, exact ties for first
+place; then each forward's ms/image in process, one thread as inside a worker, repeated to show
+the machine's noise.
 
     .venv/bin/python -m bench.resolution weights/cifar10.pt tests/holdout \
-        --onnx before=old/cifar10.int8.onnx --onnx after=model_store/build/cifar10.int8.onnx
+        --onnx before=old/cifar10.int8.onnx --onnx after=model_store/build/cifar10.int8.onnx \
+        --bf16
 """
 import argparse
 import statistics
@@ -53,6 +55,9 @@ def main(argv=None):
     p.add_argument("data_dir", help="ImageFolder of held-out images")
     p.add_argument("--onnx", action="append", default=[], metavar="NAME=FILE",
                    help="an ONNX forward to compare, repeatable")
+    p.add_argument("--bf16", action="store_true",
+                   help="also the bf16 runtime's forward (default: off; slow where the CPU has "
+                        "no bf16 units)")
     p.add_argument("--repeats", type=int, default=7, help="timing runs per file (default: 7)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -62,6 +67,8 @@ def main(argv=None):
     transform, tta, margin = eval_transform(spec), served("tta", 0), \
         served("tta_margin", 1.0)
     forwards = {"fp32 torch": runtime_forward(checkpoint, "fp32")}
+    if args.bf16:
+        forwards["bf16 torch"] = runtime_forward(checkpoint, "bf16")
     forwards.update({name: onnx_forward(path, 1) for name, path in
                      (item.split("=", 1) for item in args.onnx)})
     print(f"{args.weights} (T {spec.temperature:.4f}), tta {tta}, tta_margin {margin}, "

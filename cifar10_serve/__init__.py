@@ -22,6 +22,8 @@ and beneath them:
                            net, TTA, checkpoints and class names (training imports it too)
     bodies.py              the Row a request travels in; JSON and base64 read within the limits
     answers.py             TorchServe's answer shapes (top classes, the error object)
+    ranking.py             the one order of classes every route answers in (ties by class index),
+                           the top-1 confidence and its margin, the confidence histogram's buckets
     errors.py              Failure (status, message, what is accepted) and the client's 4xx
     settings.py            model-config.yaml `handler:`, checked at worker start
 

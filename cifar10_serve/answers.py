@@ -3,6 +3,7 @@ write: an image's top classes as {class: probability}, and the error object
 {"code", "type", "message"}. Written from results and Failures only: nothing here reads a request.
 """
 from cifar10_serve.errors import written
+from cifar10_serve.ranking import confidence, ranked
 
 # The error type an answer names, by its status (TorchServe's own answers name their types so).
 ERROR_TYPES = {413: "RequestEntityTooLarge", 503: "ServiceUnavailable"}
@@ -10,10 +11,22 @@ ERROR_TYPES = {413: "RequestEntityTooLarge", 503: "ServiceUnavailable"}
 
 def top_classes(probs, classes, topk):
     """Per image (rows of ``probs``, N x classes), its ``topk`` classes and their probabilities,
-    most probable first."""
-    values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
+    most probable first, ties by class index (ranking.py: every route's one order)."""
+    indices = ranked(probs)[:, :min(topk, probs.shape[1])]
+    values = probs.gather(1, indices)
     return [{classes[i]: p for i, p in zip(idx, val)}
             for idx, val in zip(indices.tolist(), values.tolist())]
+
+
+def uncertain_headers(probs, min_confidence):
+    """The answer's X-Uncertain header where the request asked for it (``min_confidence``, its
+    X-Min-Confidence header): per image, in answer order, "true" where its top-1 probability is
+    below ``min_confidence``, else "false", comma-separated. The answer's body keeps its shape."""
+    if min_confidence is None:
+        return {}
+    top, _ = confidence(probs)
+    return {"X-Uncertain": ", ".join("true" if p < min_confidence else "false"
+                                     for p in top.tolist())}
 
 
 def error_object(failure, accepted):

@@ -1,5 +1,6 @@
 """What every protocol's reading shares: the record a request travels in (Row), base64 and JSON
-read within the limits, and the form-field numbering TorchServe's adapter applies.
+read within the limits, the form-field numbering TorchServe's adapter applies, and the optional
+``min_confidence`` a request may ask its answer to be marked by.
 
 JSON bodies are counted before they are parsed: the largest legal one is ``max_images`` images as
 v2 UINT8 pixels nested [N, H, W, C] of the model's input (``json_values_limit``).
@@ -10,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from cifar10_serve.errors import bad_request
+from cifar10_serve.errors import bad_request, shown
 
 # A body that starts like JSON (checked without copying the body, unlike bytes.lstrip()).
 JSON_START = re.compile(rb"\s*[\[{]")
@@ -27,7 +28,8 @@ class Row:
     images: encoded bytes at first, uint8 (C, H, W) tensors once decoded; error: a
     errors.Failure (or the budget's and the forward's (status, message)) once anything failed
     for this request alone; result: what the forward found (class probabilities, N x classes,
-    or explanations); answer and headers: what it gets back."""
+    or explanations); answer and headers: what it gets back; min_confidence: where the request
+    asked, the top-1 probability below which its answer says it is uncertain."""
     kind: str = "predict"
     protocol: object = None
     reply: object = None
@@ -36,6 +38,7 @@ class Row:
     result: object = None
     answer: object = None
     headers: dict = field(default_factory=dict)
+    min_confidence: float = None  # X-Min-Confidence: mark answers whose top-1 is below it
 
 
 def text(name):
@@ -104,3 +107,20 @@ def decode_base64(item, where):
         return base64.b64decode(WHITESPACE.sub("", item), validate=True)
     except (binascii.Error, ValueError) as err:
         raise bad_request(f"{where} is not valid base64 ({err})") from err
+
+
+def min_confidence(value, where):
+    """A request's ``min_confidence`` (a number, or its text in a header) as a float from 0 to 1;
+    None where it was not given; a 400 naming ``where`` it was read otherwise."""
+    if value is None:
+        return None
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) \
+            or not 0 <= number <= 1:
+        raise bad_request(f"{where} must be a probability from 0 to 1 (the top-1 probability "
+                          f"below which the answer is marked uncertain), got "
+                          f"{shown(value)!r}")
+    return float(number)

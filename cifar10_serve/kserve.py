@@ -26,8 +26,10 @@ def error(failure, spec):
 class Reply:
     """{"predictions": [...]} or {"explanations": [...]}: one answer per instance."""
 
-    def predictions(self, probs, classes, topk, model_name, model_version=None):
-        return {"predictions": answers.top_classes(probs, classes, topk)}, {}
+    def predictions(self, probs, classes, topk, model_name, model_version=None,
+                    min_confidence=None):
+        return ({"predictions": answers.top_classes(probs, classes, topk)},
+                answers.uncertain_headers(probs, min_confidence))
 
     def explanations(self, found):
         return {"explanations": found}, {}
@@ -37,7 +39,8 @@ class Reply:
 class Instance:
     """One instance of TorchServe's `kserve` envelope, which wraps the answers itself."""
 
-    def predictions(self, probs, classes, topk, model_name, model_version=None):
+    def predictions(self, probs, classes, topk, model_name, model_version=None,
+                    min_confidence=None):  # the envelope writes the one response's headers
         return answers.top_classes(probs, classes, topk)[0], {}
 
     def explanations(self, found):

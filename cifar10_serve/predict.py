@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from cifar10_serve.net import gated_logits
+from cifar10_serve.ranking import top1
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def _work(rows, forwards):
                                   f.margin, f.temperature)
     if rows[0].kind != "explain":
         return [Found(p) for p in probs], looked
-    return [Found(p, explanations(row, f.net, p.argmax(dim=1), f.transform, f.device, f.chunk,
+    return [Found(p, explanations(row, f.net, top1(p), f.transform, f.device, f.chunk,
                                   f.ig_steps, f.classes))
             for row, p in zip(rows, probs)], looked
 

@@ -25,9 +25,11 @@ class Reply:
     """A /predictions answer's shape: one object, or a list (several images, or a list sent)."""
     as_list: bool = False
 
-    def predictions(self, probs, classes, topk, model_name, model_version=None):
+    def predictions(self, probs, classes, topk, model_name, model_version=None,
+                    min_confidence=None):
         found = answers.top_classes(probs, classes, topk)
-        return (found if self.as_list else found[0]), {}
+        return (found if self.as_list else found[0]), answers.uncertain_headers(probs,
+                                                                                min_confidence)
 
     def explanations(self, found):
         return (found if self.as_list else found[0]), {}

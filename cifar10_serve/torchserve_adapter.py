@@ -35,7 +35,7 @@ from ts.protocol import otf_message_handler
 from ts.service import Service
 from ts.version import __version__ as TORCHSERVE_VERSION
 
-from cifar10_serve import kserve, multipart, raw, v2
+from cifar10_serve import bodies, kserve, multipart, raw, v2
 from cifar10_serve.bodies import json_values, json_values_limit, looks_like_json, numbered, \
     read_json
 from cifar10_serve.errors import bad_request, failure_of, too_many
@@ -45,6 +45,9 @@ WRITTEN_FOR = "0.12."
 # The request header the proxy's v2 model metadata route sets (GET /v2/models/<model>, sent on as
 # an empty inference request): the v2 protocol answers it from the model's spec.
 METADATA_HEADER = "x-v2-metadata"
+# The request header that asks every image's answer to say whether its top-1 probability is
+# below it (answers.uncertain_headers; a v2 request may say so in its parameters instead).
+MIN_CONFIDENCE_HEADER = "X-Min-Confidence"
 # What TorchServe's reader may parse of an application/json body (the patched json.loads runs
 # inside TorchServe's reader, so the handler sets it at worker start, before any request:
 # ``set_json_values_limit``; None until then).
@@ -117,6 +120,13 @@ def request_header(headers, name):
     name = name.lower()
     return next((value for key, value in headers.items() if isinstance(value, str)
                  and key.lower() == name), None)
+
+
+def min_confidence(headers):
+    """The request's X-Min-Confidence header as a probability, or None; a 400 where it is no
+    probability."""
+    return bodies.min_confidence(request_header(headers, MIN_CONFIDENCE_HEADER),
+                                 f"the {MIN_CONFIDENCE_HEADER} header")
 
 
 def headers_of(context, index, together):
@@ -210,7 +220,7 @@ class _EnvelopeTensor:
     error = staticmethod(v2.error)
 
     @staticmethod
-    def predictions(probs, classes, topk, model_name, model_version=None):
+    def predictions(probs, classes, topk, model_name, model_version=None, min_confidence=None):
         return probs.reshape(-1).tolist(), {}
 
     @staticmethod

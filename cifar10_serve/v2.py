@@ -13,7 +13,10 @@ The answer echoes the request's "id" and holds the outputs asked (default: all, 
 `label` BYTES [N], `probabilities` FP32 [N, classes], or where an output's `classification` asks,
 the top k as BYTES "probability:index:label"; each as JSON or, where the request's
 `binary_data_output` or an output's `binary_data` says so, as binary data after a JSON header
-whose length the response's `Inference-Header-Content-Length` header gives.
+whose length the response's `Inference-Header-Content-Length` header gives. Where the request's
+`parameters.min_confidence` (or its X-Min-Confidence header) asks, the answer's "parameters" say
+per image whether its top-1 probability is below it ("uncertain") and its lead over the runner-up
+("margin").
 
 TorchServe 0.12 passes the worker no URL: its KServe inference routes (/v2/models/<model>/infer,
 /v1/models/<model>:predict) are told by the headers they add (the TorchServe adapter), and the
@@ -28,8 +31,9 @@ import numpy as np
 import torch
 
 from cifar10_serve import answers
-from cifar10_serve.bodies import decode_base64, json_values, json_values_limit
+from cifar10_serve.bodies import decode_base64, json_values, json_values_limit, min_confidence
 from cifar10_serve.errors import bad_request, shown, too_many
+from cifar10_serve.ranking import confidence, ranked
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUTS = ("label", "probabilities")
@@ -275,17 +279,23 @@ class Reply:
     JSON or binary data, each its full tensor or its top ``classification`` classes."""
     id: str = None
     outputs: list = field(default_factory=lambda: [(name, False, 0) for name in OUTPUTS])
+    min_confidence: float = None
 
-    def predictions(self, probs, classes, topk, model_name, model_version=None):
+    def predictions(self, probs, classes, topk, model_name, model_version=None,
+                    min_confidence=None):
         """The answer to the request's images (their class probabilities, N x classes): a dict
-        to send as JSON, or the bytes of a binary answer with the headers that say so."""
-        tensors = []
+        to send as JSON, or the bytes of a binary answer with the headers that say so. Where the
+        request asks (its parameters' min_confidence, else ``min_confidence``, the
+        X-Min-Confidence header), the answer's parameters say per image whether its top-1
+        probability is below it ("uncertain") and by how much it leads the runner-up
+        ("margin")."""
+        tensors, order = [], ranked(probs)  # the label and classification agree on ties
         for name, binary, top in self.outputs:
             if name == "label":
-                tensor = ("BYTES", [len(probs)],
-                          [classes[i] for i in probs.argmax(dim=1).tolist()])
+                tensor = ("BYTES", [len(probs)], [classes[i] for i in order[:, 0].tolist()])
             elif top:
-                values, indices = probs.topk(top, dim=1)
+                indices = order[:, :top]
+                values = probs.gather(1, indices)
                 tensor = ("BYTES", [len(probs), top],
                           [f"{p:f}:{i}:{classes[i]}" for row_p, row_i in
                            zip(values.tolist(), indices.tolist()) for p, i in zip(row_p, row_i)])
@@ -297,6 +307,11 @@ class Reply:
             answer["model_version"] = model_version
         if self.id is not None:
             answer["id"] = self.id
+        threshold = self.min_confidence if self.min_confidence is not None else min_confidence
+        if threshold is not None:
+            top, margin = confidence(probs)
+            answer["parameters"] = {"uncertain": (top < threshold).tolist(),
+                                    "margin": margin.tolist()}
         payload = []
         for name, binary, datatype, shape, data in tensors:
             output = {"name": name, "datatype": datatype, "shape": shape}
@@ -329,9 +344,10 @@ def reply(header, max_id_length, classes):
     if not isinstance(parameters, dict):
         raise bad_request("the request's \"parameters\" must be an object")
     binary = _flag(parameters, "binary_data_output", "parameters")
+    threshold = min_confidence(parameters.get("min_confidence"), "parameters.min_confidence")
     asked = header.get("outputs")
     if asked is None:
-        return Reply(request_id, [(name, binary, 0) for name in OUTPUTS])
+        return Reply(request_id, [(name, binary, 0) for name in OUTPUTS], threshold)
     if not (isinstance(asked, list) and asked and len(asked) <= len(OUTPUTS)
             and all(isinstance(o, dict) for o in asked)):
         raise bad_request(f"\"outputs\" must be a list of at most {len(OUTPUTS)} objects, each "
@@ -351,7 +367,7 @@ def reply(header, max_id_length, classes):
                               f"to {len(classes)}, on the \"probabilities\" output, got "
                               f"{shown(top)!r}")
         outputs.append((name, binary if own is None else own, top))
-    return Reply(request_id, outputs)
+    return Reply(request_id, outputs, threshold)
 
 
 def _flag(parameters, name, where):

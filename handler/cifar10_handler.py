@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 from ts.handler_utils.timer import timed
+from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from cifar10_serve import budget, predict, raw, settings, spec, torchserve_adapter, v2
+from cifar10_serve import budget, predict, ranking, raw, settings, spec, torchserve_adapter, v2
 from cifar10_serve.bodies import Row
 from cifar10_serve.errors import ClientError, Failure
 from cifar10_serve.images import decode_request, eval_transform
@@ -124,6 +125,7 @@ class Cifar10Handler(BaseHandler):
             row.protocol, payload = torchserve_adapter.detect(request, headers, together, limits,
                                                               self.spec)
             row.images, row.reply = row.protocol.read(payload, limits, self.spec)
+            row.min_confidence = torchserve_adapter.min_confidence(headers)
         return row
 
     @contextlib.contextmanager
@@ -150,6 +152,8 @@ class Cifar10Handler(BaseHandler):
                                     self.settings.ig_steps, self.classes, self.spec.temperature)
         found, looked = predict.run(rows, forwards, admission)
         self._count(sum(len(f.probs) for f in found if f is not None), looked)
+        self._confidences([f.probs for row, f in zip(rows, found)
+                           if f is not None and row.kind == "predict"])
         for row, result in zip(rows, found):
             if result is not None:
                 row.result = result.explained if row.kind == "explain" else result.probs
@@ -162,6 +166,21 @@ class Cifar10Handler(BaseHandler):
         if metrics is not None and self.settings.tta:
             metrics.add_counter("ts_handler_tta_images", images, None)
             metrics.add_counter("ts_handler_tta_second_looks", looked, None)
+
+    def _confidences(self, probs):
+        """The served top-1 probabilities on the metrics port as a Prometheus histogram:
+        TorchServe 0.12's handler metrics have no histogram type, so its cumulative buckets are
+        a counter with an `le` dimension (ts_handler_top1_confidence_bucket{le="0.9"}), beside
+        ..._count and ..._sum, which histogram_quantile() and rate() read as one."""
+        metrics = getattr(self.context, "metrics", None)
+        if metrics is None or not probs:
+            return
+        top, _ = ranking.confidence(torch.cat(probs))
+        for bound, count in ranking.confidence_buckets(top).items():
+            metrics.add_counter("ts_handler_top1_confidence_bucket", count, None,
+                                [Dimension("le", bound)])
+        metrics.add_counter("ts_handler_top1_confidence_count", len(top), None)
+        metrics.add_counter("ts_handler_top1_confidence_sum", round(top.sum().item(), 6), None)
 
     def to_batch(self, images):
         """Decoded uint8 images -> the normalised batch the forward takes (tests, bench)."""
@@ -184,7 +203,7 @@ class Cifar10Handler(BaseHandler):
                 else:
                     row.answer, row.headers = row.reply.predictions(
                         row.result, self.classes, self.settings.topk, self.context.model_name,
-                        self.version)
+                        self.version, row.min_confidence)
         return torchserve_adapter.respond(rows, self.context, together, self.spec,
                                           self.budget.retry_after, self.version)
 

@@ -15,7 +15,7 @@ from bench.resolution import resolution
 from cifar10_serve import spec as model_spec
 from cifar10_serve.images import decode_image, eval_transform, image_tensor
 from cifar10_serve.net import CIFAR10_CLASSES, build_net
-from cifar10_serve.runtimes import INT8_FILE, ONNX_FILE, onnx_forward
+from cifar10_serve.runtimes import INT8_FILE, ONNX_FILE, bf16_forward, onnx_forward
 
 IMAGES = [{"body": solid_png(rgb)} for rgb in COLOURS]
 
@@ -154,3 +154,28 @@ def test_resolution_counts_distinct_probabilities_and_ties():
     probs = torch.tensor([[0.4, 0.4, 0.2], [0.5, 0.3, 0.2], [0.5, 0.25, 0.25]])
     distinct, repeating, ties = resolution(probs)
     assert distinct == pytest.approx(7 / 3) and repeating == pytest.approx(2 / 3) and ties == 1
+
+
+def test_bf16_runtime_runs_its_head_in_fp32(colour_checkpoint):
+    """bf16_forward: the features under bf16 autocast, the head's matmul in fp32 on them, so the
+    logits are not on bf16's grid (8 significant bits); the fp32 net it was given (Integrated
+    Gradients runs it) is left as it was."""
+    data = torch.load(colour_checkpoint, weights_only=True)
+    net = build_net(data).eval()
+    forward = bf16_forward(net)
+    assert type(net.head) is torch.nn.Linear
+    x = eval_transform(model_spec.from_checkpoint(data))(
+        torch.stack([image_tensor(decode_image(solid_png(c))) for c in COLOURS]))
+    features = {}
+    net.head.register_forward_hook(lambda m, i, o: features.update(x=i[0]))
+    with torch.inference_mode():
+        logits = forward(x)
+        assert not features  # the copy ran, not the given net
+        net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_features = net.features(net.whiten(x))
+    expected = torch.nn.functional.linear(bf16_features.float(), net.head.weight) * net.scaling
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, expected)
+    on_grid = logits.to(torch.bfloat16).float()
+    assert not torch.equal(logits, on_grid)  # finer than bf16's grid

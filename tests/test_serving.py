@@ -599,3 +599,70 @@ def test_client_resends_inference_on_503_and_507(monkeypatch, tmp_path):
     monkeypatch.setattr(time, "sleep", lambda s: None)
     assert client.predict(b"image").status_code == 200 and len(sent) == 3
     assert client.predict(b"image").status_code == 507 and len(sent) == 6  # gives up after 2
+
+
+def test_every_route_names_one_top1_under_mixed_concurrent_traffic(server):
+    """/predictions, v2 (label and classification), KServe v1 and /explanations, sent at once
+    and batched together by TorchServe, name one class per image (ranking.py); an
+    X-Min-Confidence header marks the answers below it without changing them; the metrics port
+    shows the served top-1 confidence as a Prometheus histogram."""
+    headers = server._token("inference")
+    encoded = [base64.b64encode(image).decode() for image in IMAGES]
+    alone = [server.predict(image).json() for image in IMAGES]
+    top = [max(a.values()) for a in alone]
+    threshold = sorted(top)[len(top) // 2]  # half the images below it
+
+    def post(path, **kwargs):
+        response = requests.post(f"{server.inference}{path}", timeout=60,
+                                 headers={**headers, **kwargs.pop("headers", {})}, **kwargs)
+        assert response.status_code == 200, response.text
+        return response
+
+    def predictions(i):
+        response = post("/predictions/cifar10", data=IMAGES[i],
+                        headers={"X-Min-Confidence": str(threshold)})
+        return [(i, next(iter(response.json())))], response.headers.get("X-Uncertain")
+
+    def v2(start):
+        rows = range(start, start + 5)
+        body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [5],
+                            "data": [encoded[i] for i in rows]}],
+                "outputs": [{"name": "label"},
+                            {"name": "probabilities", "parameters": {"classification": 2}}],
+                "parameters": {"min_confidence": threshold}}
+        answer = post("/v2/models/cifar10/infer", json=body).json()
+        label, classified = answer["outputs"]
+        assert [c.split(":")[2] for c in classified["data"][::2]] == label["data"]
+        return list(zip(rows, label["data"])), answer["parameters"]["uncertain"]
+
+    def kserve(i):
+        answer = post("/v1/models/cifar10:predict",
+                      json={"instances": [{"data": encoded[i]}]}).json()
+        return [(i, next(iter(answer["predictions"][0])))], None
+
+    def explained(i):
+        return [(i, post("/explanations/cifar10", data=IMAGES[i]).json()["class"])], None
+
+    jobs = ([(predictions, i) for i in range(10)] * 3 + [(v2, 0), (v2, 5)] * 3
+            + [(kserve, i) for i in range(10)] + [(explained, i) for i in (0, 3, 7)])
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda job: (job, job[0](job[1])), jobs))
+    named = collections.defaultdict(set)
+    for (kind, i), (pairs, uncertain) in results:
+        for index, name in pairs:
+            named[index].add(name)
+        below = [top[k] < threshold for k in range(i, i + (5 if kind is v2 else 1))]
+        if kind is predictions:
+            assert uncertain == ("true" if below[0] else "false")
+        elif kind is v2:
+            assert uncertain == below
+    assert {i: names for i, names in named.items()} == {
+        i: {next(iter(a))} for i, a in enumerate(alone)}
+    text = server.metrics().text
+    buckets = {bound: float(value) for bound, value in re.findall(
+        r'^ts_handler_top1_confidence_bucket\{.*le="([^"]+)".*\} (\S+)$', text, flags=re.M)}
+    assert buckets.keys() >= {"0.5", "0.9", "0.99", "+Inf"}, text[-2000:]
+    count = re.search(r'^ts_handler_top1_confidence_count\{.*\} (\S+)$', text, flags=re.M)
+    assert count and buckets["+Inf"] == float(count[1]) >= 60
+    ordered = [buckets[b] for b in sorted(buckets, key=lambda b: float(b.replace("+Inf", "inf")))]
+    assert ordered == sorted(ordered)  # cumulative, as a histogram's buckets
