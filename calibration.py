@@ -27,7 +27,7 @@ import data
 from cifar10_serve import spec as model_spec
 from cifar10_serve.images import eval_transform
 from cifar10_serve.net import build_net, gated_logits
-from cifar10_serve.runtimes import bf16_forward, cpu_flags, cpu_name, onnx_forward
+from cifar10_serve.forwards import bf16_forward, cpu_flags, cpu_name, onnx_forward
 
 BINS = 15
 # The temperature a fit may return: outside it the logits are degenerate (all one class, or ties).

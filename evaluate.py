@@ -29,7 +29,7 @@ import train
 from cifar10_serve import spec as specs
 from cifar10_serve.images import eval_transform
 from cifar10_serve.net import build_net, tta_views
-from cifar10_serve.runtimes import onnx_forward
+from cifar10_serve.forwards import onnx_forward
 from client import TorchServeClient
 
 log = logging.getLogger(__name__)

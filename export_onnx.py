@@ -27,11 +27,11 @@ import torch
 from cifar10_serve import spec as specs
 from cifar10_serve.images import decode_image, eval_transform, image_tensor
 from cifar10_serve.net import build_net
-from cifar10_serve.runtimes import LIMITS, agreement, onnx_forward
+from cifar10_serve.forwards import LIMITS, agreement, onnx_forward
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 # The int8 file's quantization must give the fp32 top-1 on this share of the --check-dir images
-# that fp32 answers clearly (cifar10_serve.runtimes.MARGIN): the shipped net's gives 99.6 %.
+# that fp32 answers clearly (cifar10_serve.forwards.MARGIN): the shipped net's gives 99.6 %.
 INT8_AGREEMENT = 0.97
 GOLDEN_IMAGES = 16  # enough to tell a wrong kernel (~10-40 % agreement) from a right one
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from cifar10_serve.images import eval_transform
 from cifar10_serve.net import DEFAULT_WIDTHS, build_net, init_whitening, predict_logits
-from cifar10_serve.runtimes import cpu_has_bf16
+from cifar10_serve.forwards import cpu_has_bf16
 from cifar10_serve.spec import CIFAR10
 from data import load_images, split
 

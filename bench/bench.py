@@ -43,7 +43,7 @@ from urllib.parse import urlparse
 import requests
 import yaml
 
-from cifar10_serve.runtimes import cpu_flags
+from cifar10_serve.forwards import cpu_flags
 from client import TorchServeClient
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 import evaluate
-from cifar10_serve.runtimes import cpu_flags, cpu_name
+from cifar10_serve.forwards import cpu_flags, cpu_name
 from tests.harness import GoodTraffic, local_torchserve
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,7 +28,7 @@ from statistics import median
 import numpy as np
 import torch
 
-from cifar10_serve.runtimes import cpu_flags, cpu_name
+from cifar10_serve.forwards import cpu_flags, cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 HOLDOUT = ROOT / "tests" / "holdout"

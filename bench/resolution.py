@@ -19,7 +19,7 @@ from calibration import held_out, runtime_forward, served_logits
 from cifar10_serve import spec as model_spec
 from cifar10_serve.images import eval_transform
 from cifar10_serve.net import gated_logits
-from cifar10_serve.runtimes import cpu_flags, cpu_name, onnx_forward
+from cifar10_serve.forwards import cpu_flags, cpu_name, onnx_forward
 from evaluate import served
 
 

@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from cifar10_serve.net import DEFAULT_WIDTHS, Cifar10Net
-from cifar10_serve.runtimes import cpu_flags, cpu_name
+from cifar10_serve.forwards import cpu_flags, cpu_name
 
 
 def step_seconds(widths, precision, batch, steps):

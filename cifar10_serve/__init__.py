@@ -14,6 +14,8 @@ class TorchServe loads) works through, shipped inside the .mar beside it. A batc
     images.py, deadline.py decode: header checks, decoding by the spec within a CPU-time
                            deadline, the transform
     runtimes.py            which forward runs: every candidate checked and timed on the serving CPU
+    forwards.py            the candidate forwards (ONNX Runtime fp32/int8, bf16 with an fp32 head),
+                           their check against fp32, the CPU's kernel flags (build tools share it)
     predict.py             forward: the forward passes and explanations of a batch
 and beneath them:
     spec.py                the model spec: name, classes, architecture, input size and channels,

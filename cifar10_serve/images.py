@@ -12,14 +12,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cifar10_serve.deadline import deadline
 from cifar10_serve.errors import bad_request
+from cifar10_serve.settings import MAX_IMAGE_PIXELS
 from cifar10_serve.spec import CIFAR10
 
 # The image formats served and trained on (PIL format names). A closed list: PIL reads dozens more
 # (DDS, BLP, SPIDER, ...), rarely used for photos and a larger surface for hostile files.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG includes MPO
-# Refuse images whose header claims more pixels than this, before any pixel is decoded. A
-# classifier needs photos, not posters: 4096x4096 (16.8 M px) admits a 12 M px phone photo.
-MAX_IMAGE_PIXELS = 4096 * 4096
 # A progressive JPEG decodes every scan at full size (draft mode cannot skip them): libjpeg writes
 # 10 scans, optimisers ~20. Thousands of near-empty scans are a decode-time bomb, refused unread.
 MAX_JPEG_SCANS = 64

@@ -3,8 +3,9 @@ an unknown name or a value out of range stops the worker with a message naming t
 """
 from dataclasses import dataclass, field
 
-from cifar10_serve.images import MAX_IMAGE_PIXELS
-
+# Refuse images whose header claims more pixels than this, before any pixel is decoded. A
+# classifier needs photos, not posters: 4096x4096 (16.8 M px) admits a 12 M px phone photo.
+MAX_IMAGE_PIXELS = 4096 * 4096
 # model-config.yaml `runtime`: auto, or one forward by name (cifar10_serve/runtimes.py).
 RUNTIMES = ("auto", "int8", "bf16", "onnx", "torch")
 

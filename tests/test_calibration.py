@@ -15,7 +15,8 @@ from bench.resolution import resolution
 from cifar10_serve import spec as model_spec
 from cifar10_serve.images import decode_image, eval_transform, image_tensor
 from cifar10_serve.net import CIFAR10_CLASSES, build_net
-from cifar10_serve.runtimes import INT8_FILE, ONNX_FILE, bf16_forward, onnx_forward
+from cifar10_serve.forwards import bf16_forward, onnx_forward
+from cifar10_serve.runtimes import INT8_FILE, ONNX_FILE
 
 IMAGES = [{"body": solid_png(rgb)} for rgb in COLOURS]
 

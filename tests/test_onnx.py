@@ -24,8 +24,8 @@ from cifar10_handler import Cifar10Handler
 from cifar10_serve.images import eval_transform
 from cifar10_serve.net import build_net
 from cifar10_serve.spec import from_checkpoint
-from cifar10_serve.runtimes import cpu_flags, cpu_has_bf16, cpu_name
-from cifar10_serve.runtimes import CANDIDATES, GOLDEN_FILE, ONNX_FILE, agreement, onnx_forward
+from cifar10_serve.forwards import agreement, cpu_flags, cpu_has_bf16, cpu_name, onnx_forward
+from cifar10_serve.runtimes import CANDIDATES, GOLDEN_FILE, ONNX_FILE
 
 IMAGES = [{"body": (FIXTURES / f"{name}.jpg").read_bytes()}
           for name in ("airplane", "cat", "dog", "ship", "truck")]

@@ -21,7 +21,8 @@ import export_onnx as export_script
 from cifar10_serve.images import eval_transform
 from cifar10_serve.net import build_net
 from cifar10_serve.spec import from_checkpoint
-from cifar10_serve.runtimes import LIMITS, agreement, passes
+from cifar10_serve.forwards import LIMITS, agreement
+from cifar10_serve.runtimes import passes
 
 QEMU = shutil.which("qemu-x86_64")
 pytestmark = pytest.mark.skipif(QEMU is None and not os.environ.get("CI"),
