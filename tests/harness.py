@@ -142,7 +142,8 @@ def local_proxy(client, run_dir, ts_config=None, **overrides):
                 "listen_management": f"127.0.0.1:{free_port()}",
                 **proxy.settings_from(ts_config or client.run_dir / "config.properties",
                                       ROOT / "handler" / "model-config.yaml"),
-                "worker_processes": 1, "model": client.model, **overrides}
+                "worker_processes": 1, "model": getattr(client, "model", proxy.MODEL),
+                **overrides}
     settings.update(ts_inference=urlsplit(client.inference).netloc,
                     ts_management=urlsplit(client.management).netloc)
     conf = proxy.prepare(run_dir, settings, daemon=False)
