@@ -73,9 +73,6 @@ class Cifar10Handler(BaseHandler):
         self.budget = budget.for_worker(
             self.settings, config.get("responseTimeout", budget.TORCHSERVE_RESPONSE_TIMEOUT),
             self.calibration)
-        # Which archive this is (X-Model-Version, v2 model_version): during a release
-        # (release.py) several versions of the model answer at once.
-        self.version = str((context.manifest or {}).get("model", {}).get("modelVersion") or "")
         self.initialized = True
         logger.info("model %s loaded on %s (runtime %s, tta=%d, top-%d, %d threads, limits %s), "
                     "spec %s", self.spec.name, self.device, self.runtime, self.settings.tta,
@@ -206,6 +203,13 @@ class Cifar10Handler(BaseHandler):
                         self.version, row.min_confidence)
         return torchserve_adapter.respond(rows, self.context, together, self.spec,
                                           self.budget.retry_after, self.version)
+
+    @property
+    def version(self):
+        """Which archive this is (X-Model-Version, v2 model_version): during a release
+        (release.py) several versions of the model answer at once."""
+        manifest = getattr(self.context, "manifest", None) or {}
+        return str(manifest.get("model", {}).get("modelVersion") or "")
 
     def describe_handle(self):
         """The management API's customized describe: what this model answers and its limits."""

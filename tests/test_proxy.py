@@ -350,11 +350,11 @@ def test_only_the_headers_torchserve_reads_are_forwarded(make_proxy, tmp_path):
             f"{front.inference}/predictions/cifar10", data=b"x", timeout=30,
             headers={"Authorization": "Bearer t", "Content-Type": "image/png", "X-Evil": "1",
                      "explain": "True", "Inference-Header-Content-Length": "1",
-                     "Content-Encoding": "identity", "Cookie": "a=b"})
+                     "Content-Encoding": "identity", "Cookie": "a=b", "X-Min-Confidence": "0.5"})
         assert response.status_code == 200
         assert set(upstream.headers[0]) == {
             "host", "x-forwarded-for", "authorization", "content-type", "content-encoding",
-            "inference-header-content-length", "content-length"}
+            "inference-header-content-length", "content-length", "x-min-confidence"}
         assert upstream.headers[0]["authorization"] == "Bearer t"
 
 
