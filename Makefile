@@ -181,8 +181,8 @@ stop: ## stop the TorchServe that `make serve` started
 	@TMPDIR=$(abspath $(RUN_DIR)) $(BIN)/torchserve --stop --foreground
 
 serve-proxy: serve ## make serve, then nginx in front on 127.0.0.1:PROXY_PORT (inference) and PROXY_MANAGEMENT_PORT
-	@$(PY) -c "import proxy; proxy.nginx_binary()" 2>/dev/null \
-	  || { echo "make serve-proxy needs nginx (Debian/Ubuntu: apt-get install nginx)"; exit 1; }
+	@$(PY) -c "import proxy; proxy.njs_module()" 2>/dev/null || { echo "make serve-proxy needs \
+	  nginx and its njs module (Debian/Ubuntu: apt-get install nginx libnginx-mod-http-js)"; exit 1; }
 	$(PY) proxy.py start --run-dir $(PROXY_DIR) --ts-config $(TS_CONFIG) \
 	  --model-config $(MODEL_CONFIG) --model $(NAME) \
 	  --listen 127.0.0.1:$(PROXY_PORT) --listen-management 127.0.0.1:$(PROXY_MANAGEMENT_PORT)

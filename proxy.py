@@ -41,6 +41,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent
 TEMPLATE = ROOT / "deploy" / "nginx" / "nginx.conf.template"
 CANARY = ROOT / "deploy" / "nginx" / "canary.conf.template"
+CANARY_JS = ROOT / "deploy" / "nginx" / "canary.js"
 MODEL = "cifar10"
 # Connections a worker process may hold: idle clients cost one descriptor each, proxied requests
 # two. 20,000 idle connections fit in one worker with room for the good clients.
@@ -67,7 +68,7 @@ K8S = {"ts_inference": "127.0.0.1:8080", "ts_management": "127.0.0.1:8081",
 K8S_CONFIGS = (ROOT / "deploy" / "docker" / "config.properties",
                ROOT / "handler" / "model-config.yaml")
 K8S_CONF = ROOT / "deploy" / "k8s" / "nginx.conf"  # what deploy/k8s/kustomization.yaml reads
-LOGS = ("error.log", "access.log")
+LOGS = ("error.log", "access.log", "canary.log")
 # Rotation as log4j2.xml rotates TorchServe's logs: over LOG_BYTES, LOG_KEEP old files kept.
 LOG_BYTES, LOG_KEEP, ROTATE_EVERY = 100 * 2**20, 5, 30.0
 # nginx creates its logs and temporary files 0644 under the usual umask: they are no one
@@ -177,7 +178,8 @@ def render(settings, daemon=True, as_root=None, temp_root=None, logs=None):
                         "as form fields; send an image as the raw body with Content-Type "
                         "application/octet-stream or image/*, images as multipart/form-data, or "
                         "JSON (application/json)",
-        "CANARY": s.get("canary") or f"include {s['run_dir']}/canary.conf;",
+        "CANARY": s.get("canary") or canary_conf(s["run_dir"], model),
+        "MODULES": "" if s.get("canary") else f"load_module {njs_module()};",
         "SERVER_METADATA": nginx_string(server_metadata())}
     text = TEMPLATE.read_text()
     for key, value in fields.items():
@@ -218,8 +220,8 @@ def prepare(run_dir, settings, daemon=True):
         os.chmod(temp_root, 0o755)
     else:
         (run_dir / "tmp").mkdir(exist_ok=True)
-    # No split at start: a release (release.py) writes its own while this nginx runs.
-    (run_dir / "canary.conf").write_text(canary_conf())
+    # No canary when nginx starts: a release (release.py) sets its own while this nginx runs.
+    ((temp_root or run_dir / "tmp") / "canary.json").unlink(missing_ok=True)
     for name in LOGS:
         private_log(run_dir / name)
     text = render({**settings, "run_dir": run_dir}, daemon=daemon, temp_root=temp_root)
@@ -232,65 +234,45 @@ def prepare(run_dir, settings, daemon=True):
     return conf
 
 
-def canary_conf(version=None, share=0.0, log=None, model=MODEL):
-    """The canary snippet (deploy/nginx/canary.conf.template): ``share`` percent (0-100) of
-    /predictions and /explanations requests go to ``version``'s own route, the rest to the
-    default version; with ``log``, each request (but the 429s, as in access.log) is logged
-    there as `time arm status seconds "answering version" uri` (release.py reads it)."""
+def njs_module():
+    """The path of nginx's JavaScript module (njs), which the canary split runs in."""
+    found = subprocess.run([nginx_binary(), "-V"], capture_output=True, text=True).stderr
+    folders = re.findall(r"--modules-path=(\S+)", found) + [
+        "/usr/lib/nginx/modules", "/usr/lib64/nginx/modules", "/etc/nginx/modules"]
+    for folder in folders:
+        if (Path(folder) / "ngx_http_js_module.so").exists():
+            return Path(folder) / "ngx_http_js_module.so"
+    raise FileNotFoundError("the proxy's canary split needs nginx's njs module (Debian/Ubuntu: "
+                            "apt-get install libnginx-mod-http-js; nginx.org's packages: "
+                            "nginx-module-njs)")
+
+
+def canary_conf(run_dir, model=MODEL):
+    """The canary split (deploy/nginx/canary.conf.template) of the proxy running from
+    ``run_dir``: its state file under run_dir/tmp (where nginx's workers may read), its log
+    run_dir/canary.log."""
+    fields = {"SCRIPT": CANARY_JS, "MODEL": model,
+              "STATE": f"{run_dir}/tmp/canary.json", "LOG": f"{run_dir}/canary.log"}
+    text = CANARY.read_text()
+    for key, value in fields.items():
+        text = text.replace(f"@{key}@", str(value))
+    return text
+
+
+def set_canary(run_dir, version=None, share=0.0):
+    """Route ``share`` percent (0-100) of the /predictions and /explanations requests of the
+    proxy running from ``run_dir`` to ``version`` (None or share 0: none), from the next request
+    on: its state file is replaced whole, which canary.js reads per request (nothing reloads)."""
     if not 0 <= share <= 100:
         raise ValueError(f"the canary share is a percentage from 0 to 100, got {share}")
     if version is not None and not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}", version):
         raise ValueError(f"not a model version this proxy routes: {version!r}")
-    if version is None or share == 0:
-        split, version = "    * 0;", "(none)"
-    elif share == 100:
-        split = "    * 1;"
-    else:
-        split = f"    {share:.2f}% 1;\n    * 0;"
-    routes = "" if version == "(none)" else "\n".join(
-        f'    "1 /{route}/{model}" /{route}/{model}/{version};'
-        for route in ("predictions", "explanations"))
-    logged = "" if log is None else (
-        "log_format canary '$msec $model_canary $status $request_time "
-        "\"$upstream_http_x_model_version\" $uri';\n"
-        f"access_log {log} canary if=$loggable;")
-    fields = {"SHARE": f"{share:g} %", "VERSION": version, "SPLIT": split, "ROUTES": routes,
-              "LOG": logged}
-    text = CANARY.read_text()
-    for key, value in fields.items():
-        text = text.replace(f"@{key}@", value)
-    return text
-
-
-def set_canary(run_dir, version=None, share=0.0, timeout=60.0):
-    """Route ``share`` percent of the inference requests of the nginx running from ``run_dir``
-    to ``version`` (None or 0: none): rewrite its canary.conf, check the whole config with
-    `nginx -t`, reload (SIGHUP: the old worker processes finish their requests, nothing is
-    dropped) and return once every worker process left runs the new config."""
-    run_dir = Path(run_dir).resolve()
-    snippet = run_dir / "canary.conf"
-    previous = snippet.read_text() if snippet.exists() else None
-    fresh = run_dir / "canary.conf.new"
-    # Logged while a canary runs only: it is what judges the canary.
-    fresh.write_text(canary_conf(version, share, log=run_dir / "canary.log" if version and share
-                                 else None))
-    fresh.replace(snippet)
-    check = subprocess.run([nginx_binary(), "-t", "-q", "-p", str(run_dir), "-c",
-                            str(run_dir / "nginx.conf")], capture_output=True, text=True)
-    if check.returncode:
-        if previous is not None:
-            snippet.write_text(previous)
-        raise RuntimeError(f"nginx -t refused the canary split:\n{check.stderr}")
-    master = psutil.Process(int((run_dir / "nginx.pid").read_text()))
-    old = {worker.pid for worker in master.children()}
-    master.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        workers = {worker.pid for worker in master.children()}
-        if workers and not workers & old:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nginx's old worker processes still run {timeout:.0f} s after reload")
+    conf = (Path(run_dir) / "nginx.conf").read_text()
+    state = Path(re.search(r"js_var \$canary_state (\S+);", conf)[1])
+    fresh = state.with_name(state.name + ".new")
+    fresh.write_text(json.dumps({"version": version, "share": share if version else 0}))
+    os.chmod(fresh, 0o644)  # nginx's workers (nobody, started as root) read it
+    fresh.replace(state)
 
 
 def private_log(path):

@@ -15,8 +15,8 @@ describe shows the forward chosen), every answer says its version (X-Model-Versi
 top-1 accuracy on the check set (tests/holdout), asked on its own route
 /predictions/<model>/<version>, is at most --margin below the serving version's, asked the same
 way. Then the canary: the proxy (make serve-proxy) sends --canary-share percent of /predictions and
-/explanations requests to it (proxy.set_canary: an nginx split_clients include, reloaded
-gracefully) for --canary-seconds, while the driver also sends a few check-set images a second
+/explanations requests to it (proxy.set_canary: a state file nginx's canary.js reads per request,
+so nothing reloads and no client's keep-alive connection is closed) for --canary-seconds, while the driver also sends a few check-set images a second
 through the proxy. Its error rate (5xx) and latency are compared with the serving version's from
 the proxy's canary.log, which records every inference request with its arm, status, time and
 the version that answered. It passes: set-default, the canary split removed, the old version

@@ -160,6 +160,7 @@ def consistent(answers):
 # ---------------------------------------------------------------------------- under traffic
 def test_release_gates_canaries_and_promotes_without_a_failed_request(stack, checkpoints,
                                                                        check_dir):
+    workers = {worker.pid for worker in stack.process.children()}
     with Traffic(f"{stack.inference}/predictions/cifar10", stack.token) as traffic:
         time.sleep(1)
         done = make(stack, "release", f"WEIGHTS={checkpoints['better']}",
@@ -170,6 +171,8 @@ def test_release_gates_canaries_and_promotes_without_a_failed_request(stack, che
         time.sleep(1)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert traffic.failed() == [] and len(traffic.answers) > 100
+    # Nothing reloaded nginx (a reload closes idle keep-alive connections under their clients).
+    assert {worker.pid for worker in stack.process.children()} == workers
     consistent(traffic.answers)
     gate = last(stack, "gate")
     # The scaled logits change the forward's int8 rounding and where gated TTA looks twice.
@@ -270,17 +273,22 @@ def test_every_answer_names_the_version_that_made_it(make_handler, colour_checkp
         assert processor.get_response_headers()["X-Model-Version"] == "7.1"
 
 
-def test_canary_snippet_routes_the_share_to_the_version(tmp_path):
-    none = proxy.canary_conf()
-    assert "* 0;" in none and "/predictions/cifar10/" not in none and "access_log" not in none
-    some = proxy.canary_conf("2.0", 12.5, log=tmp_path / "canary.log")
-    assert f"access_log {tmp_path / 'canary.log'} canary if=$loggable;" in some
-    assert "12.50% 1;" in some and '"1 /predictions/cifar10" /predictions/cifar10/2.0;' in some
-    assert '"1 /explanations/cifar10" /explanations/cifar10/2.0;' in some
-    assert "* 1;" in proxy.canary_conf("2.0", 100)
+def test_the_canary_split_is_a_state_file_read_per_request_with_the_share_and_version(tmp_path):
+    text = proxy.canary_conf(tmp_path)
+    assert f"js_var $canary_state {tmp_path}/tmp/canary.json;" in text
+    assert f"access_log {tmp_path}/canary.log canary if=$canary_logged;" in text
+    assert "/$2/cifar10/$1;" in text and "@" not in text
+    (tmp_path / "nginx.conf").write_text(text)
+    (tmp_path / "tmp").mkdir()
+    proxy.set_canary(tmp_path, "2.0", 12.5)
+    state = tmp_path / "tmp" / "canary.json"
+    assert json.loads(state.read_text()) == {"version": "2.0", "share": 12.5}
+    proxy.set_canary(tmp_path, None, 0)
+    assert json.loads(state.read_text()) == {"version": None, "share": 0}
     for version, share in (("2.0; evil", 10), ("2.0", 101), ("2.0", -1)):
         with pytest.raises(ValueError):
-            proxy.canary_conf(version, share)
+            proxy.set_canary(tmp_path, version, share)
+    assert json.loads(state.read_text()) == {"version": None, "share": 0}
 
 
 def test_the_canary_is_judged_on_its_errors_latency_and_routing():
