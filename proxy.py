@@ -120,6 +120,7 @@ def render(settings, daemon=True, as_root=None, temp_root=None, logs=None):
     s = {**DEFAULTS, **open_files(), **settings}
     as_root = os.geteuid() == 0 if as_root is None else as_root
     most, model = s["max_workers"], s["model"]
+    resend_after = s.get("resend_after", max(1, s["response_timeout"] // 2))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", model):  # as the model spec's names
         raise ValueError(f"not a model name this proxy routes: {model!r}")
     inference_routes = (
@@ -145,7 +146,7 @@ def render(settings, daemon=True, as_root=None, temp_root=None, logs=None):
         "READ_TIMEOUT": f"{s.get('read_timeout', 2 * s['response_timeout'])}s",
         # A worker that stopped answering is given up on, and the request sent once more, after
         # half responseTimeout: before TorchServe itself gives up on the worker.
-        "RESEND_AFTER": f"{s.get('resend_after', max(1, s['response_timeout'] // 2))}s",
+        "RESEND_AFTER": f"{resend_after}s", "RESEND_SECONDS": resend_after,
         "CONTROL_REFUSED": "the path or a header value of this request holds a control character "
                            "(CR, LF or another below 0x20, or DEL; a TAB is allowed in a header "
                            "value), which the proxy never forwards",

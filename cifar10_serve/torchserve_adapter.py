@@ -29,6 +29,7 @@ describe `describe: True`; the proxy's v2 model metadata route (deploy/nginx/) M
 """
 import json
 import logging
+import time
 from types import SimpleNamespace
 
 from ts.protocol import otf_message_handler
@@ -120,6 +121,19 @@ def request_header(headers, name):
     name = name.lower()
     return next((value for key, value in headers.items() if isinstance(value, str)
                  and key.lower() == name), None)
+
+
+def given_up(headers, now=None):
+    """Had the proxy stopped waiting for this try of the request, and sent it once more, before
+    a worker took it off the queue (its X-Proxy-Sent plus X-Proxy-Resend-After passed)? That
+    copy answers the client; this one is not computed (a request still queued when it is sent
+    again runs once)."""
+    try:
+        sent = float(request_header(headers, "X-Proxy-Sent"))
+        after = float(request_header(headers, "X-Proxy-Resend-After"))
+    except (TypeError, ValueError):  # not sent by the proxy, or not a first try
+        return False
+    return (time.time() if now is None else now) > sent + after
 
 
 def min_confidence(headers):

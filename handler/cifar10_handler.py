@@ -114,6 +114,11 @@ class Cifar10Handler(BaseHandler):
             return Row(kind=kind, protocol=v2 if kind == "metadata" else raw)
         # The route's protocol writes the errors until the body names its own.
         row = Row(kind=kind, protocol=torchserve_adapter.route_protocol(headers, together))
+        if torchserve_adapter.given_up(headers):  # its resend answers the client
+            self._add_counter("ts_handler_given_up", 1)
+            row.error = Failure(503, "the proxy stopped waiting for this try and sent the "
+                                     "request once more: its second try answers it", "")
+            return row
         with self._own_error(row, f"reading request {index} of the batch"):
             limit = self.limits["max_explain_images" if kind == "explain" else "max_images"]
             if together:
@@ -159,10 +164,14 @@ class Cifar10Handler(BaseHandler):
         """Images forwarded and how many took the TTA views: for the budget's estimate, and on
         the metrics port (ts_handler_tta_images, ..._second_looks)."""
         self.budget.saw(images, looked)
+        if self.settings.tta:
+            self._add_counter("ts_handler_tta_images", images)
+            self._add_counter("ts_handler_tta_second_looks", looked)
+
+    def _add_counter(self, name, value):
         metrics = getattr(self.context, "metrics", None)
-        if metrics is not None and self.settings.tta:
-            metrics.add_counter("ts_handler_tta_images", images, None)
-            metrics.add_counter("ts_handler_tta_second_looks", looked, None)
+        if metrics is not None:
+            metrics.add_counter(name, value, None)
 
     def _confidences(self, probs):
         """The served top-1 probabilities on the metrics port as a Prometheus histogram:

@@ -354,8 +354,13 @@ def test_only_the_headers_torchserve_reads_are_forwarded(make_proxy, tmp_path):
         assert response.status_code == 200
         assert set(upstream.headers[0]) == {
             "host", "x-forwarded-for", "authorization", "content-type", "content-encoding",
-            "inference-header-content-length", "content-length", "x-min-confidence"}
+            "inference-header-content-length", "content-length", "x-min-confidence",
+            "x-proxy-sent", "x-proxy-resend-after"}
         assert upstream.headers[0]["authorization"] == "Bearer t"
+        # When the proxy sent this try, and after how long it sends it once more.
+        assert abs(float(upstream.headers[0]["x-proxy-sent"]) - time.time()) < 5
+        resend = re.search(r"set \$proxy_resend_after (\d+);", Path(front.conf).read_text())
+        assert upstream.headers[0]["x-proxy-resend-after"] == resend[1]
 
 
 @needs_nginx

@@ -22,6 +22,7 @@ import psutil
 import pytest
 import requests
 from conftest import COLOURS, solid_png
+from ts.context import RequestProcessor
 
 from test_serving import torchserve
 from tests.harness import local_proxy
@@ -170,3 +171,69 @@ def test_a_worker_stopped_for_15_seconds_costs_no_request(deployment, traffic):
     access = (Path(deployment.front.conf).parent / "access.log").read_text()
     assert re.search(r"upstream=504 : 200/", access), "no request was resent after a timeout"
     two_ready(deployment)
+
+
+def test_a_try_the_proxy_sent_again_before_it_left_the_queue_is_not_computed(make_handler,
+                                                                               colour_checkpoint):
+    """A row whose X-Proxy-Sent + X-Proxy-Resend-After passed before the worker took it gets a
+    503 without being decoded or computed; its batch neighbours (a try still in time, a resend,
+    a request that did not come through the proxy) are answered."""
+    handler = make_handler(colour_checkpoint)
+    now = time.time()
+    headers = [{"X-Proxy-Sent": f"{now - 6:.3f}", "X-Proxy-Resend-After": "5"},
+               {"X-Proxy-Sent": f"{now - 1:.3f}", "X-Proxy-Resend-After": "5"},
+               {"X-Proxy-Sent": f"{now - 6:.3f}"}, {}]
+    handler.context.request_processor = [RequestProcessor(h) for h in headers]
+    # The given-up row's body is not an image: decoding it would be a 400, not the 503.
+    rows = [{"body": b"not an image"}] + [{"body": solid_png(COLOURS[0])}] * 3
+    outputs = handler.handle(rows, handler.context)
+    statuses = [p.get_response_status_code() for p in handler.context.request_processor]
+    assert statuses == [503, 200, 200, 200]
+    assert "sent the request once more" in outputs[0]["message"]
+    assert all(max(answer, key=answer.get) == max(outputs[1], key=outputs[1].get)
+               for answer in outputs[1:])
+
+
+def test_requests_still_queued_when_the_proxy_sends_them_again_run_once(deployment):
+    """Both workers stopped, so requests queue in TorchServe past the proxy's resend time (half
+    responseTimeout): each is sent once more, and when the workers go on, the first tries still
+    queued are answered without being computed (ts_handler_given_up) and the resends answer
+    every client, correctly."""
+    pids = two_ready(deployment)
+    expected = {c: deployment.predict(solid_png(COLOURS[c])).json() for c in range(4)}
+    before = given_up(deployment)
+    stopped = [psutil.Process(pid) for pid in pids]
+    results = {}
+
+    def ask(index):
+        colour = index % 4
+        try:
+            answer = requests.post(f"{deployment.front.inference}/predictions/cifar10",
+                                   data=solid_png(COLOURS[colour]), headers=deployment.headers,
+                                   timeout=60)
+            results[index] = (answer.status_code, answer.json() == expected[colour])
+        except requests.RequestException as err:
+            results[index] = (0, repr(err))
+    for process in stopped:
+        process.send_signal(signal.SIGSTOP)
+    try:
+        clients = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+        for client in clients:
+            client.start()
+            time.sleep(0.05)
+        time.sleep(7)  # past the proxy's 5 s, within TorchServe's 10 s responseTimeout
+    finally:
+        for process in stopped:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGCONT)
+    for client in clients:
+        client.join()
+    assert results == {i: (200, True) for i in range(12)}
+    assert given_up(deployment) - before >= 1, "no first try was still queued: checked nothing"
+    two_ready(deployment)
+
+
+def given_up(ts):
+    """The workers' ts_handler_given_up counters, summed (0 before the first)."""
+    text = ts.metrics().text
+    return sum(float(v) for v in re.findall(r"^ts_handler_given_up\{.*\} (\S+)$", text, re.M))
