@@ -531,6 +531,21 @@ def test_each_log_line_is_written_once_and_not_to_standard_output(server):
     assert "org.pytorch.serve" not in out and "MODEL_LOG" not in out, out[-2000:]
 
 
+def test_requests_cost_ts_log_nothing_per_request(server):
+    """log4j2.xml keeps per-request and per-batch lines (the workers' [METRICS] echoes, one per
+    counter and histogram bucket, ~5 KB a request; "Sending response", backend times) out of
+    ts_log.log: under load it rotated every few minutes and took the server's own events along."""
+    log = server.run_dir / "logs" / "ts_log.log"
+    assert server.predict(IMAGES[0]).status_code == 200
+    time.sleep(1)  # log4j2 writes asynchronously
+    before = log.stat().st_size
+    for index in range(40):
+        assert server.predict(IMAGES[index % len(IMAGES)]).status_code == 200
+    time.sleep(1)
+    grown = log.read_bytes()[before:].decode(errors="replace")
+    assert len(grown) < 40 * 50, grown[-2000:]
+
+
 def test_management_describe_reaches_the_handler(server):
     response = server.session.get(f"{server.management}/models/cifar10",
                                   params={"customized": "true"},
