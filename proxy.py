@@ -147,6 +147,9 @@ def render(settings, daemon=True, as_root=None, temp_root=None, logs=None):
         # A worker that stopped answering is given up on, and the request sent once more, after
         # half responseTimeout: before TorchServe itself gives up on the worker.
         "RESEND_AFTER": f"{resend_after}s", "RESEND_SECONDS": resend_after,
+        "LONG_HEADERS": "Authorization and Content-Type take at most 1024 characters each, "
+                        "Content-Encoding, Inference-Header-Content-Length and X-Min-Confidence "
+                        "250 together",
         "CONTROL_REFUSED": "the path or a header value of this request holds a control character "
                            "(CR, LF or another below 0x20, or DEL; a TAB is allowed in a header "
                            "value), which the proxy never forwards",

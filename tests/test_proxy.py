@@ -332,6 +332,27 @@ def test_control_characters_in_the_target_or_a_header_value_get_a_400_and_reach_
     assert tab.status_code == 200
 
 
+@needs_nginx
+def test_forwarded_headers_too_long_for_torchserve_get_a_431_naming_the_limits(front, served):
+    """TorchServe's frontend takes 8 KiB of headers and answers more a bare 400: the headers the
+    proxy forwards are bounded so they always fit, and a longer one gets the proxy's 431."""
+    since = torchserve_access_log(served).stat().st_size
+    body = solid_png(COLOURS[1])
+    for extra in ({"Authorization": "Bearer " + "a" * 1100}, {"Content-Type": "image/" + "p" * 1100},
+                  {"X-Min-Confidence": "0." + "5" * 300},
+                  {"Content-Encoding": "i" * 130, "X-Min-Confidence": "0." + "5" * 130}):
+        answer = requests.post(f"{front.inference}/predictions/cifar10", data=body, timeout=30,
+                               headers={**inference_headers(served), **extra})
+        assert answer.status_code == 431, (list(extra), answer.text)
+        assert "Authorization and Content-Type take at most 1024" in answer.json()["message"]
+    logged = torchserve_logged_after(served, since)
+    assert logged.count("HTTP/1.1") == 1, logged  # the marker /ping alone
+    at_limit = requests.post(f"{front.inference}/predictions/cifar10", data=body, timeout=30,
+                             headers={**inference_headers(served), "Content-Type": "image/png",
+                                      "X-Min-Confidence": "0." + "5" * 200})
+    assert at_limit.status_code == 200, at_limit.text
+
+
 def test_every_location_regex_of_the_template_ends_at_the_end_of_the_path():
     """`\\z`, not `$` (which PCRE also matches before a final line feed)."""
     template = proxy.TEMPLATE.read_text()
