@@ -25,7 +25,7 @@ from conftest import COLOURS, solid_png
 from ts.context import RequestProcessor
 
 from test_serving import torchserve
-from tests.harness import local_proxy
+from tests.harness import GoodTraffic, local_proxy
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = pytest.mark.skipif(NGINX is None and not os.environ.get("CI"),
@@ -63,57 +63,15 @@ def two_ready(ts, timeout=180):
     raise TimeoutError(f"TorchServe's workers not both READY after {timeout} s: {workers(ts)}")
 
 
-class GoodTraffic:
-    """CONNECTIONS threads posting solid-colour PNGs through the proxy, predictions and v2 infer
-    in turn, each answer checked against ``expected``; failures and wrong answers recorded."""
-
-    def __init__(self, ts, expected):
-        self.url, self.headers, self.expected = ts.front.inference, ts.headers, expected
-        self.stop, self.counts, self.failures = threading.Event(), collections.Counter(), []
-        self.threads = [threading.Thread(target=self.run, args=(i,)) for i in range(CONNECTIONS)]
-
-    def run(self, index):
-        session = requests.Session()
-        n = index
-        while not self.stop.is_set():
-            colour = n % len(COLOURS)
-            n += 1
-            try:
-                response = session.post(f"{self.url}/predictions/cifar10",
-                                         data=solid_png(COLOURS[colour]), headers=self.headers,
-                                         timeout=60)
-            except requests.RequestException as err:
-                self.failures.append(repr(err))
-                continue
-            if response.status_code != 200:
-                self.failures.append(f"{response.status_code} {response.text[:200]}")
-            else:
-                answer = response.json()
-                if max(answer, key=answer.get) != self.expected[colour]:
-                    self.counts["wrong"] += 1
-                    self.failures.append(f"wrong answer for colour {colour}: {answer}")
-            self.counts["answered"] += 1
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
-
-
 @pytest.fixture
 def traffic(deployment):
-    """Good traffic through the proxy while the test runs; the answers each colour gets."""
-    expected = []
-    for colour in COLOURS:
-        answer = deployment.predict(solid_png(colour)).json()
-        expected.append(max(answer, key=answer.get))
+    """Good traffic through the proxy while the test runs (tests/harness.py: CONNECTIONS
+    connections, each answer's top class checked against the one the proxy gave that image
+    alone first)."""
     two_ready(deployment)
-    with GoodTraffic(deployment, expected) as good:
+    bodies = [solid_png(colour) for colour in COLOURS]
+    with GoodTraffic(deployment.front.inference, deployment.headers, bodies,
+                     clients=CONNECTIONS, check=True) as good:
         time.sleep(2)
         yield good
 
@@ -147,7 +105,7 @@ def test_five_sigkills_of_a_worker_cost_no_request(deployment, traffic):
     time.sleep(1)
     traffic.__exit__()
     time.sleep(1.5)  # TorchServe's access log is written asynchronously
-    assert traffic.failures == [] and traffic.counts["answered"] > 100, traffic.counts
+    assert traffic.failures() == [] and len(traffic.results()) > 100, traffic.summary()
     assert torchserve_statuses(deployment, since)["507"] >= 1, \
         "no request was in a killed worker's batch: the test checked nothing"
 
@@ -167,7 +125,7 @@ def test_a_worker_stopped_for_15_seconds_costs_no_request(deployment, traffic):
             stopped.send_signal(signal.SIGCONT)  # TorchServe has killed it by now
     time.sleep(3)
     traffic.__exit__()
-    assert traffic.failures == [] and traffic.counts["answered"] > 100, traffic.counts
+    assert traffic.failures() == [] and len(traffic.results()) > 100, traffic.summary()
     access = (Path(deployment.front.conf).parent / "access.log").read_text()
     assert re.search(r"upstream=504 : 200/", access), "no request was resent after a timeout"
     two_ready(deployment)
