@@ -216,13 +216,18 @@ class Stub(http.server.ThreadingHTTPServer):
 
 @dataclass
 class Sent:
-    """One good request: when it was sent (time.monotonic, comparable across processes), how
-    many seconds it took, its outcome (the status, an exception's name, or "wrong answer") and
-    the start of the answer or error."""
+    """One good request: when it was sent (time.monotonic, comparable across processes; and
+    time.time, as logs and release.py's steps note it), how many seconds it took, its outcome
+    (the status, an exception's name, or "wrong answer"), the start of the answer or error, the
+    body it began with (its index), the answer's top class and X-Model-Version."""
     at: float
     seconds: float
     outcome: object
     detail: str = ""
+    wall: float = None
+    body: int = None
+    top: object = None
+    version: str = None
 
 
 def top(answer):
@@ -289,17 +294,21 @@ class GoodTraffic:
             if self.fresh:
                 session.close()
                 session = requests.Session()
-            at = time.monotonic()
+            at, wall, found, version = time.monotonic(), time.time(), None, None
             try:
                 response = self._post(session, self._request(first))
                 outcome, detail = response.status_code, response.text[:200]
-                if (outcome == 200 and self.expected is not None and not self.same(
-                        response.json(), self.expected[first % len(self.bodies)])):
-                    outcome = "wrong answer"
+                version = response.headers.get("X-Model-Version")
+                if outcome == 200:
+                    found = top(response.json())
+                    if self.expected is not None and not self.same(
+                            response.json(), self.expected[first % len(self.bodies)]):
+                        outcome = "wrong answer"
             except requests.RequestException as err:
                 outcome, detail = type(err).__name__, str(err)[:200]
             with self.lock:
-                self.sent.append(Sent(at, time.monotonic() - at, outcome, detail))
+                self.sent.append(Sent(at, time.monotonic() - at, outcome, detail, wall,
+                                      first % len(self.bodies), found, version))
         session.close()
 
     def start(self):

@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import subprocess
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from ts.context import RequestProcessor
 import proxy
 import release
 from test_serving import replace_in_zip, torchserve
-from tests.harness import local_proxy
+from tests.harness import GoodTraffic, local_proxy
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = pytest.mark.skipif(NGINX is None and not os.environ.get("CI"),
@@ -85,44 +84,18 @@ def check_dir(stack, tmp_path_factory):
     return folder
 
 
-class Traffic:
-    """8 connections sending the images through the proxy without pause; every answer is
-    recorded with its start and end time, status and X-Model-Version."""
+class Traffic(GoodTraffic):
+    """8 connections sending the images through the proxy without pause (tests/harness.py);
+    ``answers``: each request's (start, end (time.time), image, status, X-Model-Version, top
+    class or the start of its error)."""
 
-    def __init__(self, url, headers, connections=8):
-        self.url, self.headers, self.answers = url, headers, []
-        self.stop, self.lock = threading.Event(), threading.Lock()
-        self.threads = [threading.Thread(target=self.run, args=(i,)) for i in range(connections)]
+    def __init__(self, url, headers):
+        super().__init__(url, headers, IMAGES, clients=8)
 
-    def run(self, seed):
-        session, rng = requests.Session(), random.Random(seed)
-        while not self.stop.is_set():
-            index = rng.randrange(len(IMAGES))
-            start = time.time()
-            try:
-                response = session.post(self.url, data=IMAGES[index], headers=self.headers,
-                                        timeout=60)
-                status, version = response.status_code, response.headers.get("X-Model-Version")
-                top = None
-                if status == 200:
-                    answer = response.json()
-                    top = max(answer, key=answer.get)
-                else:
-                    top = response.text[:200]
-            except requests.RequestException as err:
-                status, version, top = 0, None, repr(err)
-            with self.lock:
-                self.answers.append((start, time.time(), index, status, version, top))
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=90)
+    @property
+    def answers(self):
+        return [(s.wall, s.wall + s.seconds, s.body, s.outcome, s.version,
+                 s.top if s.outcome == 200 else s.detail) for s in self.results()]
 
     def failed(self):
         return [a for a in self.answers if a[3] != 200]
@@ -161,7 +134,7 @@ def consistent(answers):
 def test_release_gates_canaries_and_promotes_without_a_failed_request(stack, checkpoints,
                                                                        check_dir):
     workers = {worker.pid for worker in stack.process.children()}
-    with Traffic(f"{stack.inference}/predictions/cifar10", stack.token) as traffic:
+    with Traffic(stack.inference, stack.token) as traffic:
         time.sleep(1)
         done = make(stack, "release", f"WEIGHTS={checkpoints['better']}",
                     f"RELEASE_CHECK_DIR={check_dir}", "RELEASE_MARGIN=0.1",
@@ -197,7 +170,7 @@ def test_release_gates_canaries_and_promotes_without_a_failed_request(stack, che
 def test_a_worse_checkpoint_is_refused_at_the_gate_and_answers_no_user(stack, checkpoints,
                                                                         check_dir):
     assert registered(stack) == ["2.0"]
-    with Traffic(f"{stack.inference}/predictions/cifar10", stack.token) as traffic:
+    with Traffic(stack.inference, stack.token) as traffic:
         done = make(stack, "release", f"WEIGHTS={checkpoints['worse']}",
                     f"RELEASE_CHECK_DIR={check_dir}", "RELEASE_MARGIN=0.1",
                     "CANARY_SECONDS=6")
@@ -222,7 +195,7 @@ def test_an_archive_whose_net_misses_its_golden_answers_never_starts(stack, chec
     manifest["model"]["modelVersion"] = "4.0"
     replace_in_zip(mar, "MAR-INF/MANIFEST.json", json.dumps(manifest).encode())
     replace_in_zip(mar, manifest["model"]["serializedFile"], checkpoints["worse"].read_bytes())
-    with Traffic(f"{stack.inference}/predictions/cifar10", stack.token) as traffic:
+    with Traffic(stack.inference, stack.token) as traffic:
         done = make(stack, "release", f"RELEASE_ARGS=--mar {mar}")
     assert done.returncode != 0 and "version 4.0 did not start" in done.stderr, done.stderr
     assert traffic.failed() == [] and {a[4] for a in traffic.answers} == {"2.0"}
@@ -231,7 +204,7 @@ def test_an_archive_whose_net_misses_its_golden_answers_never_starts(stack, chec
 
 
 def test_rollback_restores_the_previous_version_without_a_failed_request(stack):
-    with Traffic(f"{stack.inference}/predictions/cifar10", stack.token) as traffic:
+    with Traffic(stack.inference, stack.token) as traffic:
         time.sleep(1)
         started = time.time()
         done = make(stack, "rollback")
