@@ -9,6 +9,7 @@ repository root. Both get HOST (the proxy's inference address) and TOKEN (the in
 their environment, as the pages' set-up lines define them. The served model is the colour net of
 conftest.py (its answers tell images apart), so a snippet checks what holds for any model.
 """
+import base64
 import json
 import os
 import re
@@ -196,22 +197,23 @@ def snippet(page_name, containing):
 
 @needs_nginx
 @pytest.mark.parametrize("page_name, containing, old, new", [
-    # the resize the issue found in the old README: PIL's own resize is not the server's decoding
+    # pixels that are not the server's decoding (here its channels in another order) answer
+    # otherwise than the same files as BYTES; the colour net reads each channel's level, so it
+    # cannot tell one resampling filter from another, which a real model can
     ("api.md", "decode_image", "np.asarray(decode_image(data))",
-     "np.asarray(Image.open(io.BytesIO(data)).convert('RGB').resize((32, 32)))"),
+     "np.asarray(decode_image(data))[..., ::-1]"),
     # a route that is not served
     ("README.md", "/ping", "/predictions/cifar10", "/predictions/cifar100"),
-    # a route the proxy does not forward
-    ("api.md", "health", "is_model_ready(\"cifar10\"", "is_model_ready(\"cifar100\""),
+    # a model the server does not hold
+    ("api.md", "is_model_ready", "is_model_ready(\"cifar10\"", "is_model_ready(\"cifar100\""),
+    # curl -T sends a PUT, which the proxy refuses (405)
+    ("api.md", "top-5", "--data-binary @tests/fixtures/cat.jpg", "-T tests/fixtures/cat.jpg"),
 ])
 def test_a_broken_copy_of_a_block_fails(stack, page_name, containing, old, new):
     """The snippet test fails when a block stops being true: each broken copy must fail."""
     lang, code = snippet(page_name, containing)
     assert old in code
-    broken = code.replace(old, new)
-    if "Image.open" in new:
-        broken = "import io\nfrom PIL import Image\n" + broken
-    done = run_snippet(lang, broken, stack.env)
+    done = run_snippet(lang, code.replace(old, new, 1), stack.env)
     assert done.returncode != 0, done.stdout
 
 
@@ -219,23 +221,50 @@ def test_a_broken_copy_of_a_block_fails(stack, page_name, containing, old, new):
 
 # The checks a response must pass. Not run: negative_data_rejection and positive_data_acceptance
 # (a body the schema allows is still not an image: the description cannot say which bytes decode),
-# ignored_auth (a missing or wrong token is TorchServe's 400, not a 401, as described),
-# missing_required_header (the token is the only one, as ignored_auth).
+# ignored_auth and missing_required_header (a missing or wrong token is TorchServe's 400, not a
+# 401, as described).
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_headers_conformance,response_schema_conformance,unsupported_method")
+# A known defect, reported and pinned by test_worker_answers_carry_a_content_type (an expected
+# failure): the worker's answers carry no Content-Type, which schemathesis reports as ST104 and
+# does not read their bodies then. Every other failure fails this test. Remove it once fixed.
+KNOWN = {"ST104 Missing Content-Type header"}
 
 
 @needs_nginx
 def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_description(stack,
                                                                                   tmp_path):
+    """A few hundred generated requests (the description's examples, then fuzzing, valid and invalid, at most 100 per
+    operation and mode) through the proxy, on the inference port (scaling calls would change the
+    served model under the other tests)."""
     st = Path(sys.executable).parent / "st"
-    report = tmp_path / "report.ndjson"
     done = subprocess.run(
         [str(st), "run", f"{stack.inference}/openapi.json", "--url", stack.inference,
          "-H", f"Authorization: Bearer {stack.token}", "--checks", CHECKS,
-         "--exclude-path-regex", "^/models/", "--max-examples", "20", "--seed", "1",
-         "--workers", "2", "--max-time", "150", "--request-timeout", "30",
-         "--mode", "positive", "--suppress-health-check", "all",
-         "--report", "ndjson", "--report-ndjson-path", str(report)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]
+         "--exclude-path-regex", "^/models/", "--phases", "examples,fuzzing",
+         "--max-examples", "100", "--seed", "1", "--workers", "2", "--mode", "all",
+         "--request-timeout", "30", "--suppress-health-check", "all", "--continue-on-failure"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    out = done.stdout
+    assert "Tested: 10" in out, out[-3000:]
+    found = set(re.findall(r"^\s*- (ST\d+ .+?)\s*$", out, re.M))
+    assert found <= KNOWN, out[-8000:] + done.stderr[-2000:]
+    assert done.returncode == 0 or found, out[-8000:] + done.stderr[-2000:]
+    print(re.search(r"Test cases:\s*\n\s*(.+)", out)[1])
+
+
+@needs_nginx
+@pytest.mark.xfail(strict=True, reason="the worker's answers (the handler's 200s and 4xx) reach "
+                   "the client without a Content-Type: TorchServe sends none unless the handler "
+                   "sets one (context.set_response_content_type), and it does not")
+@pytest.mark.parametrize("path", ["/predictions/cifar10", "/v2/models/cifar10/infer"])
+def test_worker_answers_carry_a_content_type(stack, path):
+    body = (ROOT / "tests" / "fixtures" / "cat.jpg").read_bytes()
+    if "v2" in path:
+        body = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                                       "data": [base64.b64encode(body).decode()]}]}).encode()
+    answer = requests.post(stack.inference + path, data=body, timeout=30, headers={
+        "Authorization": f"Bearer {stack.token}",
+        "Content-Type": "application/json" if "v2" in path else "application/octet-stream"})
+    assert answer.status_code == 200
+    assert answer.headers.get("Content-Type", "").startswith("application/json")
