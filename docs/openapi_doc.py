@@ -329,10 +329,11 @@ def page(spec):
                       operation["summary"] + ".", ""]
             if operation.get("description"):
                 lines += [operation["description"].replace(M, "cifar10"), ""]
-            params = [p.get("$ref", "").rsplit("/", 1)[-1] or p["name"]
-                      for p in operation.get("parameters", [])]
+            params = [spec["components"]["parameters"][p["$ref"].rsplit("/", 1)[-1]]
+                      if "$ref" in p else p for p in operation.get("parameters", [])]
             if params:
-                lines += ["Parameters: " + ", ".join(f"`{p}`" for p in params) + ".", ""]
+                lines += ["Parameters: " + ", ".join(f"`{p['name']}` ({p['in']})"
+                                                     for p in params) + ".", ""]
             body = operation.get("requestBody")
             if body:
                 lines += ["Bodies: " + ", ".join(f"`{t}`" for t in body["content"]) + ".", ""]
@@ -342,6 +343,10 @@ def page(spec):
                 lines.append(f"| {status} | {answer['description']}"
                              + (f" (headers {headers})" if headers else "") + " |")
             lines.append("")
+    lines += ["## Schemas", "", "The bodies' and answers' JSON schemas, as the description names "
+              "them.", ""]
+    for name, schema in spec["components"]["schemas"].items():
+        lines += [f"### {name}", "", "```json", json.dumps(schema), "```", ""]
     return "\n".join(lines)
 
 
