@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent
 TEMPLATE = ROOT / "deploy" / "nginx" / "nginx.conf.template"
 CANARY = ROOT / "deploy" / "nginx" / "canary.conf.template"
 CANARY_JS = ROOT / "deploy" / "nginx" / "canary.js"
+# The API's OpenAPI description (docs/openapi_doc.py writes it), served at /openapi.json.
+OPENAPI = ROOT / "deploy" / "nginx" / "openapi.json"
 MODEL = "cifar10"
 # Connections a worker process may hold: idle clients cost one descriptor each, proxied requests
 # two. 20,000 idle connections fit in one worker with room for the good clients.
@@ -184,6 +186,7 @@ def render(settings, daemon=True, as_root=None, temp_root=None, logs=None):
                         "JSON (application/json)",
         "CANARY": s.get("canary") or canary_conf(s["run_dir"], model),
         "MODULES": "" if s.get("canary") else f"load_module {njs_module()};",
+        "OPENAPI_FILE": s.get("openapi_file") or f"{temp_root or s['run_dir']}/openapi.json",
         "SERVER_METADATA": nginx_string(server_metadata())}
     text = TEMPLATE.read_text()
     for key, value in fields.items():
@@ -194,6 +197,17 @@ def render(settings, daemon=True, as_root=None, temp_root=None, logs=None):
     if left:
         raise ValueError(f"template fields without a value: {sorted(set(left))}")
     return text
+
+
+def openapi(model, max_workers, max_body):
+    """The OpenAPI description the proxy serves for ``model`` (deploy/nginx/openapi.json with
+    the model's name and the limits filled in), as JSON text."""
+    text = OPENAPI.read_text().replace("@MODEL@", model)
+    text = text.replace('"@MAX_WORKERS@"', str(int(max_workers)))
+    spec = json.loads(text)
+    spec["paths"][f"/predictions/{model}"]["post"]["responses"]["413"]["description"] += (
+        f"; max_request_size is {int(max_body)} bytes")
+    return json.dumps(spec, indent=1) + "\n"
 
 
 def nginx_binary():
@@ -228,6 +242,10 @@ def prepare(run_dir, settings, daemon=True):
     ((temp_root or run_dir / "tmp") / "canary.json").unlink(missing_ok=True)
     for name in LOGS:
         private_log(run_dir / name)
+    s = {**DEFAULTS, **settings}
+    served = (temp_root or run_dir) / "openapi.json"  # where nginx's workers can read it
+    served.write_text(openapi(s["model"], s["max_workers"], s["max_body"]))
+    os.chmod(served, 0o644)
     text = render({**settings, "run_dir": run_dir}, daemon=daemon, temp_root=temp_root)
     conf = run_dir / "nginx.conf"
     conf.write_text(text)

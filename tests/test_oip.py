@@ -8,7 +8,6 @@ equal to /predictions/cifar10's; and the handler's reading of binary bodies, edg
 import base64
 import gzip
 import json
-import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.http as httpclient
-from conftest import COLOURS, FIXTURES, ROOT, solid_png
+from conftest import COLOURS, FIXTURES, solid_png
 from test_serving import server  # noqa: F401  (the module-scoped TorchServe fixture)
 from ts.context import RequestProcessor
 from tritonclient.utils import InferenceServerException
@@ -189,27 +188,6 @@ def test_the_v2_route_refuses_what_is_not_a_v2_request(server, route, body, kwar
     error = response.json()["error"]
     assert "not a v2 inference request" in error and "/predictions/cifar10" in error
     assert HEADER in error and "UINT8" in error
-
-
-def test_the_readme_tritonclient_snippet_works(server, monkeypatch, capsys):  # noqa: F811
-    """README's "Open Inference Protocol (v2)" snippet, run as written against the test server
-    (only its address and key file swapped in): BYTES then UINT8 with top 3, as /predictions."""
-    section = (ROOT / "README.md").read_text().split("### Open Inference Protocol (v2)")[1]
-    code = re.search(r"```python\n(.*?)```", section.split("\n## ")[0], re.S)[1]
-    assert "127.0.0.1:8080" in code and '"key_file.json"' in code
-    code = code.replace("127.0.0.1:8080", server.inference.split("://", 1)[1]).replace(
-        '"key_file.json"', repr(str(server.key_file)))
-    monkeypatch.chdir(ROOT)
-    exec(compile(code, "README.md", "exec"), {})
-    printed = capsys.readouterr().out
-    singles = [server.predict(FIXTURES / f"{name}.jpg").json() for name in ("cat", "ship")]
-    assert printed.startswith(f"[b'{next(iter(singles[0]))}' b'{next(iter(singles[1]))}'] (2, 10)")
-    found = re.findall(r"b'([\d.]+):(\d+):(\w+)'", printed)
-    assert len(found) == 6
-    for single, top in zip(singles, (found[:3], found[3:])):
-        want = list(single.items())[:3]
-        assert [(int(i), n) for _, i, n in top] == [(CIFAR10_CLASSES.index(n), n) for n, _ in want]
-        assert [float(p) for p, _, _ in top] == pytest.approx([p for _, p in want], abs=1e-5)
 
 
 def test_concurrent_v2_and_predictions_traffic_gets_its_own_answers(server, triton):  # noqa: F811
