@@ -60,6 +60,7 @@ GET_ONLY = '{"code": 405, "type": "MethodNotAllowed", "message": "this route tak
 # The Kubernetes pod (deploy/k8s/): TorchServe on the pod's loopback, the proxy on the pod's
 # address (inference: the Service's target) and on its loopback (management: port-forward).
 # Two worker processes: nginx's "auto" would count the node's CPUs, not the pod's.
+K8S_MOUNT = "/etc/cifar10-proxy"  # where deploy/k8s/deployment.yaml mounts the ConfigMap
 K8S = {"ts_inference": "127.0.0.1:8080", "ts_management": "127.0.0.1:8081",
        "listen_inference": "0.0.0.0:8000", "listen_management": "127.0.0.1:8001",
        "run_dir": "/tmp/nginx", "worker_processes": 2, "nofile": NOFILE,
@@ -415,11 +416,21 @@ def stop_process(master, timeout=15.0):
                     process.kill()
 
 
+def pod_files(model=MODEL):
+    """The Kubernetes sidecar's ConfigMap files: nginx.conf (pod_conf) and the openapi.json it
+    serves; `make k8s-config` writes both into deploy/k8s/, where kustomize's configMapGenerator
+    reads them."""
+    s = settings_from(*K8S_CONFIGS)
+    return {"nginx.conf": pod_conf(model),
+            "openapi.json": openapi(model, s["max_workers"], s["max_body"])}
+
+
 def pod_conf(model=MODEL):
-    """The nginx.conf of the Kubernetes sidecar (K8S settings): `make k8s-config` writes it to
-    deploy/k8s/nginx.conf, which kustomize's configMapGenerator puts in the pod's ConfigMap."""
-    # No canary in the pod: a release there is a new image and a rolling update (README).
+    """The nginx.conf of the Kubernetes sidecar (K8S settings), with the ConfigMap (mounted at
+    K8S_MOUNT) beside it."""
+    # No canary in the pod: a release there is a new image and a rolling update (docs/).
     text = render({**settings_from(*K8S_CONFIGS), **K8S, "model": model,
+                   "openapi_file": f"{K8S_MOUNT}/openapi.json",
                    "canary": "map $uri $model_uri { default $uri; }"}, daemon=False,
                   as_root=False, temp_root=K8S["run_dir"],
                   logs={"error": "stderr", "access": "/dev/stdout"})
@@ -478,8 +489,10 @@ def main(argv=None):
         else:
             print("rotated:", ", ".join(rotate(args.run_dir)) or "none")
     else:
-        args.out.write_text(pod_conf(args.model))
-        print(f"wrote {args.out}: `kubectl apply -k deploy/k8s` (GPU nodes: -k deploy/k8s-gpu)")
+        for name, text in pod_files(args.model).items():
+            args.out.with_name(name).write_text(text)
+        print(f"wrote {args.out} and openapi.json beside it: `kubectl apply -k deploy/k8s` (GPU "
+              f"nodes: -k deploy/k8s-gpu)")
     return 0
 
 

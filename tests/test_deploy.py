@@ -133,8 +133,9 @@ def rendered(folder, with_kubectl=bool(KUBECTL)):
         copied = Path(tmp) / "deploy"
         for name in KUSTOMIZED:
             shutil.copytree(DEPLOY / name, copied / name,
-                            ignore=shutil.ignore_patterns("nginx.conf"))
-        (copied / "k8s" / "nginx.conf").write_text(proxy.pod_conf())
+                            ignore=shutil.ignore_patterns("nginx.conf", "openapi.json"))
+        for name, text in proxy.pod_files().items():
+            (copied / "k8s" / name).write_text(text)
         if with_kubectl:
             out = subprocess.run([KUBECTL, "kustomize", str(copied / folder)], check=True,
                                  capture_output=True, text=True).stdout
@@ -350,7 +351,8 @@ def test_proxy_sidecar_runs_the_configmap_that_proxy_py_renders():
     pods); the sidecar mounts it and a writable run directory where the config puts its pid and
     temporary files."""
     configmap = one("k8s", "ConfigMap")
-    assert configmap["data"] == {"nginx.conf": proxy.pod_conf()}
+    assert configmap["data"] == proxy.pod_files()
+    assert f"alias {proxy.K8S_MOUNT}/openapi.json;" in proxy.pod_conf()
     assert re.fullmatch(r"cifar10-proxy-[a-z0-9]{10}", configmap["metadata"]["name"])
     assert configmap["metadata"]["labels"] == {"app.kubernetes.io/name": "cifar10-torchserve"}
     deployment = one("k8s", "Deployment")
@@ -368,15 +370,16 @@ def test_proxy_sidecar_runs_the_configmap_that_proxy_py_renders():
 
 def test_the_sidecar_config_has_one_source_the_template():
     """No rendered copy of the nginx config is checked in: deploy/k8s/ generates its ConfigMap
-    from nginx.conf, which `make k8s-config` writes and git ignores."""
+    from nginx.conf and openapi.json, which `make k8s-config` writes and git ignores."""
     for path in DEPLOY.rglob("*.y*ml"):
         kinds = {doc.get("kind") for doc in yaml.safe_load_all(path.read_text()) if doc}
         assert "ConfigMap" not in kinds, f"{path} is a checked-in ConfigMap"
     spec = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
     (generator,) = spec["configMapGenerator"]
-    assert generator["files"] == ["nginx.conf"]
-    ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/k8s/nginx.conf"], cwd=ROOT)
-    assert ignored.returncode == 0, "deploy/k8s/nginx.conf should be git-ignored"
+    assert generator["files"] == ["nginx.conf", "openapi.json"]
+    for name in generator["files"]:
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"deploy/k8s/{name}"], cwd=ROOT)
+        assert ignored.returncode == 0, f"deploy/k8s/{name} should be git-ignored"
     make = subprocess.run(["make", "-n", "--no-print-directory", "k8s-config"], cwd=ROOT,
                           capture_output=True, text=True)
     assert make.returncode == 0 and "proxy.py pod-conf" in make.stdout, make.stderr
