@@ -174,6 +174,8 @@ class Cifar10Handler(BaseHandler):
             return
         top, _ = ranking.confidence(torch.cat(probs))
         for bound, count in ranking.confidence_buckets(top).items():
+            if not count:  # a counter that did not move needs no [METRICS] log line
+                continue
             metrics.add_counter("ts_handler_top1_confidence_bucket", count, None,
                                 [Dimension("le", bound)])
         metrics.add_counter("ts_handler_top1_confidence_count", len(top), None)
