@@ -22,7 +22,6 @@ def error(failure, spec):
 
 @dataclass
 class Reply:
-
     def predictions(self, probs, classes, topk, model_name, model_version=None,
                     min_confidence=None):
         return ({"predictions": answers.top_classes(probs, classes, topk)},

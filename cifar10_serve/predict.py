@@ -1,7 +1,7 @@
-"""The forward passes of a batch (``run``): every predict row's images through the chosen forward in
-chunks of at most `forward_batch` images (with the configured TTA), Integrated Gradients for
-explain rows; a group that fails is run again row by row, each rerun charged to the batch's budget,
-so a failure stays the failing request's own 500."""
+"""The forward passes of a batch (``run``): predict rows through the chosen forward in chunks of
+`forward_batch` images (with TTA), Integrated Gradients for explain rows; a failed group is run
+again row by row, each rerun charged to the budget, so a failure stays its request's own 500.
+"""
 import logging
 from dataclasses import dataclass
 
@@ -14,15 +14,13 @@ logger = logging.getLogger(__name__)
 
 
 def to_batch(images, transform, device):
-    """Decoded uint8 images -> the normalised channels-last batch the forward takes."""
     batch = transform(torch.stack(images).to(device))  # uint8 crosses to a GPU: 4x fewer bytes
     return batch.contiguous(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
 def probabilities(rows, forward, transform, device, chunk, tta, margin=1.0, temperature=1.0):
-    """(per row, its images' class probabilities (N, classes) on the CPU; how many images took
-    the TTA views: all of them, or with ``margin`` < 1 those the first look left unsure)."""
+    """(per row its class probabilities (N, classes) on the CPU, images that took TTA)."""
     images = [image for row in rows for image in row.images]
     parts, looked = [], 0
     for start in range(0, len(images), chunk):
@@ -34,10 +32,8 @@ def probabilities(rows, forward, transform, device, chunk, tta, margin=1.0, temp
 
 
 def explanations(row, net, targets, transform, device, chunk, steps, classes):
-    """Per image of the row, its class (``targets``: the served prediction's, so an explanation
-    names what /predictions answers) and a map of Captum Integrated Gradients attributions of the
-    fp32 net for it at the net's input size (summed over colour channels). Captum, imported
-    here, is already loaded by the worker's start-up calibration (runtimes.calibrate)."""
+    """Per image, the served prediction's class and Captum's Integrated Gradients of the fp32 net
+    for it, summed over channels (Captum is already loaded by the start-up calibration)."""
     from captum.attr import IntegratedGradients
 
     answers = []
@@ -53,9 +49,7 @@ def explanations(row, net, targets, transform, device, chunk, steps, classes):
 
 @dataclass
 class Forwards:
-    """What a batch's forwards run with: the served ``forward``, the fp32 ``net`` (Integrated
-    Gradients), the ``transform``, the ``device``, images per forward call (``chunk``), TTA and
-    its gate (``tta``, ``margin``), Integrated Gradients steps and the class names."""
+    """What a batch's forwards run with (the fp32 ``net``: Integrated Gradients)."""
     forward: object
     net: object
     transform: object
@@ -70,18 +64,14 @@ class Forwards:
 
 @dataclass
 class Found:
-    """What the forwards found for one row: its images' class probabilities (N, classes) and,
-    for an explain row, its explanations (one {"class", "attributions"} per image)."""
     probs: torch.Tensor
     explained: list = None
 
 
 def run(rows, forwards, admission=None):
-    """(per row, its Found, or None where it was not run or failed; how many images took the
-    TTA views). The predict rows run together, then the explain rows; a group that fails is run
-    again one row at a time after both, each rerun while it fits what is left of the batch's
-    budget (``admission.again``, budget.Admission; else it has its 503). A row that fails
-    alone gets its 500 as ``row.error``; the others are answered."""
+    """(per row its Found, or None where not run or failed; images that took TTA). Predict rows run
+    together, then explain rows; a failed group reruns row by row while ``admission.again`` lets
+    it (else a 503); a row that fails alone gets its 500."""
     found, looked, failed = [None] * len(rows), 0, []
     for kind in ("predict", "explain"):
         group = [i for i, row in enumerate(rows) if row.kind == kind and row.error is None]
@@ -112,7 +102,6 @@ def run(rows, forwards, admission=None):
 
 
 def _work(rows, forwards):
-    """(a Found per row, images that took TTA views) for rows of one kind."""
     f = forwards
     probs, looked = probabilities(rows, f.forward, f.transform, f.device, f.chunk, f.tta,
                                   f.margin, f.temperature)
