@@ -21,6 +21,7 @@ Time spent on the batch so far (reading, decoding) counts, and reruns of a faile
 and wall time on a GPU. A refused request is not decoded: 503 with Retry-After (the longest a
 batch may take); one that alone costs more than a batch may is its 413 naming what fits.
 """
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -199,7 +200,6 @@ class Admission:
         return False
 
 
-
 def for_worker(settings, response_timeout, calibration):
     """A worker's Budget from its Calibration; its figures logged."""
     limits, decode_ms = settings.limits, settings.limits["max_decode_ms"]
@@ -208,20 +208,9 @@ def for_worker(settings, response_timeout, calibration):
     most = stretched(seconds, costs, limits, response_timeout, decode_ms)
     found = Budget(costs, seconds, settings.explain_share, limits, calibration.clock, most,
                    calibration.figures())
-    largest = found.largest("predict"), found.largest("explain")
-    alone = (f"; a batch's first request alone up to {found.most:.2f} s, what the largest "
-             f"request allowed needs here" if found.most > seconds else "")
-    logger.info("batch budget %.2f s (responseTimeout %s s x budget_share %s%s), timed here on "
-                "the %s, %d images of %s a batch, median of a few runs: forward %.3f ms per "
-                "image and view (%s, tta %d: up to %d views; runs %.3f-%.3f), Integrated "
-                "Gradients %.0f ms per image (%d steps; runs %.0f-%.0f); the largest request "
-                "that fits: %s images to predict, %s to explain; explanations at most %.0f%% of "
-                "a batch; refused requests get 503 with Retry-After %d s", seconds,
-                response_timeout, settings.budget_share, alone, calibration.clock_name,
-                calibration.batch, "x".join(map(str, calibration.input_shape)),
-                costs.forward_ms, calibration.runtime, settings.tta, costs.views,
-                *calibration.forward_spread, costs.ig_ms, settings.ig_steps,
-                *calibration.ig_spread, *largest, 100 * found.explain_share, found.retry_after)
+    logger.info("batch budget %.2f s (responseTimeout %s s x budget_share %s), runtime %s: %s",
+                seconds, response_timeout, settings.budget_share, calibration.runtime,
+                json.dumps(found.figures()))
     return found
 
 

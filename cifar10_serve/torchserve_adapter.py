@@ -26,7 +26,7 @@ from ts.version import __version__ as TORCHSERVE_VERSION
 from cifar10_serve import bodies, kserve, multipart, raw, v2
 from cifar10_serve.bodies import json_values, json_values_limit, looks_like_json, numbered, \
     read_json
-from cifar10_serve.errors import bad_request, failure_of, too_many
+from cifar10_serve.errors import bad_request, failure_of
 
 logger = logging.getLogger(__name__)
 WRITTEN_FOR = "0.12."
@@ -138,7 +138,7 @@ def detect(request, headers, together, limits, spec):
     here within the limits. ``together``: the row is one instance of a KServe envelope's request."""
     if together:
         if isinstance(request, dict) and {"datatype", "shape", "data"} <= set(request):
-            return ENVELOPE_TENSOR, request  # the kservev2 envelope's tensor
+            return EnvelopeTensor, request  # the kservev2 envelope's tensor
         return KSERVE_INSTANCE, request
     fields = request if isinstance(request, dict) else {}
     route, encoding = on_protocol_route(headers), request_header(headers, "Content-Encoding")
@@ -171,9 +171,10 @@ def detect(request, headers, together, limits, spec):
     return raw, (name, value)
 
 
-class _EnvelopeTensor:
+class EnvelopeTensor:
     """The kservev2 envelope's rows: each one v2 input tensor, answered as the flat list of its
     probabilities (the envelope names and shapes it)."""
+    error = staticmethod(v2.error)
 
     @staticmethod
     def read(tensor, limits, spec):
@@ -181,12 +182,10 @@ class _EnvelopeTensor:
         # The envelope keeps only data[0] of a BYTES tensor: put it back in a list, so a tensor
         # of several images fails its shape check instead of losing images.
         tensor = {**tensor, "data": [data] if isinstance(data, str) else data}
-        return v2.read_tensor(tensor, limits, spec), _EnvelopeTensor()
-
-    error = staticmethod(v2.error)
+        return v2.read_tensor(tensor, limits, spec), EnvelopeTensor
 
     @staticmethod
-    def predictions(probs, classes, topk, model_name, model_version=None, min_confidence=None):
+    def predictions(probs, *_):
         return probs.reshape(-1).tolist(), {}
 
     @staticmethod
@@ -194,17 +193,8 @@ class _EnvelopeTensor:
         return found, {}
 
 
-class _KServeInstance:
-    read = staticmethod(kserve.read_instance)
-    error = staticmethod(kserve.error)
-
-
-ENVELOPE_TENSOR, KSERVE_INSTANCE = _EnvelopeTensor, _KServeInstance
-
-
-def check_instances(count, limit):
-    if count > limit:
-        raise too_many(count, limit)
+# The rows TorchServe's kserve envelope passes: each one instance of one request.
+KSERVE_INSTANCE = SimpleNamespace(read=kserve.read_instance, error=kserve.error)
 
 
 def respond(rows, context, together, spec, retry_after, version=None):

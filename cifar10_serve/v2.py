@@ -257,19 +257,6 @@ class Reply:
                     min_confidence=None):
         """A dict to send as JSON, or a binary answer's bytes with the headers that say so; with a
         min_confidence (the request's, else X-Min-Confidence) "uncertain" and "margin" per image."""
-        tensors, order = [], ranked(probs)  # the label and classification agree on ties
-        for name, binary, top in self.outputs:
-            if name == "label":
-                tensor = ("BYTES", [len(probs)], [classes[i] for i in order[:, 0].tolist()])
-            elif top:
-                indices = order[:, :top]
-                values = probs.gather(1, indices)
-                tensor = ("BYTES", [len(probs), top],
-                          [f"{p:f}:{i}:{classes[i]}" for row_p, row_i in
-                           zip(values.tolist(), indices.tolist()) for p, i in zip(row_p, row_i)])
-            else:
-                tensor = ("FP32", list(probs.shape), probs.reshape(-1))
-            tensors.append((name, binary, *tensor))
         answer = {"model_name": model_name, "outputs": []}
         if model_version:  # several versions answer at once during a release (release.py)
             answer["model_version"] = model_version
@@ -280,8 +267,19 @@ class Reply:
             top, margin = confidence(probs)
             answer["parameters"] = {"uncertain": (top < threshold).tolist(),
                                     "margin": margin.tolist()}
-        payload = []
-        for name, binary, datatype, shape, data in tensors:
+        order, payload = ranked(probs), []  # the label and classification agree on ties
+        for name, binary, top in self.outputs:
+            if name == "label":
+                data = [classes[i] for i in order[:, 0].tolist()]
+                datatype, shape = "BYTES", [len(probs)]
+            elif top:
+                indices = order[:, :top].tolist()
+                values = probs.gather(1, order[:, :top]).tolist()
+                datatype, shape = "BYTES", [len(probs), top]
+                data = [f"{p:f}:{i}:{classes[i]}" for row_p, row_i in zip(values, indices)
+                        for p, i in zip(row_p, row_i)]
+            else:
+                datatype, shape, data = "FP32", list(probs.shape), probs.reshape(-1)
             output = {"name": name, "datatype": datatype, "shape": shape}
             if binary:
                 raw = _raw(datatype, data)

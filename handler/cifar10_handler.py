@@ -20,7 +20,7 @@ from ts.utils.util import PredictionException
 
 from cifar10_serve import budget, predict, ranking, raw, settings, spec, torchserve_adapter, v2
 from cifar10_serve.bodies import Row
-from cifar10_serve.errors import ClientError, Failure
+from cifar10_serve.errors import ClientError, Failure, too_many
 from cifar10_serve.images import decode_request, eval_transform
 from cifar10_serve.net import build_net, class_names, load_checkpoint
 from cifar10_serve.runtimes import calibrate, select_device
@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 class Cifar10Handler(BaseHandler):
     def initialize(self, context):
         self.context, properties = context, context.system_properties
-        self.settings = settings.read((getattr(context, "model_yaml_config", None) or {})
-                                      .get("handler"))
+        config = getattr(context, "model_yaml_config", None) or {}
+        self.settings = settings.read(config.get("handler"))
         self.limits = self.settings.limits
         self.chunk = self.settings.forward_batch  # images per forward call, not batchSize
         if self.settings.threads:
@@ -52,7 +52,6 @@ class Cifar10Handler(BaseHandler):
                                      self.spec, self.device, self.chunk, self.settings.ig_steps,
                                      torch.get_num_threads())
         self.forward, self.runtime = self.calibration.forward, self.calibration.runtime
-        config = getattr(context, "model_yaml_config", None) or {}
         self.budget = budget.for_worker(
             self.settings, config.get("responseTimeout", budget.TORCHSERVE_RESPONSE_TIMEOUT),
             self.calibration)
@@ -94,8 +93,8 @@ class Cifar10Handler(BaseHandler):
         row = Row(kind=kind, protocol=torchserve_adapter.route_protocol(headers, together))
         with self._own_error(row, f"reading request {index} of the batch"):
             limit = self.limits["max_explain_images" if kind == "explain" else "max_images"]
-            if together:
-                torchserve_adapter.check_instances(count, limit)
+            if together and count > limit:  # an envelope's instances are its request's images
+                raise too_many(count, limit)
             limits = {**self.limits, "max_images": limit}
             row.protocol, payload = torchserve_adapter.detect(request, headers, together, limits,
                                                               self.spec)
