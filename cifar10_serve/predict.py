@@ -19,30 +19,30 @@ def to_batch(images, transform, device):
 
 
 @torch.inference_mode()
-def probabilities(rows, forward, transform, device, chunk, tta, margin=1.0, temperature=1.0):
+def probabilities(rows, f):
     """(per row its class probabilities (N, classes) on the CPU, images that took TTA)."""
     images = [image for row in rows for image in row.images]
     parts, looked = [], 0
-    for start in range(0, len(images), chunk):
-        batch = to_batch(images[start:start + chunk], transform, device)
-        logits, second = gated_logits(forward, batch, tta, margin)
-        parts.append((logits.float() / temperature).softmax(dim=1).cpu())  # the spec's T
+    for start in range(0, len(images), f.chunk):
+        batch = to_batch(images[start:start + f.chunk], f.transform, f.device)
+        logits, second = gated_logits(f.forward, batch, f.tta, f.margin)
+        parts.append((logits.float() / f.temperature).softmax(dim=1).cpu())  # the spec's T
         looked += second
     return torch.split(torch.cat(parts), [len(row.images) for row in rows]), looked
 
 
-def explanations(row, net, targets, transform, device, chunk, steps, classes):
+def explanations(row, targets, f):
     """Per image, the served prediction's class and Captum's Integrated Gradients of the fp32 net
     for it, summed over channels (Captum is already loaded by the start-up calibration)."""
     from captum.attr import IntegratedGradients
 
     answers = []
-    for start in range(0, len(row.images), chunk):
-        batch = to_batch(row.images[start:start + chunk], transform, device)
-        target = targets[start:start + chunk].to(device)
-        attributions = IntegratedGradients(net).attribute(
-            batch, target=target, n_steps=steps, internal_batch_size=256)
-        answers += [{"class": classes[t], "attributions": a.tolist()}
+    for start in range(0, len(row.images), f.chunk):
+        batch = to_batch(row.images[start:start + f.chunk], f.transform, f.device)
+        target = targets[start:start + f.chunk].to(f.device)
+        attributions = IntegratedGradients(f.net).attribute(
+            batch, target=target, n_steps=f.ig_steps, internal_batch_size=256)
+        answers += [{"class": f.classes[t], "attributions": a.tolist()}
                     for t, a in zip(target.tolist(), attributions.sum(dim=1))]
     return answers
 
@@ -102,14 +102,10 @@ def run(rows, forwards, admission=None):
 
 
 def _work(rows, forwards):
-    f = forwards
-    probs, looked = probabilities(rows, f.forward, f.transform, f.device, f.chunk, f.tta,
-                                  f.margin, f.temperature)
+    probs, looked = probabilities(rows, forwards)
     if rows[0].kind != "explain":
         return [Found(p) for p in probs], looked
-    return [Found(p, explanations(row, f.net, top1(p), f.transform, f.device, f.chunk,
-                                  f.ig_steps, f.classes))
-            for row, p in zip(rows, probs)], looked
+    return [Found(p, explanations(row, top1(p), forwards)) for row, p in zip(rows, probs)], looked
 
 
 def _failed(row):

@@ -208,24 +208,18 @@ def choose(requested, net, model_dir, transform, x, threads=1, clock=None):
 
 @dataclass
 class Calibration:
-    """What work costs here, timed once at worker start, on ``clock``."""
+    """What work costs here, timed once at worker start, on ``clock``; ``timed``: how."""
     forward: object
     runtime: str
     trials: list
     forward_ms: float  # one view of one image through the served forward (median)
-    forward_spread: tuple  # the lowest and highest of its timed runs
     ig_ms: float       # one image's Integrated Gradients at ig_steps (median)
-    ig_spread: tuple
     clock: object
-    clock_name: str
-    input_shape: tuple
     batch: int
+    timed: dict
 
     def figures(self):
-        return {"clock": self.clock_name, "input_shape": list(self.input_shape),
-                "batch": self.batch,
-                "forward_ms_range": [round(t, 3) for t in self.forward_spread],
-                "explain_ms_range": [round(t, 1) for t in self.ig_spread]}
+        return dict(self.timed)
 
 
 def sample_batch(spec, transform, size, device):
@@ -273,7 +267,8 @@ def calibrate(requested, net, model_dir, transform, spec, device, batch=16, ig_s
                        spread=tuple(1000 * t / batch for t in seconds[1:]))
     step, scale = integrated_gradients_step(net, x, ig_steps)
     ig = [1000 * t * scale for t in timed(lambda: (step(), synced()), clock)]
-    return Calibration(forward, runtime, trials, served.ms_per_image, served.spread, ig[0],
-                       tuple(ig[1:]), clock,
-                       "wall time" if device.type == "cuda" else "thread CPU time",
-                       tuple(spec.input_shape), batch)
+    timed_on = {"clock": "wall time" if device.type == "cuda" else "thread CPU time",
+                "input_shape": list(spec.input_shape), "batch": batch,
+                "forward_ms_range": [round(t, 3) for t in served.spread],
+                "explain_ms_range": [round(t, 1) for t in ig[1:]]}
+    return Calibration(forward, runtime, trials, served.ms_per_image, ig[0], clock, batch, timed_on)
