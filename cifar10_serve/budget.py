@@ -171,15 +171,14 @@ class Admission:
         """Whether ``row`` fits (else it has its 503, or 413); what was admitted counts unless it
         failed to decode."""
         budget = self.budget
-        if self.together:
-            if self.most > budget.most:
-                budget.refuse(row, 413, self.images, self.most)
-                return False
-            return True
-        cost, most = budget.cost(row), budget.cost(row, budget.costs.views)
+        images, most = ((self.images, self.most) if self.together
+                        else (len(row.images), budget.cost(row, budget.costs.views)))
         if most > budget.most:
-            budget.refuse(row, 413, len(row.images), most)
+            budget.refuse(row, 413, images, most)
             return False
+        if self.together:
+            return True
+        cost = budget.cost(row)
         live = [(r, c) for r, c in self.admitted if r.error is None]
         reserved = sum(c for _, c in live)
         explaining = sum(c for r, c in live if r.kind == "explain")

@@ -24,8 +24,7 @@ class ClientError(PredictionException):
         self.failure = Failure(status, message, accepted)
 
 
-def bad_request(message, code=400, accepted=None):
-    return ClientError(message, code, accepted)
+bad_request = ClientError  # the client's mistake: a 4xx for that request alone
 
 
 def too_many(count, max_images):

@@ -58,12 +58,8 @@ def read(config):
     if settings.tta not in TTA_LEVELS:
         raise ValueError(f"model-config.yaml handler.tta must be one of {TTA_LEVELS}, "
                          f"got {settings.tta}")
-    settings.tta_margin = _fraction("tta_margin", config.get("tta_margin", settings.tta_margin),
-                                    zero=True)
-    settings.budget_share = _fraction("budget_share",
-                                      config.get("budget_share", settings.budget_share))
-    settings.explain_share = _fraction("explain_share",
-                                       config.get("explain_share", settings.explain_share))
+    for name, zero in (("tta_margin", True), ("budget_share", False), ("explain_share", False)):
+        setattr(settings, name, _fraction(name, config.get(name, getattr(settings, name)), zero))
     settings.runtime = config.get("runtime", settings.runtime)
     if settings.runtime not in RUNTIMES:
         raise ValueError(f"model-config.yaml handler.runtime must be one of {RUNTIMES}, "

@@ -180,38 +180,32 @@ def _tensor_images(tensor, binary, max_images, spec):
         if shape != [len(data)]:
             raise bad_request(f"v2 BYTES input: shape {shape} does not match {len(data)} items")
         return [decode_base64(item, f"v2 inputs[0].data[{i}]") for i, item in enumerate(data)]
-    pixels = (_binary_pixels if binary is not None else _json_pixels)(shape, data, spec)
-    batch = torch.from_numpy(pixels.reshape(count, *spec.pixel_shape))
-    return list(batch.permute(0, 3, 1, 2))
+    return list(torch.from_numpy(_pixels(shape, data, binary is not None, spec)
+                                 .reshape(count, *spec.pixel_shape)).permute(0, 3, 1, 2))
 
 
-def _pixel_rule(count, spec, got):
+def _pixels(shape, data, binary, spec):
+    """UINT8 pixels of ``shape``: ``data`` binary bytes, or JSON integers (flat or nested)."""
     height, width, channels = spec.pixel_shape
-    values = count * spec.values_per_image
-    return (f"a UINT8 input is pixels of shape [N, {height}, {width}, {channels}]: {values} "
-            f"integers 0-255 ({values} bytes of pixels as binary data; flat or nested in JSON); "
-            f"got {got}")
-
-
-def _binary_pixels(shape, data, spec):
-    count = shape[0]
-    if shape != [count, *spec.pixel_shape] or len(data) != count * spec.values_per_image:
-        raise bad_request(_pixel_rule(count, spec, f"shape {shape} with {len(data)} bytes"))
-    return np.frombuffer(bytearray(data), dtype=np.uint8)
-
-
-def _json_pixels(shape, data, spec):
     count, values = shape[0], shape[0] * spec.values_per_image
-    if shape != [count, *spec.pixel_shape] or len(data) not in (values, count):
-        raise bad_request(_pixel_rule(count, spec, f"shape {shape} with {len(data)} items"))
+
+    def wrong(got):
+        return bad_request(f"a UINT8 input is pixels of shape [N, {height}, {width}, {channels}]: "
+                           f"{values} integers 0-255 ({values} bytes of pixels as binary data; "
+                           f"flat or nested in JSON); got {got}")
+    sent = f"shape {shape} with {len(data)} {'bytes' if binary else 'items'}"
+    if shape != [count, *spec.pixel_shape] or len(data) not in ((values,) if binary
+                                                                else (values, count)):
+        raise wrong(sent)
+    if binary:
+        return np.frombuffer(bytearray(data), dtype=np.uint8)
     try:
         pixels = np.asarray(data)
     except ValueError as err:
         raise bad_request(f"v2 UINT8 input: data is not a regular array ({err})") from err
     if (pixels.shape not in ((values,), tuple(shape))
             or pixels.dtype.kind not in "iu" or pixels.min() < 0 or pixels.max() > 255):
-        raise bad_request(_pixel_rule(count, spec, f"data of shape {list(pixels.shape)} and "
-                                                   f"type {pixels.dtype}"))
+        raise wrong(f"data of shape {list(pixels.shape)} and type {pixels.dtype}")
     return pixels.astype(np.uint8)
 
 
