@@ -1,6 +1,5 @@
-"""TorchServe's own answer shapes, which the /predictions protocols (raw, multipart) and KServe v1
-write: an image's top classes as {class: probability}, and the error object
-{"code", "type", "message"}. Written from results and Failures only: nothing here reads a request.
+"""TorchServe's own answer shapes, which raw, multipart and KServe v1 write: an image's top classes
+as {class: probability}, and the error object {"code", "type", "message"}.
 """
 from cifar10_serve.errors import written
 from cifar10_serve.ranking import confidence, ranked
@@ -10,8 +9,7 @@ ERROR_TYPES = {413: "RequestEntityTooLarge", 503: "ServiceUnavailable"}
 
 
 def top_classes(probs, classes, topk):
-    """Per image (rows of ``probs``, N x classes), its ``topk`` classes and their probabilities,
-    most probable first, ties by class index (ranking.py: every route's one order)."""
+    """Per image, its ``topk`` classes and their probabilities in ranking.py's order."""
     indices = ranked(probs)[:, :min(topk, probs.shape[1])]
     values = probs.gather(1, indices)
     return [{classes[i]: p for i, p in zip(idx, val)}
@@ -19,9 +17,8 @@ def top_classes(probs, classes, topk):
 
 
 def uncertain_headers(probs, min_confidence):
-    """The answer's X-Uncertain header where the request asked for it (``min_confidence``, its
-    X-Min-Confidence header): per image, in answer order, "true" where its top-1 probability is
-    below ``min_confidence``, else "false", comma-separated. The answer's body keeps its shape."""
+    """X-Uncertain, where the request asked (X-Min-Confidence): per image "true" where its top-1
+    probability is below ``min_confidence``, else "false"; the body keeps its shape."""
     if min_confidence is None:
         return {}
     top, _ = confidence(probs)
@@ -30,9 +27,7 @@ def uncertain_headers(probs, min_confidence):
 
 
 def error_object(failure, accepted):
-    """TorchServe's error object for a failure; its message, what was wrong and what is
-    accepted (``accepted``: the protocol's words, where the failure names none), is also the
-    HTTP reason phrase."""
+    """TorchServe's error object; its message is also the HTTP reason phrase."""
     code = failure.status
     return {"code": code, "type": ERROR_TYPES.get(code, "BadRequest" if code < 500
                                                   else "InternalServerError"),

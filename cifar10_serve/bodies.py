@@ -1,9 +1,5 @@
-"""What every protocol's reading shares: the record a request travels in (Row), base64 and JSON
-read within the limits, the form-field numbering TorchServe's adapter applies, and the optional
-``min_confidence`` a request may ask its answer to be marked by.
-
-JSON bodies are counted before they are parsed: the largest legal one is ``max_images`` images as
-v2 UINT8 pixels nested [N, H, W, C] of the model's input (``json_values_limit``).
+"""What every protocol's reading shares: the Row a request travels in, base64 and JSON read within
+the limits (counted before parsing), the form-field numbering, and ``min_confidence``.
 """
 import base64
 import binascii
@@ -22,14 +18,10 @@ WHITESPACE = re.compile(r"\s+")
 class Row:
     """One request of a batch, carried from its body to its answer.
 
-    kind: "predict", "explain" or "describe"; protocol: the module that reads the request and
-    writes its answer and errors (raw, multipart, kserve, v2, or the TorchServe adapter's
-    envelope tensors); reply: what the request asks of its answer (that protocol's Reply);
-    images: encoded bytes at first, uint8 (C, H, W) tensors once decoded; error: a
-    errors.Failure (or the budget's and the forward's (status, message)) once anything failed
-    for this request alone; result: what the forward found (class probabilities, N x classes,
-    or explanations); answer and headers: what it gets back; min_confidence: where the request
-    asked, the top-1 probability below which its answer says it is uncertain."""
+    protocol: the module that reads it and writes its answer and errors; reply: that protocol's
+    Reply; images: encoded bytes, then uint8 (C, H, W) tensors once decoded; error: a Failure (or a
+    (status, message)) once anything failed for this request alone; result: class probabilities
+    (N x classes) or explanations."""
     kind: str = "predict"
     protocol: object = None
     reply: object = None
@@ -38,7 +30,7 @@ class Row:
     result: object = None
     answer: object = None
     headers: dict = field(default_factory=dict)
-    min_confidence: float = None  # X-Min-Confidence: mark answers whose top-1 is below it
+    min_confidence: float = None  # mark answers whose top-1 probability is below it
 
 
 def text(name):
@@ -46,8 +38,7 @@ def text(name):
 
 
 def numbered(name, position):
-    """A form field's name with its position (data#1, data#2, ...): several fields keep
-    their images whatever names they repeat (messages drop the number: ``field_name``)."""
+    """data#1, data#2, ...: repeated field names keep every image (``field_name`` undoes it)."""
     return f"{text(name)}#{position}"
 
 
@@ -56,18 +47,16 @@ def field_name(name):
 
 
 def json_values_limit(max_images, pixel_shape):
-    """The most values (as `json_values` counts them) a JSON body may hold: what the largest
-    request accepted needs, ``max_images`` images as v2 UINT8 pixels nested [N, H, W, C]
-    (``pixel_shape`` (H, W, C): per image H*W*C numbers, H*W pixel lists, H rows and its own
-    list), plus room for keys."""
+    """The most values a JSON body may hold: ``max_images`` images as v2 UINT8 pixels nested
+    [N, H, W, C] (per image H*W*C numbers, H*W pixel lists, H rows, one list), plus room for keys.
+    """
     height, width, channels = pixel_shape
     per_image = height * width * channels + height * width + height + 1
     return max_images * per_image + 1024
 
 
 def json_values(body):
-    """The commas and opening brackets of a JSON text (str or bytes), counted without parsing
-    it: at least the number of values it holds bar one (commas in strings only add)."""
+    """Commas and opening brackets, counted without parsing: at least the values held bar one."""
     marks = (b",", b"[", b"{") if isinstance(body, (bytes, bytearray)) else (",", "[", "{")
     return sum(body.count(mark) for mark in marks)
 
@@ -77,9 +66,8 @@ def looks_like_json(value):
 
 
 def parse_json(raw, limit, what="the JSON body", largest=""):
-    """A JSON text TorchServe did not parse (its Content-Type was not application/json, or it
-    held more values than the largest request accepted: the TorchServe adapter's
-    bounded_loads), counted against ``limit`` values first (a 413 naming ``largest``)."""
+    """A JSON text TorchServe did not parse (another Content-Type, or over bounded_loads' limit),
+    counted against ``limit`` values first (a 413 naming ``largest``)."""
     if json_values(raw) > limit:
         raise bad_request(f"{what} holds more than {limit:,} values (commas and brackets)"
                           f"{largest}", 413)
@@ -90,15 +78,13 @@ def parse_json(raw, limit, what="the JSON body", largest=""):
 
 
 def read_json(raw, max_images, spec, what="the JSON body"):
-    """``parse_json`` within what the largest request of ``max_images`` images needs."""
     return parse_json(raw, json_values_limit(max_images, spec.pixel_shape), what,
                       f"; the largest request accepted is {max_images} images as v2 UINT8 "
                       f"pixels: send base64 images, or fewer per request")
 
 
 def decode_base64(item, where):
-    """An image sent as base64 text (a data URL too; line breaks too: GNU base64 wraps at 76
-    columns unless told -w0)."""
+    """Base64 text to bytes: a data URL too, and line breaks (GNU base64 wraps at 76)."""
     if not isinstance(item, str):
         raise bad_request(f"{where} is {type(item).__name__}, not a base64 string")
     if item.startswith("data:") and "," in item:  # a data URL, as browsers produce
@@ -110,8 +96,7 @@ def decode_base64(item, where):
 
 
 def min_confidence(value, where):
-    """A request's ``min_confidence`` (a number, or its text in a header) as a float from 0 to 1;
-    None where it was not given; a 400 naming ``where`` it was read otherwise."""
+    """A float from 0 to 1, None where not given; a 400 naming ``where`` otherwise."""
     if value is None:
         return None
     try:

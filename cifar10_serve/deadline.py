@@ -1,8 +1,6 @@
-"""The worker thread's CPU time: the clock work is counted on, and a deadline on it for a block of
-Python code. The start-up calibration (runtimes.py) and the batch budget (budget.py) count on
-``work_clock``; decoding a request's images (images.py) is bounded by ``deadline``: Pillow parses
-file structure in Python at a cost that grows with the bytes, not the pixels, and the deadline
-interrupts it between bytecodes.
+"""The worker thread's CPU time: the clock calibration (runtimes.py) and the batch budget count
+work on, and a deadline on it that bounds decoding: Pillow parses file structure in Python at a
+cost that grows with the bytes, not the pixels, and the deadline interrupts it between bytecodes.
 """
 import contextlib
 import ctypes
@@ -14,31 +12,21 @@ import time
 
 
 def work_clock(device_type="cpu"):
-    """The clock work is counted on: on a CPU the calling thread's CPU time (the clock the
-    decoding deadline counts), on a GPU wall time (its kernels run while the CPU waits).
+    """On a CPU the calling thread's CPU time, on a GPU wall time (kernels run while the CPU waits).
 
-    Why the thread's and not the process's: a batch's budget is a share of responseTimeout, wall
-    time, and on its cores a batch takes about the time its thread runs. Decoding runs on the
-    handler's thread alone; a forward or Integrated Gradients with `threads: N` splits each
-    operator over N threads, the handler's one of them, so its thread runs about as long as the
-    batch takes while the process's CPU time counts all N (and the pool's idle spinning): about
-    N x over (the CIFAR net's Integrated Gradients with threads: 2, medians of 12 start-up
-    timings on a 2-core Intel Xeon: 522 ms of process CPU time, 249 ms of the thread's, 307 ms
-    wall). Time spent waiting for a core, on a machine busy with other work, is on neither:
-    a worker started beside a busy one does not over-charge its work for its whole life, nor
-    does a slow moment push a batch's requests out; it stretches the batch's wall time, which
-    responseTimeout's headroom is for."""
+    Not the process's: with `threads: N` an operator splits over N threads, the handler's one of
+    them, so its thread runs about as long as the batch takes while the process counts N x (IG with
+    threads: 2 on a 2-core Xeon: 522 ms process, 249 ms thread, 307 ms wall). Waiting for a core is
+    on neither, so a worker started beside a busy one does not over-charge its work for its life."""
     return time.perf_counter if device_type == "cuda" else time.thread_time
 
 
 class Expired(BaseException):
-    """Raised inside the block when its time is up: a BaseException, so no `except Exception` in
-    a decoder plugin swallows it; deadline() turns it into TimeoutError."""
+    """A BaseException, so no `except Exception` in a decoder plugin swallows it."""
 
 
 def _timer_library():
-    """The C library that has timer_create (glibc >= 2.34 and musl: libc itself; older glibc:
-    librt), or None off Linux."""
+    """timer_create's library: libc (glibc >= 2.34, musl), else librt; None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
     for name in (None, ctypes.util.find_library("rt")):
@@ -53,16 +41,12 @@ SIGEV_THREAD_ID, CLOCK_THREAD_CPUTIME_ID = 4, 3  # Linux <bits/sigevent-consts.h
 
 
 def arm_cpu_timer(first, every):
-    """Send SIGPROF once the calling thread has used ``first`` seconds of CPU time, then every
-    ``every`` seconds; return the function that disarms it.
+    """SIGPROF once this thread has used ``first`` s of CPU, then every ``every`` s; returns disarm.
 
-    On Linux the timer counts this thread's CPU alone and signals this thread alone
-    (timer_create on CLOCK_THREAD_CPUTIME_ID with SIGEV_THREAD_ID). A process-wide ITIMER_PROF,
-    the fallback elsewhere, counts torch's and ONNX Runtime's spinning pool threads too, and the
-    kernel sends its SIGPROF to whichever thread used the last tick: CPython before 3.13 then only
-    notes the signal, and the main thread does not run the handler until something else wakes its
-    eval loop (CI once saw a 1-s burn run through a 10-ms deadline that way).
-    """
+    On Linux the timer counts and signals this thread alone (CLOCK_THREAD_CPUTIME_ID,
+    SIGEV_THREAD_ID). ITIMER_PROF, the fallback, counts torch's spinning pool threads too and
+    signals whichever thread used the last tick, where CPython < 3.13 runs no handler until the
+    main thread's eval loop wakes (a 1-s burn once ran through a 10-ms deadline)."""
     if _LIBRT is None:
         signal.setitimer(signal.ITIMER_PROF, first, every)
         return lambda: signal.setitimer(signal.ITIMER_PROF, 0)
@@ -81,15 +65,9 @@ def arm_cpu_timer(first, every):
 
 @contextlib.contextmanager
 def deadline(milliseconds):
-    """Raise TimeoutError from the block once its thread has used ``milliseconds`` of CPU time.
-
-    Pillow parses file structure (JPEG markers, PNG chunks, TIFF strips, GIF sub-blocks, BMP runs)
-    in Python, at a cost that grows with the body's bytes rather than its pixels: 8 MiB of
-    one-row TIFF strips took 21 s. A CPU-time timer (so a busy machine does not shorten the
-    allowance; see arm_cpu_timer) interrupts that Python code between bytecodes with an exception
-    no `except Exception` inside a plugin can swallow (Expired). It works in the main thread
-    only, where TorchServe's worker runs the handler; elsewhere the block runs unbounded.
-    """
+    """TimeoutError from the block once its thread has used ``milliseconds`` of CPU time (8 MiB of
+    one-row TIFF strips took 21 s to parse). Main thread only, where TorchServe's worker runs the
+    handler; elsewhere the block runs unbounded."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -1,8 +1,6 @@
-"""The candidate forwards of the served net and how one is judged against fp32: ONNX Runtime on
-an exported file (fp32 or int8), the torch net under bf16 autocast with its head in fp32, the
-agreement measure and its limits, and the CPU facts that decide which kernels they run
-(/proc/cpuinfo). Shared by the worker's runtime choice (runtimes.py) and by the build and
-evaluation tools (export_onnx.py, evaluate.py, calibration.py), which check the same way.
+"""The candidate forwards (ONNX Runtime fp32 or int8, bf16 autocast with an fp32 head), how one is
+judged against fp32, and the CPU facts that decide their kernels. Shared by the worker's runtime
+choice and the build and evaluation tools, which check the same way.
 """
 import copy
 import platform
@@ -21,8 +19,7 @@ LIMITS = {"torch": (1.0, 1e-3), "onnx": (1.0, 1e-3), "bf16": (0.95, 0.05), "int8
 MARGIN = 0.1
 
 def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
-    """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 or AMX), which make a bf16
-    forward ~1.6-1.8x faster than fp32 for this net; without them bf16 is emulated and slower."""
+    """AVX-512 BF16 or AMX: without them bf16 is emulated, slower than fp32."""
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags(cpuinfo)))
 
 
@@ -33,18 +30,15 @@ KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf1
 
 
 def cpu_flags(cpuinfo="/proc/cpuinfo"):
-    """The KERNEL_FLAGS this CPU has (/proc/cpuinfo; none where it cannot be read)."""
     flags = set((_cpuinfo_field("flags", cpuinfo) or "").split())
     return [flag for flag in KERNEL_FLAGS if flag in flags]
 
 
 def cpu_name(cpuinfo="/proc/cpuinfo"):
-    """The CPU's model name (/proc/cpuinfo), or the machine type where it cannot be read."""
     return _cpuinfo_field("model name", cpuinfo) or platform.machine()
 
 
 def _cpuinfo_field(name, cpuinfo):
-    """The first CPU's ``name`` line of /proc/cpuinfo, or None."""
     try:
         match = re.search(rf"^{name}\s*:(.*)$", Path(cpuinfo).read_text(), re.M)
     except OSError:
@@ -53,8 +47,8 @@ def _cpuinfo_field(name, cpuinfo):
 
 
 def agreement(logits, reference, margin=MARGIN):
-    """(share of fp32's clear top-1 answers that ``logits`` give, largest probability
-    difference); "clear": fp32's top-1 leads by more than ``margin`` (1.0 when none is)."""
+    """(share of fp32's clear top-1 answers that ``logits`` give, largest probability difference);
+    "clear": fp32's top-1 leads by more than ``margin`` (1.0 when none is)."""
     probs = torch.as_tensor(np.asarray(logits, dtype=np.float32)).softmax(1)
     ref = torch.as_tensor(np.asarray(reference, dtype=np.float32)).softmax(1)
     top2 = ref.topk(2, dim=1).values
@@ -65,8 +59,6 @@ def agreement(logits, reference, margin=MARGIN):
 
 
 def onnx_forward(path, threads=1):
-    """A callable like the net (normalised float batch -> logits) that runs the ONNX file with
-    ONNX Runtime on the CPU."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -80,12 +72,8 @@ def onnx_forward(path, threads=1):
 
 
 def bf16_forward(net):
-    """A callable like the net that runs its features under CPU bf16 autocast and its classifier
-    head (the last Linear) in fp32, returning fp32 logits. Under autocast the head's output
-    would be rounded to bf16's 8 significant bits: classes collapse onto one logit and answers
-    repeat probabilities (ties for first place among them); from bf16 features an fp32 head
-    gives logits as fine-grained as fp32's, for a negligible share of the work. The net itself
-    is not changed (Integrated Gradients runs it in fp32): the forward runs a copy."""
+    """The net's features under bf16 autocast, its head (last Linear) in fp32 on a copy: a bf16 head
+    rounds logits to 8 bits, so classes collapse onto one logit and answers tie."""
     heads = [name for name, module in net.named_modules() if isinstance(module, torch.nn.Linear)]
     if heads:
         net = copy.deepcopy(net)
@@ -100,8 +88,6 @@ def bf16_forward(net):
 
 
 class _Fp32(torch.nn.Module):
-    """A layer run in fp32 inside an autocast region (its input cast up)."""
-
     def __init__(self, layer):
         super().__init__()
         self.layer = layer

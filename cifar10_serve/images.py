@@ -1,9 +1,9 @@
-"""Where a request's bytes become a tensor: image files are opened (their headers checked against
-the limits before any pixel is decoded), decoded to the model spec's input (its size, channels and
-resize policy) as training saw them, and batched through the one eval transform that training,
-evaluation and serving share.
+"""Where a request's bytes become a tensor: image headers checked against the limits before any
+pixel is decoded, images decoded to the model spec's input as training saw them, and the one eval
+transform that training, evaluation and serving share.
 """
 import io
+import math
 import warnings
 
 import numpy as np
@@ -25,9 +25,7 @@ JPEG_SOS = b"\xff\xda"  # start-of-scan marker; entropy-coded data never holds i
 
 
 def open_image(data, max_pixels=MAX_IMAGE_PIXELS):
-    """Bytes -> a PIL image whose header passed the checks, no pixel decoded yet. Raises
-    ValueError fit for the client when the bytes are no accepted image or would cost too much
-    to decode."""
+    """Bytes -> a PIL image whose header passed the checks; ValueError for the client."""
     too_large = f"at most {max_pixels:,} pixels are accepted: resize it first"
     with warnings.catch_warnings():  # PIL's DecompressionBombWarning: our own cap is lower
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -54,9 +52,9 @@ def open_image(data, max_pixels=MAX_IMAGE_PIXELS):
 
 
 def jpeg_scans(data, most_segments=256):
-    """The start-of-scan markers of a JPEG, counted from its first scan on: the segments before it
-    (APPn with EXIF, COM, tables) are stepped over by their lengths, so FF DA bytes inside a
-    comment do not count. Past ``most_segments`` header segments, everything counts."""
+    """Start-of-scan markers from the first scan on: the header segments are stepped over by their
+    lengths, so FF DA inside a comment does not count (past ``most_segments``, everything counts).
+    """
     position = 2
     for _ in range(most_segments):
         if position + 4 > len(data) or data[position] != 0xFF:
@@ -71,9 +69,8 @@ def jpeg_scans(data, most_segments=256):
 
 
 def _check_tiff_layout(image, size):
-    """Refuse a TIFF whose strips or tiles add up to more bytes than the file holds: they overlap,
-    so libtiff would decompress the same bytes again and again, in one C call no deadline can
-    interrupt (3,000 one-row strips sharing a 1 MB blob took 7 s, 40,000 over 30 s)."""
+    """Strips or tiles adding up to more bytes than the file overlap: libtiff would decompress the
+    same bytes again and again in one C call no deadline interrupts (40,000 strips: over 30 s)."""
     for tag in (279, 325):  # StripByteCounts, TileByteCounts
         counts = image.tag_v2.get(tag)
         if counts is None:
@@ -85,22 +82,10 @@ def _check_tiff_layout(image, size):
                              f"ordinary encoder")
 
 
-def image_pixels(image):
-    """The pixels an opened image's header claims: what decoding it costs. JPEGs too: draft
-    mode shrinks their output, but every coefficient of every scan is still decoded."""
-    width, height = image.size
-    return width * height
-
-
 def fit_image(image, spec):
-    """An opened image -> the PIL image the model takes: ``spec.mode`` (RGB or L), its
-    ``image_size``, by its resize policy (the same for training and serving).
-
-    Honours EXIF orientation, takes the first frame of animations, scales 16-bit greyscale to
-    8 bits; "squash" resizes the whole image to image_size whatever its aspect ratio (as CIFAR-10
-    was made), "crop" resizes its shorter side to resize_to and cuts out the centre (torchvision's
-    Resize + CenterCrop). Raises ValueError for the client when the pixel data is corrupt.
-    """
+    """An opened image -> the PIL image the model takes, as training saw it: EXIF orientation, first
+    frame, 16-bit scaled to 8, ``spec.mode``; "squash" resizes to image_size whatever the aspect,
+    "crop" is torchvision's Resize(resize_to) + CenterCrop. ValueError for corrupt pixel data."""
     try:
         if image.format in ("JPEG", "MPO"):  # decode straight at a reduced scale
             image.draft(spec.mode, _resized(image.size, spec))
@@ -123,7 +108,6 @@ def fit_image(image, spec):
 
 
 def _resized(size, spec):
-    """(width, height) an image of ``size`` is resized to before any crop."""
     if spec.resize == "squash":
         return spec.width, spec.height
     width, height = size
@@ -133,35 +117,27 @@ def _resized(size, spec):
 
 
 def decode_image(data, spec=CIFAR10):
-    """Bytes of an accepted image -> the PIL image ``spec``'s model takes (``open_image`` then
-    ``fit_image``)."""
     return fit_image(open_image(data), spec)
 
 
 def _describe(err):
-    """A decoder error for the client: its message, or its type where it has none; bounded."""
     text = str(err) or type(err).__name__
     return text if len(text) <= 200 else text[:200] + "..."
 
 
 def image_tensor(image):
-    """A decoded PIL image (``fit_image``'s) -> uint8 tensor (channels, height, width)."""
+    """A ``fit_image`` image -> uint8 tensor (channels, height, width)."""
     pixels = np.array(image, dtype=np.uint8)
     if pixels.ndim == 2:  # mode L
         pixels = pixels[:, :, None]
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-def eval_transform(spec=CIFAR10, mean=None, std=None):
-    """The one eval transform: uint8 (N, C, H, W) -> float32 normalised by ``spec``'s mean and
-    std (one per channel), for training, evaluation and serving alike. ``mean``/``std`` given
-    instead of a spec: those (the older call, a checkpoint's ``normalization``).
-
-    Plain tensor arithmetic over the whole batch: the worker never imports torchvision (seconds
-    of cold start) and normalises once per batch, not once per image.
-    """
-    mean = torch.tensor(spec.mean if mean is None else mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std if std is None else std, dtype=torch.float32).view(1, -1, 1, 1)
+def eval_transform(spec=CIFAR10):
+    """uint8 (N, C, H, W) -> float32 normalised by the spec's mean and std: plain tensor arithmetic
+    once per batch, so the worker never imports torchvision (seconds of cold start)."""
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def transform(batch):
         return (batch.to(torch.float32) / 255 - mean.to(batch.device)) / std.to(batch.device)
@@ -174,10 +150,8 @@ SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM"
 
 
 def looks_like_image(data):
-    """Whether ``data`` is framed as an accepted image file is (a cheap sniff, no decoding). A
-    BMP's two-letter signature must come with its own length and a JPEG's three bytes with its
-    end marker, so that a text token starting "Qk1" or "/9j/" (base64 of those) is not taken
-    for one."""
+    """A cheap sniff of an accepted file's framing. A BMP's "BM" must come with its own length and a
+    JPEG with its end marker, so that text starting "Qk1" or "/9j/" (their base64) is not taken."""
     if data.startswith(b"BM"):
         return len(data) >= 6 and int.from_bytes(data[2:6], "little") == len(data)
     if data.startswith(b"\xff\xd8\xff"):
@@ -186,11 +160,9 @@ def looks_like_image(data):
 
 
 def decode_request(images, limits, spec):
-    """A request's encoded images -> uint8 tensors of ``spec.input_shape``, within the per-image
-    and per-request pixel limits and the request's decoding deadline (CPU time). Every header is
-    opened first and the request refused if their pixels add up past its cap, so an over-budget
-    request decodes nothing. v2 UINT8 pixels (already tensors) pass through. A failure is the
-    request's own 4xx (a PredictionException naming which image)."""
+    """Encoded images -> uint8 tensors of ``spec.input_shape`` within the pixel limits and the
+    decoding deadline (CPU time); every header is opened first, so an over-budget request decodes
+    nothing. v2 UINT8 pixels (already tensors) pass through. Failures are the request's 4xx."""
     milliseconds = limits["max_decode_ms"]
     try:
         with deadline(milliseconds):
@@ -209,7 +181,7 @@ def _decode_within_budget(images, limits, spec):
             opened.append(image)
             continue
         opened.append(_checked(open_image, where, image, limits["max_image_pixels"]))
-        budget -= image_pixels(opened[-1])
+        budget -= math.prod(opened[-1].size)  # JPEGs too: draft mode still decodes every scan
         if budget < 0:
             raise bad_request(f"{where}the request's images decode to more than "
                               f"{limits['max_request_pixels']:,} pixels; send fewer or smaller "
@@ -220,8 +192,7 @@ def _decode_within_budget(images, limits, spec):
 
 
 def _checked(step, where, *args):
-    """One decoding step of an image; its ValueError becomes the client's 400, prefixed with
-    ``where`` (which image)."""
+    """A decoding step; its ValueError is the client's 400, prefixed with ``where``."""
     try:
         return step(*args)
     except ValueError as err:

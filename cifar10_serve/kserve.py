@@ -1,8 +1,6 @@
-"""KServe's v1 protocol: {"instances": [{"data": "<base64>"}, ...]} ("b64" is read as "data"),
-answered {"predictions": [...]} (or {"explanations": [...]}) with each image's top classes, errors
-as TorchServe's error object. Read on /predictions and on TorchServe's /v1/models/<model>:predict
-(which the worker cannot tell from v2's route); under TorchServe's own `kserve` envelope each
-instance reaches the handler as a row of its own (``read_instance``).
+"""KServe's v1 protocol: {"instances": [{"data": "<base64>"}, ...]} ("b64" read as "data"),
+answered {"predictions": [...]} or {"explanations": [...]}, errors as TorchServe's error object.
+Under TorchServe's `kserve` envelope each instance is a row of its own (``read_instance``).
 """
 from dataclasses import dataclass
 
@@ -24,8 +22,6 @@ def error(failure, spec):
 
 @dataclass
 class Reply:
-    """{"predictions": [...]} or {"explanations": [...]}: one answer per instance."""
-
     def predictions(self, probs, classes, topk, model_name, model_version=None,
                     min_confidence=None):
         return ({"predictions": answers.top_classes(probs, classes, topk)},
@@ -48,7 +44,6 @@ class Instance:
 
 
 def read(request, limits, spec):
-    """(images, Reply) of a parsed KServe v1 request."""
     instances = request.get("instances")
     if set(request) - {"instances", "parameters"} or not isinstance(instances, list) \
             or not instances:
@@ -60,8 +55,7 @@ def read(request, limits, spec):
 
 
 def read_instance(instance, limits, spec):
-    """(images, Instance) of one instance the `kserve` envelope passes: {"data": "<base64>"},
-    {"b64": ...}, or the base64 text itself."""
+    """{"data": "<base64>"}, {"b64": ...}, or the base64 text itself."""
     return [_image(instance, "the instance")], Instance()
 
 

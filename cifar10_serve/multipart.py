@@ -1,20 +1,11 @@
-"""Multipart forms on /predictions: several images as form fields, read as TorchServe's worker
-gives them (one dict of fields) or, where the reverse proxy passed the body on unparsed
-(deploy/nginx/, README "Reverse proxy"), parsed here; answered as the plain /predictions protocol
-answers (raw.py: one object for one image, else a list).
+"""Multipart forms on /predictions: several images as form fields, read as TorchServe's worker gives
+them or, where the proxy passed the body on unparsed, parsed here; answered as raw.py answers.
+An HTML form's text fields are not images (a CSRF token, a button) unless they hold one.
 
-    curl -F a=@cat.png -F b=@dog.jpg .../predictions/<model>
-
-An HTML form's text fields beside the files are not images (a CSRF token, a submit button), unless
-they hold one (`curl -F "data=<cat.jpg"`, base64, a data URL).
-
-TorchServe 0.12's frontend parses multipart/form-data with Netty 4.1.53's decoder, which keeps
-a copy of the body in direct memory whenever a body fails to decode (base64 parts, an empty
-boundary, a part without Content-Disposition, a bogus charset...): 15 s of 7 MB such bodies left
-TorchServe answering every body over ~5 MB with 507 until it was restarted. So the proxy sends a
-multipart body on as application/octet-stream with its own Content-Type in FORM_HEADER, and
-``read_form`` reads the parts with python-multipart (the parser Starlette and FastAPI use):
-fields as TorchServe would have given them, and a malformed body is that request's 400.
+Why the proxy passes forms on: TorchServe 0.12's Netty decoder keeps a copy of every body it
+fails to decode in direct memory (15 s of 7 MB bad bodies left it answering every body over
+~5 MB with 507 until restarted). So the proxy sends them as application/octet-stream with their
+Content-Type in FORM_HEADER, and ``read_form`` parses them with python-multipart.
 """
 import base64
 import binascii
@@ -40,9 +31,8 @@ error = raw.error  # a form is a /predictions request: its errors are written al
 
 
 def read(payload, limits, spec):
-    """(images, raw.Reply) of a form: ``payload`` is (its fields, each field's content type or
-    None where unknown ("" for an HTML form's text fields), the Content-Type of a body the proxy
-    passed on unparsed or None). Counts the images against the limits before decoding any."""
+    """(images, raw.Reply) of a form: ``payload`` is (fields, each field's content type or None
+    where unknown ("" for text fields), the Content-Type of a body the proxy passed on, or None)."""
     fields, types, proxied = payload
     max_images = limits["max_images"]
     if proxied is not None:
@@ -80,14 +70,13 @@ def read(payload, limits, spec):
 
 
 def field_type(headers):
-    """A TorchServe-parsed multipart field's own content type, or None where a request header of
-    the same name (`accept`, `explain`) took its place in TorchServe's one dict of both."""
+    """A field's content type, or None where a request header of its name (`accept`, `explain`) took
+    its place in TorchServe's one dict of both."""
     return headers.get("content-type") if isinstance(headers, dict) else None
 
 
 def _text_image(value):
-    """The image a form's text field holds (its bytes, or base64), or None when it holds none
-    (a CSRF token, a submit button's name)."""
+    """The image a text field holds (its bytes, or base64), or None."""
     if looks_like_image(value):  # `curl -F "data=<cat.jpg"`: the file's bytes, no content type
         return bytes(value)
     if value.startswith(b"data:") and b"," in value[:256]:  # a data URL, as browsers produce
@@ -100,12 +89,9 @@ def _text_image(value):
 
 
 def read_form(body, content_type, max_parts):
-    """({field name: value}, {field name: its content type, "" for a text field}) of a
-    multipart/form-data ``body``, as TorchServe's frontend and worker give a form: a file part's
-    bytes (str for text/*; JSON is parsed by ``read``), a text field's bytes;
-    several fields numbered by position (data#1, data#2, as the TorchServe adapter keeps
-    repeated names). A body that is no well-formed form, or of more than ``max_parts`` parts,
-    is a 400 (413) naming what is wrong."""
+    """(fields, their content types, "" for text) of a multipart/form-data body, as TorchServe would
+    give them, several numbered by position; a malformed body, or over ``max_parts``, a 400 (413).
+    """
     if not isinstance(body, (bytes, bytearray)):
         raise bad_request(f"{FORM_HEADER} names the Content-Type of a multipart body sent as "
                           f"application/octet-stream (the proxy does so); this body was not")

@@ -1,20 +1,11 @@
-"""The nets: the CIFAR-10 network that train.py trains, the architecture registry that rebuilds
-any model spec's net (cifar10_serve/spec.py), and test-time augmentation. The one net definition
-that train.py, export_onnx.py, convert.py and the handler all use (shipped in the .mar with this
-package).
+"""The nets: the CIFAR-10 network train.py trains (airbench94's shape: a frozen 2x2 whitening conv,
+three conv groups with BatchNorm, max-pooling, a bias-free scaled linear head), the architecture
+registry that rebuilds any spec's net, and test-time augmentation. The one net definition that
+training, export, conversion and the handler use.
 
-The CIFAR-10 net follows the shape of airbench94 (Keller Jordan, cifar10-airbench): a frozen 2x2
-whitening conv, three conv groups with BatchNorm, max-pooling, and a bias-free linear head whose
-logits are scaled down by ``scaling``. A checkpoint carries its spec (architecture and its
-arguments, classes), so serving never re-declares hyperparameters.
-
-Architectures (a spec's ``architecture``):
-    airbench             the CIFAR-10 net below (32x32 RGB)
-    resnet18, ...        a torchvision classifier by its name (torchvision.models.get_model)
-    torchvision:NAME     the same, spelled out
-    module:Class         a user's nn.Module class, from a module shipped in the archive beside the
-                         handler (`make archive EXTRA_FILES=my_net.py`)
-Each is called with ``num_classes=len(spec.classes)`` and the spec's ``arch_args``.
+A spec's ``architecture``: "airbench" (the net below), a torchvision classifier's name (or
+"torchvision:NAME"), or "module:Class" from a module shipped in the archive beside the handler;
+each called with ``num_classes=len(spec.classes)`` and the spec's ``arch_args``.
 """
 import importlib
 import json
@@ -27,9 +18,7 @@ from torch.nn import functional as F
 from cifar10_serve import spec as specs
 from cifar10_serve.spec import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD  # noqa: F401
 
-# Deprecated: the CIFAR-10 net's input side, for the modules that still import it (requests.py,
-# oip.py, proxy.py); everything else reads the served model's spec (spec.image_size).
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32  # the CIFAR-10 net's input side (bench/net_size.py); serving reads the spec
 DEFAULT_WIDTHS = (64, 256, 256)  # airbench94's conv groups; the shipped net is 128, 384, 384
 
 
@@ -54,14 +43,12 @@ class Cifar10Net(nn.Module):
         return self.head(self.features(self.whiten(x))) * self.scaling
 
 
-# name -> factory(num_classes=..., **arch_args) -> nn.Module; see the module docstring
 ARCHITECTURES = {"airbench": Cifar10Net}
 
 
 def architecture(name):
-    """The factory ``name`` stands for: a registered one, a torchvision classifier (imported only
-    here, so a worker serving the CIFAR net never imports torchvision), or ``module:Class``.
-    ValueError naming the forms where there is none."""
+    """The factory ``name`` stands for (torchvision imported only here, so a worker serving the
+    CIFAR net never imports it); ValueError naming the forms where there is none."""
     if name in ARCHITECTURES:
         return ARCHITECTURES[name]
     module, _, attribute = name.rpartition(":")
@@ -86,9 +73,8 @@ def architecture(name):
 
 
 def build_net(spec, state_dict=None):
-    """The net ``spec`` describes (its architecture, arch_args and len(classes) outputs), with
-    ``state_dict`` loaded strictly where given. A checkpoint dict in place of the spec (the
-    older call) is read as (its spec, its state_dict)."""
+    """The net ``spec`` describes, ``state_dict`` loaded strictly where given; a checkpoint dict in
+    place of the spec is read as (its spec, its state_dict)."""
     if isinstance(spec, dict):
         spec, state_dict = specs.from_checkpoint(spec), spec["state_dict"]
     net = architecture(spec.architecture)(num_classes=len(spec.classes), **spec.arch_args)
@@ -112,7 +98,7 @@ def _conv_group(cin, cout, batchnorm_momentum):
 
 
 def init_whitening(net, images, eps=5e-4):
-    """Set the whitening conv from the 2x2 patch covariance of normalised ``images`` (N, 3, H, W)."""
+    """Set the whitening conv from the 2x2 patch covariance of normalised ``images``."""
     c, h, w = net.whiten.weight.shape[1:]
     patches = images.unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
     patches = patches.double()
@@ -125,10 +111,8 @@ def init_whitening(net, images, eps=5e-4):
 
 def predict_logits(net, x, tta=0):
     """Logits for a normalised batch; ``tta`` 0: plain, 1: + mirror, 2: + mirror and 1-px shifts.
-
-    The views go through the net as one batch (one call is ~15 % cheaper than one per view on a
-    CPU) and their logits are averaged: mirror pairs equally, shifted views at half the weight.
-    """
+    The views go through the net as one batch (~15 % cheaper on a CPU); mirror pairs weigh alike,
+    shifted views half."""
     if tta == 0:
         return net(x)
     views, weights = tta_views(x, tta)
@@ -137,12 +121,8 @@ def predict_logits(net, x, tta=0):
 
 
 def gated_logits(net, x, tta, margin):
-    """(logits, how many images took the second look): ``predict_logits`` where it matters.
-
-    The plain view goes first; only the images whose top-1 probability leads the runner-up by
-    less than ``margin`` get the other views, in one more call (most images are clear at a
-    glance). ``margin`` 1 (or more): every image, as ``predict_logits``; 0: none, as tta 0.
-    """
+    """(logits, images that took the second look): the plain view first, the other views only for
+    images whose top-1 leads by less than ``margin`` (1: every image; 0: none)."""
     if tta == 0 or margin <= 0:
         return net(x), 0
     if margin >= 1:
@@ -171,9 +151,7 @@ def tta_views(x, tta):
 
 
 def load_checkpoint(path):
-    """A checkpoint (state_dict, spec and plain metadata, as train.py and convert.py write it)
-    from ``path``, loaded the safe way (weights_only); RuntimeError naming the file when it is no
-    such checkpoint."""
+    """torch.load the safe way (weights_only); RuntimeError naming a bad file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -185,9 +163,8 @@ def load_checkpoint(path):
 
 
 def class_names(model_dir, trained_classes):
-    """index_to_name.json's labels (where the archive has one); they must be the classes the
-    weights were trained on, by name and in order (a file from another data set would relabel
-    every answer)."""
+    """index_to_name.json's labels where the archive has one: they must be the trained classes, in
+    order (a file from another data set would relabel every answer)."""
     path = Path(model_dir) / "index_to_name.json"
     if not path.exists():
         return list(trained_classes)

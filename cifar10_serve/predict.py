@@ -1,7 +1,7 @@
-"""The forward passes of a batch (``run``): every predict row's images through the chosen forward in
-chunks of at most `forward_batch` images (with the configured TTA), Integrated Gradients for
-explain rows; a group that fails is run again row by row, each rerun charged to the batch's budget,
-so a failure stays the failing request's own 500."""
+"""The forward passes of a batch (``run``): predict rows through the chosen forward in chunks of
+`forward_batch` images (with TTA), Integrated Gradients for explain rows; a failed group is run
+again row by row, each rerun charged to the budget, so a failure stays its request's own 500.
+"""
 import logging
 from dataclasses import dataclass
 
@@ -14,48 +14,42 @@ logger = logging.getLogger(__name__)
 
 
 def to_batch(images, transform, device):
-    """Decoded uint8 images -> the normalised channels-last batch the forward takes."""
     batch = transform(torch.stack(images).to(device))  # uint8 crosses to a GPU: 4x fewer bytes
     return batch.contiguous(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
-def probabilities(rows, forward, transform, device, chunk, tta, margin=1.0, temperature=1.0):
-    """(per row, its images' class probabilities (N, classes) on the CPU; how many images took
-    the TTA views: all of them, or with ``margin`` < 1 those the first look left unsure)."""
+def probabilities(rows, f):
+    """(per row its class probabilities (N, classes) on the CPU, images that took TTA)."""
     images = [image for row in rows for image in row.images]
     parts, looked = [], 0
-    for start in range(0, len(images), chunk):
-        batch = to_batch(images[start:start + chunk], transform, device)
-        logits, second = gated_logits(forward, batch, tta, margin)
-        parts.append((logits.float() / temperature).softmax(dim=1).cpu())  # the spec's T
+    for start in range(0, len(images), f.chunk):
+        batch = to_batch(images[start:start + f.chunk], f.transform, f.device)
+        logits, second = gated_logits(f.forward, batch, f.tta, f.margin)
+        parts.append((logits.float() / f.temperature).softmax(dim=1).cpu())  # the spec's T
         looked += second
     return torch.split(torch.cat(parts), [len(row.images) for row in rows]), looked
 
 
-def explanations(row, net, targets, transform, device, chunk, steps, classes):
-    """Per image of the row, its class (``targets``: the served prediction's, so an explanation
-    names what /predictions answers) and a map of Captum Integrated Gradients attributions of the
-    fp32 net for it at the net's input size (summed over colour channels). Captum, imported
-    here, is already loaded by the worker's start-up calibration (runtimes.calibrate)."""
+def explanations(row, targets, f):
+    """Per image, the served prediction's class and Captum's Integrated Gradients of the fp32 net
+    for it, summed over channels (Captum is already loaded by the start-up calibration)."""
     from captum.attr import IntegratedGradients
 
     answers = []
-    for start in range(0, len(row.images), chunk):
-        batch = to_batch(row.images[start:start + chunk], transform, device)
-        target = targets[start:start + chunk].to(device)
-        attributions = IntegratedGradients(net).attribute(
-            batch, target=target, n_steps=steps, internal_batch_size=256)
-        answers += [{"class": classes[t], "attributions": a.tolist()}
+    for start in range(0, len(row.images), f.chunk):
+        batch = to_batch(row.images[start:start + f.chunk], f.transform, f.device)
+        target = targets[start:start + f.chunk].to(f.device)
+        attributions = IntegratedGradients(f.net).attribute(
+            batch, target=target, n_steps=f.ig_steps, internal_batch_size=256)
+        answers += [{"class": f.classes[t], "attributions": a.tolist()}
                     for t, a in zip(target.tolist(), attributions.sum(dim=1))]
     return answers
 
 
 @dataclass
 class Forwards:
-    """What a batch's forwards run with: the served ``forward``, the fp32 ``net`` (Integrated
-    Gradients), the ``transform``, the ``device``, images per forward call (``chunk``), TTA and
-    its gate (``tta``, ``margin``), Integrated Gradients steps and the class names."""
+    """What a batch's forwards run with (the fp32 ``net``: Integrated Gradients)."""
     forward: object
     net: object
     transform: object
@@ -70,18 +64,14 @@ class Forwards:
 
 @dataclass
 class Found:
-    """What the forwards found for one row: its images' class probabilities (N, classes) and,
-    for an explain row, its explanations (one {"class", "attributions"} per image)."""
     probs: torch.Tensor
     explained: list = None
 
 
 def run(rows, forwards, admission=None):
-    """(per row, its Found, or None where it was not run or failed; how many images took the
-    TTA views). The predict rows run together, then the explain rows; a group that fails is run
-    again one row at a time after both, each rerun while it fits what is left of the batch's
-    budget (``admission.again``, budget.Admission; else it has its 503). A row that fails
-    alone gets its 500 as ``row.error``; the others are answered."""
+    """(per row its Found, or None where not run or failed; images that took TTA). Predict rows run
+    together, then explain rows; a failed group reruns row by row while ``admission.again`` lets
+    it (else a 503); a row that fails alone gets its 500."""
     found, looked, failed = [None] * len(rows), 0, []
     for kind in ("predict", "explain"):
         group = [i for i, row in enumerate(rows) if row.kind == kind and row.error is None]
@@ -112,15 +102,10 @@ def run(rows, forwards, admission=None):
 
 
 def _work(rows, forwards):
-    """(a Found per row, images that took TTA views) for rows of one kind."""
-    f = forwards
-    probs, looked = probabilities(rows, f.forward, f.transform, f.device, f.chunk, f.tta,
-                                  f.margin, f.temperature)
+    probs, looked = probabilities(rows, forwards)
     if rows[0].kind != "explain":
         return [Found(p) for p in probs], looked
-    return [Found(p, explanations(row, f.net, top1(p), f.transform, f.device, f.chunk,
-                                  f.ig_steps, f.classes))
-            for row, p in zip(rows, probs)], looked
+    return [Found(p, explanations(row, top1(p), forwards)) for row, p in zip(rows, probs)], looked
 
 
 def _failed(row):

@@ -1,9 +1,6 @@
-"""The plain /predictions protocol: one image as the raw body, base64 text, or JSON
-{"data": "<base64>"} / {"data": ["<base64>", ...]}; answered with each image's top classes
-(one object, or a list where the request sent a list), errors as TorchServe's error object.
-
-    curl -T cat.png .../predictions/<model>
-    curl -H 'Content-Type: application/json' -d '{"data": "<base64>"}' .../predictions/<model>
+"""The plain /predictions protocol: one image as the raw body, base64 text, or JSON {"data": ...}
+(one base64 string or a list); answered with each image's top classes (a list where a list was
+sent), errors as TorchServe's error object.
 """
 from dataclasses import dataclass
 
@@ -40,8 +37,7 @@ def error(failure, spec):
 
 
 def read(payload, limits, spec):
-    """(images, Reply) of one body: ``payload`` is (its field name, its value: bytes, base64
-    text, or parsed JSON)."""
+    """(images, Reply); ``payload``: (field name, bytes, base64 text or parsed JSON)."""
     name, value = payload
     if isinstance(value, (dict, list)):
         images = json_images(value, 0, limits["max_images"])
@@ -50,8 +46,7 @@ def read(payload, limits, spec):
 
 
 def one_image(name, value):
-    """A field's (or the body's) image: its bytes, or base64 text (TorchServe passes text/*
-    bodies as str)."""
+    """Bytes, or base64 text (TorchServe passes text/* bodies as str)."""
     if isinstance(value, (bytes, bytearray)):
         if not value:
             raise bad_request(f"the body or field '{shown(name)}' is empty")
@@ -60,7 +55,6 @@ def one_image(name, value):
 
 
 def json_images(value, already, max_images):
-    """The base64 images of JSON {"data": ...}, counted with ``already`` images of the request."""
     if not isinstance(value, dict) or set(value) != {"data"}:
         fields = [shown(k) for k in sorted(value)[:5]] if isinstance(value, dict) \
             else type(value).__name__

@@ -1,26 +1,16 @@
-"""The forward pass a worker runs, chosen on the CPU that serves (model-config.yaml `runtime`), and
-the one start-up calibration of what work costs there.
+"""The forward a worker runs, chosen on the CPU that serves (model-config.yaml `runtime`), and the
+one start-up calibration of what work costs there.
 
-A .mar is built on one machine and served on others whose kernels differ: ONNX Runtime and
-PyTorch pick different code on AVX2, AVX-512, VNNI and AMX, and int8 can even be wrong on some
-(u8 x s8 products summed in saturating 16-bit registers on CPUs without VNNI). So no list of CPU
-flags decides here. At start, each candidate forward
+A .mar is served on CPUs whose kernels differ (int8 can even be wrong without VNNI), so no list
+of CPU flags decides: each candidate (int8 and onnx: ONNX Runtime on the archive's files; bf16:
+the torch net under autocast, where the CPU has bf16 units; torch: fp32) runs the archive's
+golden set (held-out images and the build machine's fp32 logits) and, where it gives the golden
+answers, is timed. `auto` serves the fastest that passes; a named runtime is served if it
+passes, else auto's choice, with the reason logged.
 
-    int8   ONNX Runtime on the archive's statically quantized cifar10.int8.onnx
-    bf16   the torch net under bf16 autocast (a candidate only where the CPU has bf16 units)
-    onnx   fp32 ONNX Runtime on cifar10.onnx
-    torch  the fp32 torch net
-
-runs the archive's golden set (real held-out images and the fp32 logits the build machine's torch
-gave them, golden.npz) and, where it gives the golden answers, is timed; `runtime: auto` serves
-the fastest that passes, a named runtime is served if it passes, else auto's choice with a logged
-reason. The worker logs the table.
-
-``calibrate`` times every forward and one image's Integrated Gradients once, on one clock
-(deadline.work_clock: the worker thread's CPU time on a CPU), on a batch of the model spec's input
-shape as large as the handler's forward chunk (`forward_batch`), each warmed by one call and
-counted as the median of a few runs. Its result (Calibration) decides the runtime and is what the
-batch budget (budget.py) charges work by: the choice and the budget never disagree on a figure.
+``calibrate`` times the forwards and one image's Integrated Gradients on one clock
+(deadline.work_clock), on `forward_batch` images of the spec's input shape, warmed, the median of
+a few runs: the runtime choice and the budget never disagree on a figure.
 """
 import contextlib
 import importlib.util
@@ -58,7 +48,6 @@ TIMED_STEPS = 8
 
 
 def select_device(gpu_id):
-    """cuda:<gpu_id> when TorchServe assigned a GPU and CUDA is there, else the CPU."""
     if gpu_id is not None and torch.cuda.is_available():
         return torch.device(f"cuda:{gpu_id}")
     return torch.device("cpu")
@@ -66,7 +55,7 @@ def select_device(gpu_id):
 
 @dataclass
 class Trial:
-    """One candidate forward on this CPU: its golden-set figures, or why it was not used."""
+    """One candidate on this CPU: its golden-set figures, or why it was not used."""
     name: str
     forward: object = None
     agree: float = None
@@ -85,7 +74,6 @@ class Trial:
 
 
 def passes(name, agree, drift):
-    """None when the figures are inside LIMITS[name], else what is wrong."""
     least, most = LIMITS[name]
     if agree < least or drift > most:
         return (f"top-1 as fp32 on {agree:.1%} of the clear golden images (needs {least:.0%}), "
@@ -94,7 +82,6 @@ def passes(name, agree, drift):
 
 
 def load_golden(model_dir):
-    """(uint8 images (N, C, H, W), their fp32 logits) from the archive's golden.npz."""
     path = Path(model_dir) / GOLDEN_FILE
     if not path.exists():
         raise FileNotFoundError(f"the archive has no {GOLDEN_FILE} (the golden images every "
@@ -104,7 +91,7 @@ def load_golden(model_dir):
 
 
 def candidate(name, net, model_dir, threads):
-    """The forward ``name`` stands for here, or the reason there is none (a str)."""
+    """The forward ``name`` stands for here, or why there is none (a str)."""
     if name == "torch":
         return net
     if name == "bf16":
@@ -136,8 +123,7 @@ def timed(step, clock, runs=RUNS):
 
 @torch.inference_mode()
 def trial(name, net, model_dir, threads, golden, reference, x, clock):
-    """Check candidate ``name`` on the ``golden`` batch against ``reference`` logits, then time it
-    on ``x`` (``timed`` on ``clock``); a failing or missing candidate is not timed."""
+    """Check candidate ``name`` on the golden set; where it passes, time it on ``x``."""
     forward = candidate(name, net, model_dir, threads)
     if isinstance(forward, str):
         return Trial(name, failure=forward)
@@ -156,16 +142,14 @@ def trial(name, net, model_dir, threads, golden, reference, x, clock):
 
 
 def fastest(passed):
-    """The fastest trial, unless a more precise one is within TIE of it (then that one)."""
     best = min(t.ms_per_image for t in passed)
     near = [t for t in passed if t.ms_per_image <= TIE * best]
     return min(near, key=lambda t: (RANK[t.name], t.ms_per_image))
 
 
 def agreed(model_dir, chosen, passed):
-    """The first of a model's workers to choose records its choice in the model directory they
-    share; the others serve that forward where it passes on their CPU too, so that one model's
-    workers answer alike even where two forwards time alike. A read-only directory: each its own."""
+    """The first worker to choose records its choice in the model directory; the others serve it
+    where it passes here too, so one model's workers answer alike when two forwards time alike."""
     path, draft = Path(model_dir) / CHOICE_FILE, Path(model_dir) / f".{CHOICE_FILE}.{os.getpid()}"
     try:
         draft.write_text(json.dumps({"runtime": chosen.name}))
@@ -184,10 +168,8 @@ def agreed(model_dir, chosen, passed):
 
 
 def choose(requested, net, model_dir, transform, x, threads=1, clock=None):
-    """(forward, its name, the trials) for ``requested`` ("auto" or a CANDIDATES name) on this
-    CPU, each candidate timed on the batch ``x``. The torch net is always checked: it is the
-    weights themselves, so when it misses the golden answers the archive is inconsistent
-    (RuntimeError), whatever else would pass."""
+    """(forward, its name, the trials) for ``requested`` here. The torch net is always checked: when
+    the weights themselves miss the golden answers the archive is inconsistent (RuntimeError)."""
     if requested == "torch" and not (Path(model_dir) / GOLDEN_FILE).exists():
         return net, "torch", []  # the reference itself: nothing to check it against
     images, reference = load_golden(model_dir)
@@ -226,47 +208,32 @@ def choose(requested, net, model_dir, transform, x, threads=1, clock=None):
 
 @dataclass
 class Calibration:
-    """What work costs on this machine, timed once at worker start (``calibrate``): the served
-    forward and its name, every candidate's Trial, and the figures the batch budget charges by,
-    all on ``clock`` (named ``clock_name``), on batches of ``batch`` images of ``input_shape``."""
+    """What work costs here, timed once at worker start, on ``clock``; ``timed``: how."""
     forward: object
     runtime: str
     trials: list
     forward_ms: float  # one view of one image through the served forward (median)
-    forward_spread: tuple  # the lowest and highest of its timed runs
     ig_ms: float       # one image's Integrated Gradients at ig_steps (median)
-    ig_spread: tuple
     clock: object
-    clock_name: str
-    input_shape: tuple
     batch: int
+    timed: dict
 
     def figures(self):
-        """How it was timed, as the worker logs it and the management API describes it."""
-        return {"clock": self.clock_name, "input_shape": list(self.input_shape),
-                "batch": self.batch,
-                "forward_ms_range": [round(t, 3) for t in self.forward_spread],
-                "explain_ms_range": [round(t, 1) for t in self.ig_spread]}
+        return dict(self.timed)
 
 
 def sample_batch(spec, transform, size, device):
-    """``size`` images of the spec's input shape (fixed noise), normalised and channels-last on
-    ``device``: what calibration times. Kernels' speed does not depend on the pixels."""
+    """``size`` images of fixed noise, normalised: kernels' speed ignores the pixels."""
     pixels = torch.randint(0, 256, (size, *spec.input_shape), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     return transform(pixels.to(device)).contiguous(memory_format=torch.channels_last)
 
 
 def integrated_gradients_step(net, x, ig_steps):
-    """(a call that runs ``min(ig_steps, TIMED_STEPS)`` steps of one image's Integrated Gradients
-    of ``net`` (scaled copies of x[0] forward and backward in one batch, as Captum's
-    IntegratedGradients runs them), the factor that scales its cost to ig_steps).
-
-    Captum itself runs once first, as an explanation does: a worker's first explanation would
-    otherwise pay its import and first call (~1.4 s of CPU time here) outside the budget. It is
-    not what is timed: its fixed cost per call (~2 ms here, one call per forward_batch images),
-    scaled with the steps, over-charged a small net (widths 16, 32, 32) 40 %: 448 ms per image
-    at 384 steps where explanations took 322 ms, and these steps 336."""
+    """(a call running min(ig_steps, TIMED_STEPS) steps of one image's Integrated Gradients as
+    Captum batches them, the factor that scales its cost to ig_steps). Captum runs once first, as
+    the first explanation would pay its ~1.4 s import outside the budget; its per-call overhead is
+    not timed (it over-charged a small net 40 %)."""
     from captum.attr import IntegratedGradients
 
     target = torch.zeros(1, dtype=torch.long, device=x.device)
@@ -284,10 +251,7 @@ def integrated_gradients_step(net, x, ig_steps):
 
 def calibrate(requested, net, model_dir, transform, spec, device, batch=16, ig_steps=32,
               threads=1):
-    """The Calibration of this worker: on a CPU the forward ``choose`` serves for ``requested``
-    (every candidate timed), on a GPU the torch net; each forward timed on ``batch`` images of
-    ``spec.input_shape`` and one image's Integrated Gradients of ``net`` (``ig_steps``), on
-    deadline.work_clock."""
+    """On a CPU the forward ``choose`` serves, on a GPU the torch net; timed as above."""
     clock = work_clock(device.type)
     x = sample_batch(spec, transform, batch, device)
     forward, runtime, trials = net, "torch", []
@@ -303,7 +267,8 @@ def calibrate(requested, net, model_dir, transform, spec, device, batch=16, ig_s
                        spread=tuple(1000 * t / batch for t in seconds[1:]))
     step, scale = integrated_gradients_step(net, x, ig_steps)
     ig = [1000 * t * scale for t in timed(lambda: (step(), synced()), clock)]
-    return Calibration(forward, runtime, trials, served.ms_per_image, served.spread, ig[0],
-                       tuple(ig[1:]), clock,
-                       "wall time" if device.type == "cuda" else "thread CPU time",
-                       tuple(spec.input_shape), batch)
+    timed_on = {"clock": "wall time" if device.type == "cuda" else "thread CPU time",
+                "input_shape": list(spec.input_shape), "batch": batch,
+                "forward_ms_range": [round(t, 3) for t in served.spread],
+                "explain_ms_range": [round(t, 1) for t in ig[1:]]}
+    return Calibration(forward, runtime, trials, served.ms_per_image, ig[0], clock, batch, timed_on)

@@ -1,5 +1,5 @@
-"""The handler's settings (model-config.yaml `handler:`), read and checked once, at worker start:
-an unknown name or a value out of range stops the worker with a message naming the setting.
+"""The handler's settings (model-config.yaml `handler:`), checked at worker start: an unknown name
+or a value out of range stops the worker with a message naming it.
 """
 from dataclasses import dataclass, field
 
@@ -40,8 +40,6 @@ class Settings:
 
 
 def read(config):
-    """Settings from the `handler:` mapping of model-config.yaml (None or {}: the defaults).
-    ValueError naming the setting when one is unknown or out of range."""
     config = dict(config or {})
     unknown = set(config) - {"topk", "tta", "tta_margin", "ig_steps", "threads", "forward_batch",
                              "runtime", "profile", "budget_share", "explain_share", *LIMITS}
@@ -60,12 +58,8 @@ def read(config):
     if settings.tta not in TTA_LEVELS:
         raise ValueError(f"model-config.yaml handler.tta must be one of {TTA_LEVELS}, "
                          f"got {settings.tta}")
-    settings.tta_margin = _fraction("tta_margin", config.get("tta_margin", settings.tta_margin),
-                                    zero=True)
-    settings.budget_share = _fraction("budget_share",
-                                      config.get("budget_share", settings.budget_share))
-    settings.explain_share = _fraction("explain_share",
-                                       config.get("explain_share", settings.explain_share))
+    for name, zero in (("tta_margin", True), ("budget_share", False), ("explain_share", False)):
+        setattr(settings, name, _fraction(name, config.get(name, getattr(settings, name)), zero))
     settings.runtime = config.get("runtime", settings.runtime)
     if settings.runtime not in RUNTIMES:
         raise ValueError(f"model-config.yaml handler.runtime must be one of {RUNTIMES}, "
@@ -75,7 +69,6 @@ def read(config):
 
 
 def _fraction(name, value, zero=False):
-    """``value`` as a float from 0 to 1 (0 itself only where ``zero``)."""
     if type(value) not in (int, float) or not 0 <= value <= 1 or (value == 0 and not zero):
         raise ValueError(f"model-config.yaml handler.{name} must be a number from 0 to 1"
                          f"{'' if zero else ', not 0'}, got {value!r}")
@@ -83,8 +76,7 @@ def _fraction(name, value, zero=False):
 
 
 def _whole(name, value, least=1):
-    """``value`` as an int of at least ``least``; a bool, a float or text is refused (a zero
-    max_decode_ms would disarm the decoding deadline, not make it instant)."""
+    """Bools, floats and text refused (a zero max_decode_ms would disarm the deadline)."""
     if type(value) is not int or value < least:
         raise ValueError(f"model-config.yaml handler.{name} must be a whole number of at least "
                          f"{least}, got {value!r}")

@@ -1,15 +1,8 @@
-"""The model spec: what describes the served classifier, as data, saved with its checkpoint.
-
-One place for the facts that every layer needs: the model's name (its URL, the archive's name),
-the input the net takes (size, channels), how an image becomes that input (resize policy, mean
-and std), the class names, the architecture that rebuilds the net and its arguments, and the
-temperature that calibrates its probabilities. train.py writes it into the checkpoint; the
-handler, every protocol's messages, the runtime check, the budget, v2 metadata, the Makefile,
-the proxy, the client and the demo read it from there (``python -m cifar10_serve.spec CKPT``
-prints it as JSON for the tools that are not Python).
-
-A checkpoint from before the spec (``model_args``, ``classes``, ``normalization``) is read as
-the CIFAR-10 net it describes.
+"""The model spec: what describes the served classifier, as data, saved with its checkpoint: its
+name, input size and channels, resize policy, mean and std, classes, architecture and its
+arguments, and temperature. Every layer reads it from there (``python -m cifar10_serve.spec
+CKPT [FIELD]`` prints it for the tools that are not Python). A checkpoint from before the spec
+(``model_args``, ``classes``, ``normalization``) is read as the CIFAR-10 net it describes.
 """
 import json
 import math
@@ -61,17 +54,14 @@ class ModelSpec:
 
     @property
     def mode(self):
-        """The PIL mode decoded images take ("RGB", "L")."""
         return CHANNEL_MODES[self.channels]
 
     @property
-    def input_shape(self):
-        """One image as the net takes it: (channels, height, width)."""
+    def input_shape(self):  # as the net takes it
         return (self.channels, self.height, self.width)
 
     @property
-    def pixel_shape(self):
-        """One image as raw pixels in requests (v2 UINT8): (height, width, channels)."""
+    def pixel_shape(self):  # as raw pixels in requests (v2 UINT8)
         return (self.height, self.width, self.channels)
 
     @property
@@ -79,7 +69,6 @@ class ModelSpec:
         return self.height * self.width * self.channels
 
     def to_dict(self):
-        """Plain data (lists, not tuples): what a checkpoint and spec.json hold."""
         plain = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in plain.items()}
 
@@ -87,9 +76,8 @@ class ModelSpec:
         return ModelSpec(**{**self.to_dict(), **changes})
 
 
-
 def from_dict(data):
-    """A ModelSpec from plain data; ValueError naming the field that is missing, unknown or wrong."""
+    """ValueError naming the field that is missing, unknown or wrong."""
     if not isinstance(data, dict):
         raise ValueError(f"a model spec is a mapping, got {type(data).__name__}")
     known = {f.name for f in fields(ModelSpec)}
@@ -107,8 +95,7 @@ def from_dict(data):
 
 
 def from_checkpoint(checkpoint, name="cifar10"):
-    """The spec a checkpoint carries (its "spec"); a checkpoint from before the spec
-    (model_args, classes, normalization) is the CIFAR-10 net it describes, named ``name``."""
+    """The checkpoint's "spec", or a pre-spec checkpoint's CIFAR-10 net."""
     if "spec" in checkpoint:
         return from_dict(checkpoint["spec"])
     normalization = checkpoint.get("normalization") or {}
@@ -124,7 +111,6 @@ def from_checkpoint(checkpoint, name="cifar10"):
 
 
 def load(path):
-    """The spec of a checkpoint (``*.pt``, read the safe way) or of a spec JSON file."""
     path = Path(path)
     if path.suffix == ".json":
         try:
@@ -183,14 +169,10 @@ CIFAR10 = ModelSpec(name="cifar10", classes=CIFAR10_CLASSES, architecture="airbe
 
 
 def index_to_name(spec):
-    """TorchServe's index_to_name.json for the spec's classes: {"0": first class, ...}."""
     return {str(i): name for i, name in enumerate(spec.classes)}
 
 
 def main(argv=None):
-    """python -m cifar10_serve.spec CHECKPOINT|SPEC.json [FIELD]: the spec as JSON, or one
-    field's value (``make`` reads the model's name this way); FIELD index_to_name: the classes
-    as TorchServe's index_to_name.json."""
     args = sys.argv[1:] if argv is None else argv
     spec = load(args[0])
     plain = spec.to_dict()

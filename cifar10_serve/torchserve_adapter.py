@@ -1,31 +1,19 @@
-"""Where TorchServe 0.12 meets the protocols: how its worker presents a batch (one dict of fields
-per request, the headers its routes add, the rows its KServe envelopes make of one request) read
-into each request's kind and protocol (``detect``), its answers and errors written back through
-its context (``respond``), and the patches of its worker this handler needs (applied once, on
-import; the worker logs a warning on any other version: 0.12 is the last release, upstream is in
-limited maintenance).
+"""Where TorchServe 0.12 meets the protocols: its batch read into each request's kind and protocol
+(``detect``), answers and errors written back through its context (``respond``), and the
+patches of its worker, applied once on import (a warning on any other version):
 
-Patches:
-1. Repeated multipart field names lose no image: ts/service.py keys a request's fields by name,
-   so `curl -F data=@a.jpg -F data=@b.jpg` would reach the handler as b.jpg alone.
-2. application/json bodies are parsed only up to the largest request accepted: the worker's reader
-   (ts/protocol/otf_message_handler.py) parses every such body before the handler sees it (an
-   8 MiB body of 2.8 M empty objects took ~170 MB and 0.5 s, a batch of 16 of them 3.6 GB).
-3. The batch's request headers carry the rows TorchServe built for them (``RequestHeaders``), so
-   the handler can tell them from the rows a KServe envelope (`service_envelope`) made of one
-   request's instances.
-4. A body the reader cannot decode (bad JSON, bad UTF-8 text, JSON over the limit) is logged in
-   one line with the reason, not with a traceback: TorchServe logs a 10-line traceback for each,
-   so a client sending such bodies could fill the log ten times faster than the access log. The
-   handler still answers each with its 400/413.
-5. python-multipart (cifar10_serve/multipart.py) logs a warning for each malformed multipart
-   body; the handler answers each with a 400 naming the problem, so only its errors are logged.
+1. Repeated multipart field names lose no image (ts/service.py keys fields by name).
+2. application/json bodies are parsed only up to the largest request accepted: the worker's
+   reader parses every such body first (a batch of 16 8-MiB bodies of empty objects: 3.6 GB).
+3. The batch's request headers carry the rows TorchServe built (``RequestHeaders``), to tell
+   them from the rows a KServe envelope made of one request's instances.
+4. A body the reader cannot decode is logged in one line, not a 10-line traceback that would
+   let a client fill the log ten times faster than the access log; each still gets its 4xx.
+5. python-multipart's warning per malformed body is silenced: each gets its 400.
 
-Routes: TorchServe passes the worker no URL. /predictions adds `explain: False` and a `url_path`
-header, /explanations `explain: True`, its KServe inference routes (/v2/models/<model>/infer,
-/v1/models/<model>:predict) `explain: False` without `url_path`
-(org.pytorch.serve.http.api.rest.InferenceRequestHandler); the management API's customized
-describe `describe: True`; the proxy's v2 model metadata route (deploy/nginx/) METADATA_HEADER.
+TorchServe passes no URL: /predictions adds `explain: False` and `url_path`, /explanations
+`explain: True`, the KServe routes `explain: False` without `url_path`, the customized describe
+`describe: True`, the proxy's v2 metadata route METADATA_HEADER.
 """
 import json
 import logging
@@ -39,42 +27,33 @@ from ts.version import __version__ as TORCHSERVE_VERSION
 from cifar10_serve import bodies, kserve, multipart, raw, v2
 from cifar10_serve.bodies import json_values, json_values_limit, looks_like_json, numbered, \
     read_json
-from cifar10_serve.errors import bad_request, failure_of, too_many
+from cifar10_serve.errors import bad_request, failure_of
 
 logger = logging.getLogger(__name__)
 WRITTEN_FOR = "0.12."
-# The request header the proxy's v2 model metadata route sets (GET /v2/models/<model>, sent on as
-# an empty inference request): the v2 protocol answers it from the model's spec.
+# Set by the proxy's GET /v2/models/<model>, sent on as an empty inference request.
 METADATA_HEADER = "x-v2-metadata"
-# The request header that asks every image's answer to say whether its top-1 probability is
-# below it (answers.uncertain_headers; a v2 request may say so in its parameters instead).
+# Asks each image's answer to say whether its top-1 probability is below it.
 MIN_CONFIDENCE_HEADER = "X-Min-Confidence"
-# What TorchServe's reader may parse of an application/json body (the patched json.loads runs
-# inside TorchServe's reader, so the handler sets it at worker start, before any request:
-# ``set_json_values_limit``; None until then).
+# What TorchServe's reader may parse of a JSON body: set at worker start, before any request.
 _allowed = {"json_values": None}
 
 
 def set_json_values_limit(max_images, spec):
-    """What TorchServe's reader may parse of an application/json body: the largest request of
-    ``max_images`` images of the model's input (read at worker start)."""
     _allowed["json_values"] = json_values_limit(max_images, spec.pixel_shape)
 
 
 def bounded_loads(body, **kwargs):
-    """json.loads for TorchServe's request reader. Over the limit it refuses, and TorchServe passes
-    the raw bytes on (logging a warning): the handler then answers that request alone with its 413
-    (bodies.parse_json)."""
+    """json.loads for TorchServe's reader: over the limit it refuses, TorchServe passes the bytes
+    on, and the handler answers that request alone with its 413."""
     if _allowed["json_values"] is not None and json_values(body) > _allowed["json_values"]:
         raise ValueError(f"over {_allowed['json_values']:,} JSON values: left to the handler")
     return json.loads(body, **kwargs)
 
 
 def keep_repeated_fields(retrieve):
-    """Wrap TorchServe's request parser: when a request has several fields, every one gets its
-    position (data#1, data#2, ...) first, so each name ends in a number no other field has,
-    whatever names the client chose; and the request headers it returns carry the rows it built
-    (``RequestHeaders``)."""
+    """Wrap TorchServe's request parser: several fields are numbered by position (data#1, data#2),
+    and the headers it returns carry its rows (``RequestHeaders``)."""
     def retrieve_data_for_inference(batch):
         for request in batch or ():
             parameters = request.get("parameters") or ()
@@ -88,8 +67,7 @@ def keep_repeated_fields(retrieve):
 
 
 class OneLineDecodingWarnings(logging.Filter):
-    """On the root logger (where the reader logs): its "Failed ... decoding" warnings keep the
-    reason, cut to 200 characters, and lose the traceback."""
+    """The reader's "Failed ... decoding" warnings: the reason, no traceback."""
 
     def filter(self, record):
         if record.exc_info and str(record.msg).startswith("Failed ") and "decoding" in str(
@@ -101,23 +79,19 @@ class OneLineDecodingWarnings(logging.Filter):
 
 
 class RequestHeaders(list):
-    """A batch's request processors (what TorchServe sets as ``context.request_processor``), with
-    the rows TorchServe built for them."""
-
     def __init__(self, processors, rows):
         super().__init__(processors)
         self.rows = rows
 
 
 def enveloped(data, context):
-    """Are ``data`` the instances a KServe envelope made of one request, not TorchServe's rows
-    (False where no TorchServe worker built the rows: a test calling the handler directly)?"""
+    """Are ``data`` the instances a KServe envelope made of one request (False where no worker built
+    the rows: a test calling the handler directly)?"""
     built = getattr(context.request_processor, "rows", None)
     return built is not None and data is not built
 
 
 def request_header(headers, name):
-    """A request header's value, whatever case the client gave its name in, or None."""
     name = name.lower()
     return next((value for key, value in headers.items() if isinstance(value, str)
                  and key.lower() == name), None)
@@ -137,29 +111,24 @@ def given_up(headers, now=None):
 
 
 def min_confidence(headers):
-    """The request's X-Min-Confidence header as a probability, or None; a 400 where it is no
-    probability."""
     return bodies.min_confidence(request_header(headers, MIN_CONFIDENCE_HEADER),
                                  f"the {MIN_CONFIDENCE_HEADER} header")
 
 
 def headers_of(context, index, together):
-    """The request headers of row ``index`` (``together``: every row is request 0's instance)."""
+    """Row ``index``'s request headers (``together``: every row is request 0's)."""
     processors = getattr(context, "request_processor", None) or ()
     index = 0 if together else index
     return processors[index].get_request_properties() if index < len(processors) else {}
 
 
 def on_protocol_route(headers):
-    """Did the request come on TorchServe's KServe inference routes, /v2/models/<model>/infer or
-    /v1/models/<model>:predict? They add `explain: False`, as /predictions does, but not its
-    `url_path` (the explain routes add `explain: True`; their answers are not v2's shape)."""
+    """TorchServe's KServe routes add `explain: False` but not `url_path`."""
     return headers.get("explain") == "False" and "url_path" not in headers
 
 
 def kind_of(request, headers):
-    """What a request asks: "describe" (the management API's GET /models/<model>?customized=
-    true), "metadata" (the proxy's v2 model metadata route), "explain" or "predict"."""
+    """"describe", "metadata" (the proxy's v2 metadata route), "explain" or "predict"."""
     empty = not request or (isinstance(request, dict)
                             and all(not value for value in request.values()))
     if empty and headers.get("describe") == "True":
@@ -170,8 +139,7 @@ def kind_of(request, headers):
 
 
 def route_protocol(headers, together):
-    """The protocol whose terms a request's errors are written in until its body names its own:
-    v2's on the KServe inference routes and for v2 binary data, else /predictions'."""
+    """Whose terms a request's errors are in until its body names its protocol."""
     if together:
         return KSERVE_INSTANCE
     if on_protocol_route(headers) or request_header(headers, v2.HEADER_LENGTH) is not None:
@@ -180,13 +148,11 @@ def route_protocol(headers, together):
 
 
 def detect(request, headers, together, limits, spec):
-    """(the protocol module that reads the request, what its ``read`` takes), from TorchServe's
-    row for it and its headers; a JSON body is parsed here, within the limits, to tell its
-    protocol (errors: in ``route_protocol``'s terms). ``together``: the row is one instance of a
-    KServe envelope's request."""
+    """(the protocol module that reads the request, what its ``read`` takes); a JSON body is parsed
+    here within the limits. ``together``: the row is one instance of a KServe envelope's request."""
     if together:
         if isinstance(request, dict) and {"datatype", "shape", "data"} <= set(request):
-            return ENVELOPE_TENSOR, request  # the kservev2 envelope's tensor
+            return EnvelopeTensor, request  # the kservev2 envelope's tensor
         return KSERVE_INSTANCE, request
     fields = request if isinstance(request, dict) else {}
     route, encoding = on_protocol_route(headers), request_header(headers, "Content-Encoding")
@@ -219,9 +185,10 @@ def detect(request, headers, together, limits, spec):
     return raw, (name, value)
 
 
-class _EnvelopeTensor:
-    """The rows TorchServe's kservev2 envelope passes: each one v2 input tensor, answered as the
-    flat list of its class probabilities (the envelope names and shapes it)."""
+class EnvelopeTensor:
+    """The kservev2 envelope's rows: each one v2 input tensor, answered as the flat list of its
+    probabilities (the envelope names and shapes it)."""
+    error = staticmethod(v2.error)
 
     @staticmethod
     def read(tensor, limits, spec):
@@ -229,12 +196,10 @@ class _EnvelopeTensor:
         # The envelope keeps only data[0] of a BYTES tensor: put it back in a list, so a tensor
         # of several images fails its shape check instead of losing images.
         tensor = {**tensor, "data": [data] if isinstance(data, str) else data}
-        return v2.read_tensor(tensor, limits, spec), _EnvelopeTensor()
-
-    error = staticmethod(v2.error)
+        return v2.read_tensor(tensor, limits, spec), EnvelopeTensor
 
     @staticmethod
-    def predictions(probs, classes, topk, model_name, model_version=None, min_confidence=None):
+    def predictions(probs, *_):
         return probs.reshape(-1).tolist(), {}
 
     @staticmethod
@@ -242,29 +207,14 @@ class _EnvelopeTensor:
         return found, {}
 
 
-class _KServeInstance:
-    """The rows TorchServe's kserve envelope passes: each one instance of one request."""
-    read = staticmethod(kserve.read_instance)
-    error = staticmethod(kserve.error)
-
-
-ENVELOPE_TENSOR, KSERVE_INSTANCE = _EnvelopeTensor, _KServeInstance
-
-
-def check_instances(count, limit):
-    """A KServe envelope's request carries its ``count`` instances as rows: they count against
-    ``limit``."""
-    if count > limit:
-        raise too_many(count, limit)
+# The rows TorchServe's kserve envelope passes: each one instance of one request.
+KSERVE_INSTANCE = SimpleNamespace(read=kserve.read_instance, error=kserve.error)
 
 
 def respond(rows, context, together, spec, retry_after, version=None):
-    """Each row's answer back through the context: a failed row's error written by its protocol
-    and its status set for its own request (``together``: every row is an instance of request
-    0, and the first failing instance names the status), with Retry-After where the budget
-    refused it; an answer's own headers (v2 binary data) for its request alone; and which
-    ``version`` of the model answered (X-Model-Version: during a release several answer at once).
-    Returns the answers, one per row."""
+    """Each row's answer, or its error in its protocol's terms with its status (``together``: all
+    are request 0's; the first failure names it) and Retry-After on a 503; its own headers, and
+    X-Model-Version (several versions answer during a release). Returns the answers."""
     statuses = {}
     for index, row in enumerate(rows):
         request = 0 if together else index
@@ -287,9 +237,9 @@ def respond(rows, context, together, spec, retry_after, version=None):
 
 if not getattr(Service.retrieve_data_for_inference, "patched_by_cifar10_serve", False):
     if not TORCHSERVE_VERSION.startswith(WRITTEN_FOR):
-        logger.warning("cifar10_serve.torchserve_adapter was written for TorchServe %sx, this is %s: check "
-                       "that ts/service.py and ts/protocol/otf_message_handler.py still read "
-                       "requests as it expects (tests/test_batches.py)", WRITTEN_FOR,
+        logger.warning("cifar10_serve.torchserve_adapter was written for TorchServe %sx, this is "
+                       "%s: check that ts/service.py and ts/protocol/otf_message_handler.py "
+                       "still read requests as it expects (tests/test_batches.py)", WRITTEN_FOR,
                        TORCHSERVE_VERSION)
     Service.retrieve_data_for_inference = keep_repeated_fields(Service.retrieve_data_for_inference)
     otf_message_handler.json = SimpleNamespace(loads=bounded_loads, dumps=json.dumps)

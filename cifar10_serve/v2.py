@@ -1,26 +1,10 @@
-"""The Open Inference Protocol (v2), both directions: inference requests as JSON or as
-`tritonclient.http` sends them by default (the binary tensor data extension), their answers as
-their inference header asks, their errors in v2's shape, and the model's metadata.
-
-A request has one input: BYTES of encoded images, shape [N] (base64 strings in JSON; in binary
-data each image's 4-byte little-endian length, then its bytes), or UINT8 pixels of the model's
-input, shape [N, H, W, C] (integers in JSON, flat or nested; N*H*W*C bytes in binary data). A
-binary request is one body: a JSON inference header of `Inference-Header-Content-Length` bytes,
-then the bytes of each input whose `parameters.binary_data_size` says so, in input order. Every
-size is checked against the body and the limits before any image is copied or allocated.
-
-The answer echoes the request's "id" and holds the outputs asked (default: all, in this order):
-`label` BYTES [N], `probabilities` FP32 [N, classes], or where an output's `classification` asks,
-the top k as BYTES "probability:index:label"; each as JSON or, where the request's
-`binary_data_output` or an output's `binary_data` says so, as binary data after a JSON header
-whose length the response's `Inference-Header-Content-Length` header gives. Where the request's
-`parameters.min_confidence` (or its X-Min-Confidence header) asks, the answer's "parameters" say
-per image whether its top-1 probability is below it ("uncertain") and its lead over the runner-up
-("margin").
-
-TorchServe 0.12 passes the worker no URL: its KServe inference routes (/v2/models/<model>/infer,
-/v1/models/<model>:predict) are told by the headers they add (the TorchServe adapter), and the
-two cannot be told apart, so KServe v1 is read there too.
+"""The Open Inference Protocol (v2), both directions: requests as JSON or with binary tensor data
+(as tritonclient sends by default), answers as their inference header asks, errors in v2's
+shape, and the model's metadata. The input: BYTES of encoded images, shape [N], or UINT8
+pixels [N, H, W, C]; every size is checked against the body and the limits before any image is
+copied. The outputs: `label`, `probabilities` (or its top k with `classification`), each JSON
+or binary; `min_confidence` marks uncertain answers. TorchServe cannot tell KServe v1's route
+from v2's, so KServe v1 is read there too.
 """
 import json
 import re
@@ -54,15 +38,12 @@ def accepted(spec):
 
 
 def error(failure, spec):
-    """The error object in v2's shape: "error" (which v2 clients such as tritonclient read),
-    beside TorchServe's code, type and message."""
+    """v2's "error" (which tritonclient reads) beside TorchServe's code, type and message."""
     found = answers.error_object(failure, accepted(spec))
     return {**found, "error": found["message"]}
 
 
 def metadata(spec, version):
-    """The model's v2 metadata: the images in as BYTES (encoded files) or UINT8 pixels, the label
-    and every class probability out, in the order its parameters' "classes" name them."""
     return {"name": spec.name, "versions": [str(version)], "platform": PLATFORM,
             "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]},
                        {"name": "images", "datatype": "UINT8",
@@ -76,9 +57,8 @@ def metadata(spec, version):
 # --- requests --------------------------------------------------------------------------------
 
 def read(payload, limits, spec):
-    """(images, Reply) of a v2 request: ``payload`` is (the body: parsed JSON, or bytes after a
-    binary header; the Inference-Header-Content-Length header or None; the Content-Encoding
-    header or None)."""
+    """(images, Reply); ``payload``: (the body: parsed JSON, or bytes after a binary header; the
+    Inference-Header-Content-Length header or None; the Content-Encoding header or None)."""
     body, header_length, encoding = payload
     if encoding not in (None, "", "identity"):
         raise bad_request(f"the body is compressed (Content-Encoding: {shown(encoding)}), which "
@@ -102,14 +82,11 @@ def read(payload, limits, spec):
 
 
 def read_tensor(tensor, limits, spec):
-    """The images of one input tensor as a request of its own (TorchServe's kservev2 envelope
-    passes the handler its tensors)."""
+    """One input tensor as a request (TorchServe's kservev2 envelope passes tensors)."""
     return _images({"inputs": [tensor]}, memoryview(b""), limits["max_images"], spec)
 
 
 def _read_binary(body, header_length, max_images, spec):
-    """(the inference header, images) of a binary body: the header parsed, each input's binary
-    data found by its binary_data_size."""
     if isinstance(body, str):
         body = body.encode()
     if not re.fullmatch(r"[0-9]{1,10}", header_length.strip()) \
@@ -135,8 +112,7 @@ def _read_binary(body, header_length, max_images, spec):
 
 
 def parameters_of(tensor, where, shared):
-    """A tensor's (an input's, an output's) "parameters" object; a 400 where it is not one, or
-    where it names a shared memory region (``shared``: what this server does instead)."""
+    """A tensor's "parameters"; a 400 where it is no object or names shared memory."""
     parameters = tensor.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise bad_request(f"{where}.parameters must be an object")
@@ -146,9 +122,8 @@ def parameters_of(tensor, where, shared):
 
 
 def _images(header, data, max_images, spec):
-    """The images of the one input: in its JSON "data", or found in ``data`` (the bytes after a
-    binary header) by the inputs' binary_data_size; sizes that do not add up to the data are the
-    client's mistake."""
+    """The one input's images: in its JSON "data", or in ``data`` (the bytes after a binary header)
+    by the inputs' binary_data_size."""
     inputs = header.get("inputs")
     if not (isinstance(inputs, list) and inputs and all(isinstance(i, dict) for i in inputs)):
         raise bad_request("a v2 request needs \"inputs\": [one tensor]")
@@ -181,8 +156,8 @@ def _images(header, data, max_images, spec):
 
 
 def _tensor_images(tensor, binary, max_images, spec):
-    """The images of one input tensor, its shape checked against the limits and the data sent
-    before anything is allocated; ``binary``: its binary data, or None for JSON "data"."""
+    """One input's images, its shape checked against the limits and the data before anything is
+    allocated; ``binary``: its binary data, or None for JSON "data"."""
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
     if not (isinstance(shape, list) and shape and all(type(n) is int for n in shape)):
         raise bad_request(f"v2 inputs[0].shape must be a list of integers, got {shown(shape)}")
@@ -205,45 +180,37 @@ def _tensor_images(tensor, binary, max_images, spec):
         if shape != [len(data)]:
             raise bad_request(f"v2 BYTES input: shape {shape} does not match {len(data)} items")
         return [decode_base64(item, f"v2 inputs[0].data[{i}]") for i, item in enumerate(data)]
-    pixels = (_binary_pixels if binary is not None else _json_pixels)(shape, data, spec)
-    batch = torch.from_numpy(pixels.reshape(count, *spec.pixel_shape))
-    return list(batch.permute(0, 3, 1, 2))
+    return list(torch.from_numpy(_pixels(shape, data, binary is not None, spec)
+                                 .reshape(count, *spec.pixel_shape)).permute(0, 3, 1, 2))
 
 
-def _pixel_rule(count, spec, got):
-    """The one rule of UINT8 pixels, as a message: their shape, and what was sent (``got``)."""
+def _pixels(shape, data, binary, spec):
+    """UINT8 pixels of ``shape``: ``data`` binary bytes, or JSON integers (flat or nested)."""
     height, width, channels = spec.pixel_shape
-    values = count * spec.values_per_image
-    return (f"a UINT8 input is pixels of shape [N, {height}, {width}, {channels}]: {values} "
-            f"integers 0-255 ({values} bytes of pixels as binary data; flat or nested in JSON); "
-            f"got {got}")
-
-
-def _binary_pixels(shape, data, spec):
-    count = shape[0]
-    if shape != [count, *spec.pixel_shape] or len(data) != count * spec.values_per_image:
-        raise bad_request(_pixel_rule(count, spec, f"shape {shape} with {len(data)} bytes"))
-    return np.frombuffer(bytearray(data), dtype=np.uint8)
-
-
-def _json_pixels(shape, data, spec):
     count, values = shape[0], shape[0] * spec.values_per_image
-    if shape != [count, *spec.pixel_shape] or len(data) not in (values, count):
-        raise bad_request(_pixel_rule(count, spec, f"shape {shape} with {len(data)} items"))
+
+    def wrong(got):
+        return bad_request(f"a UINT8 input is pixels of shape [N, {height}, {width}, {channels}]: "
+                           f"{values} integers 0-255 ({values} bytes of pixels as binary data; "
+                           f"flat or nested in JSON); got {got}")
+    sent = f"shape {shape} with {len(data)} {'bytes' if binary else 'items'}"
+    if shape != [count, *spec.pixel_shape] or len(data) not in ((values,) if binary
+                                                                else (values, count)):
+        raise wrong(sent)
+    if binary:
+        return np.frombuffer(bytearray(data), dtype=np.uint8)
     try:
         pixels = np.asarray(data)
     except ValueError as err:
         raise bad_request(f"v2 UINT8 input: data is not a regular array ({err})") from err
     if (pixels.shape not in ((values,), tuple(shape))
             or pixels.dtype.kind not in "iu" or pixels.min() < 0 or pixels.max() > 255):
-        raise bad_request(_pixel_rule(count, spec, f"data of shape {list(pixels.shape)} and "
-                                                   f"type {pixels.dtype}"))
+        raise wrong(f"data of shape {list(pixels.shape)} and type {pixels.dtype}")
     return pixels.astype(np.uint8)
 
 
 def _elements(data, count):
-    """BYTES elements: each a 4-byte little-endian length and that many bytes, ``count`` in all
-    (the shape's), filling the input's binary data exactly."""
+    """BYTES elements: each a 4-byte little-endian length and its bytes, ``count`` in all."""
     if 4 * count > len(data):
         raise bad_request(f"a BYTES input of shape [{count}] needs at least {4 * count} bytes (a "
                           f"4-byte length per image), got {len(data)}")
@@ -275,33 +242,15 @@ def _elements(data, count):
 
 @dataclass
 class Reply:
-    """What a v2 request asks of its answer: its id echoed, and which outputs, in order, each as
-    JSON or binary data, each its full tensor or its top ``classification`` classes."""
+    """A v2 request's id, and its outputs in order: (name, binary?, top k or 0)."""
     id: str = None
     outputs: list = field(default_factory=lambda: [(name, False, 0) for name in OUTPUTS])
     min_confidence: float = None
 
     def predictions(self, probs, classes, topk, model_name, model_version=None,
                     min_confidence=None):
-        """The answer to the request's images (their class probabilities, N x classes): a dict
-        to send as JSON, or the bytes of a binary answer with the headers that say so. Where the
-        request asks (its parameters' min_confidence, else ``min_confidence``, the
-        X-Min-Confidence header), the answer's parameters say per image whether its top-1
-        probability is below it ("uncertain") and by how much it leads the runner-up
-        ("margin")."""
-        tensors, order = [], ranked(probs)  # the label and classification agree on ties
-        for name, binary, top in self.outputs:
-            if name == "label":
-                tensor = ("BYTES", [len(probs)], [classes[i] for i in order[:, 0].tolist()])
-            elif top:
-                indices = order[:, :top]
-                values = probs.gather(1, indices)
-                tensor = ("BYTES", [len(probs), top],
-                          [f"{p:f}:{i}:{classes[i]}" for row_p, row_i in
-                           zip(values.tolist(), indices.tolist()) for p, i in zip(row_p, row_i)])
-            else:
-                tensor = ("FP32", list(probs.shape), probs.reshape(-1))
-            tensors.append((name, binary, *tensor))
+        """A dict to send as JSON, or a binary answer's bytes with the headers that say so; with a
+        min_confidence (the request's, else X-Min-Confidence) "uncertain" and "margin" per image."""
         answer = {"model_name": model_name, "outputs": []}
         if model_version:  # several versions answer at once during a release (release.py)
             answer["model_version"] = model_version
@@ -312,8 +261,19 @@ class Reply:
             top, margin = confidence(probs)
             answer["parameters"] = {"uncertain": (top < threshold).tolist(),
                                     "margin": margin.tolist()}
-        payload = []
-        for name, binary, datatype, shape, data in tensors:
+        order, payload = ranked(probs), []  # the label and classification agree on ties
+        for name, binary, top in self.outputs:
+            if name == "label":
+                data = [classes[i] for i in order[:, 0].tolist()]
+                datatype, shape = "BYTES", [len(probs)]
+            elif top:
+                indices = order[:, :top].tolist()
+                values = probs.gather(1, order[:, :top]).tolist()
+                datatype, shape = "BYTES", [len(probs), top]
+                data = [f"{p:f}:{i}:{classes[i]}" for row_p, row_i in zip(values, indices)
+                        for p, i in zip(row_p, row_i)]
+            else:
+                datatype, shape, data = "FP32", list(probs.shape), probs.reshape(-1)
             output = {"name": name, "datatype": datatype, "shape": shape}
             if binary:
                 raw = _raw(datatype, data)
@@ -333,9 +293,8 @@ class Reply:
 
 
 def reply(header, max_id_length, classes):
-    """The Reply a v2 request (its JSON inference header) asks for: its "id", and its outputs:
-    each named in "outputs" (default: all, in the model's order), binary where its
-    parameters.binary_data, else the request's parameters.binary_data_output, says so."""
+    """The Reply a v2 inference header asks: its "id", its "outputs" (default all), binary where the
+    output's binary_data, else the request's binary_data_output, says so."""
     request_id = header.get("id")
     if request_id is not None and not (isinstance(request_id, str)
                                        and len(request_id) <= max_id_length):

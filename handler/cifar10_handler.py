@@ -1,24 +1,10 @@
-"""TorchServe handler for the CIFAR-10 classifier (packaged by `make archive`, served by `make serve`).
+"""TorchServe handler for the image classifier (packaged by `make archive`, served by `make serve`).
 
 The class TorchServe loads; the work is in the cifar10_serve package beside it in the .mar. A
-batch goes through it as
-
-    detect   torchserve_adapter.py  each request's kind and protocol, from TorchServe's row and
-                                    headers (and the rows a KServe envelope made of one request)
-    decode   raw.py, multipart.py,  the protocol reads the body: its images, still encoded, and
-             kserve.py, v2.py       what it asks of its answer
-    admit    budget.py, images.py   the requests that fit the batch's budget, their images decoded
-    forward  predict.py             class probabilities (and explanations) of every image
-    encode   the protocol again     each answer, or error, in its request's own terms, set back
-                                    through TorchServe's context (torchserve_adapter.respond)
-
-A dynamic batch mixes requests of every kind (/predictions, /explanations, v2, KServe envelopes),
-so the handler owns `handle()` and carries each request as a Row with its own kind, protocol,
-images and error to its answer; BaseHandler's preprocess/inference/postprocess, which decide a
-whole batch alike, are not used. A request the handler cannot use gets a 4xx naming what was
-wrong and what is accepted; one that does not fit the batch's budget a prompt 503 with
-Retry-After; an exception of ours while serving one request is that request's 500; the other
-requests of the batch are answered as usual.
+batch goes detect (torchserve_adapter) -> decode (the protocol reads each body) -> admit (budget,
+images decoded) -> forward (predict) -> encode (each answer or error in its protocol's terms).
+A dynamic batch mixes every kind of request, so the handler owns `handle()` and carries each
+request as a Row to its answer; one request's 4xx, 503 or 500 never fails its neighbours.
 """
 import contextlib
 import json
@@ -34,7 +20,7 @@ from ts.utils.util import PredictionException
 
 from cifar10_serve import budget, predict, ranking, raw, settings, spec, torchserve_adapter, v2
 from cifar10_serve.bodies import Row
-from cifar10_serve.errors import ClientError, Failure
+from cifar10_serve.errors import ClientError, Failure, too_many
 from cifar10_serve.images import decode_request, eval_transform
 from cifar10_serve.net import build_net, class_names, load_checkpoint
 from cifar10_serve.runtimes import calibrate, select_device
@@ -43,13 +29,10 @@ logger = logging.getLogger(__name__)
 
 
 class Cifar10Handler(BaseHandler):
-    """Decodes images to the model spec's input, batches every image of every request, answers
-    each request."""
-
     def initialize(self, context):
         self.context, properties = context, context.system_properties
-        self.settings = settings.read((getattr(context, "model_yaml_config", None) or {})
-                                      .get("handler"))
+        config = getattr(context, "model_yaml_config", None) or {}
+        self.settings = settings.read(config.get("handler"))
         self.limits = self.settings.limits
         self.chunk = self.settings.forward_batch  # images per forward call, not batchSize
         if self.settings.threads:
@@ -69,7 +52,6 @@ class Cifar10Handler(BaseHandler):
                                      self.spec, self.device, self.chunk, self.settings.ig_steps,
                                      torch.get_num_threads())
         self.forward, self.runtime = self.calibration.forward, self.calibration.runtime
-        config = getattr(context, "model_yaml_config", None) or {}
         self.budget = budget.for_worker(
             self.settings, config.get("responseTimeout", budget.TORCHSERVE_RESPONSE_TIMEOUT),
             self.calibration)
@@ -80,8 +62,6 @@ class Cifar10Handler(BaseHandler):
                     json.dumps(self.spec.to_dict()))
 
     def handle(self, data, context):
-        """Answer every request of the batch by its own kind and protocol; never fail one for
-        another."""
         start, self.context = time.time(), context
         together = torchserve_adapter.enveloped(data, context)
         rows, admission = self.decode(data, together)
@@ -92,11 +72,8 @@ class Cifar10Handler(BaseHandler):
 
     @timed
     def decode(self, data, together=False):
-        """TorchServe's rows -> Rows: each request's kind and protocol detected, its body read and
-        counted against the limits; those the batch's budget admits get their images decoded,
-        the others refused (503, or 413 for one that never fits); each failed row with its own
-        error. ``together``: the rows are one request's instances (a KServe envelope). Returns
-        the rows and their budget.Admission (which decides reruns after the forwards)."""
+        """TorchServe's rows -> (Rows, their budget.Admission): each read and counted against the
+        limits; those the budget admits decoded, the others refused (503, or 413)."""
         started = self.budget.clock()
         rows = [self._read(index, request, len(data), together)
                 for index, request in enumerate(data)]
@@ -121,8 +98,8 @@ class Cifar10Handler(BaseHandler):
             return row
         with self._own_error(row, f"reading request {index} of the batch"):
             limit = self.limits["max_explain_images" if kind == "explain" else "max_images"]
-            if together:
-                torchserve_adapter.check_instances(count, limit)
+            if together and count > limit:  # an envelope's instances are its request's images
+                raise too_many(count, limit)
             limits = {**self.limits, "max_images": limit}
             row.protocol, payload = torchserve_adapter.detect(request, headers, together, limits,
                                                               self.spec)
@@ -146,9 +123,8 @@ class Cifar10Handler(BaseHandler):
 
     @timed
     def infer(self, rows, admission=None):
-        """Class probabilities for every predict row, Integrated Gradients for every explain row
-        (``row.result``); a group that fails is run again row by row while it fits what is left
-        of the batch's budget (``admission``; predict.run)."""
+        """Class probabilities or explanations (``row.result``); a failed group reruns row by row
+        while it fits the batch's budget (predict.run)."""
         forwards = predict.Forwards(self.forward, self.model, self.transform, self.device,
                                     self.chunk, self.settings.tta, self.settings.tta_margin,
                                     self.settings.ig_steps, self.classes, self.spec.temperature)
@@ -161,8 +137,7 @@ class Cifar10Handler(BaseHandler):
                 row.result = result.explained if row.kind == "explain" else result.probs
 
     def _count(self, images, looked):
-        """Images forwarded and how many took the TTA views: for the budget's estimate, and on
-        the metrics port (ts_handler_tta_images, ..._second_looks)."""
+        """For the budget's estimate, and the metrics port's TTA counters."""
         self.budget.saw(images, looked)
         if self.settings.tta:
             self._add_counter("ts_handler_tta_images", images)
@@ -174,28 +149,28 @@ class Cifar10Handler(BaseHandler):
             metrics.add_counter(name, value, None)
 
     def _confidences(self, probs):
-        """The served top-1 probabilities on the metrics port as a Prometheus histogram:
-        TorchServe 0.12's handler metrics have no histogram type, so its cumulative buckets are
-        a counter with an `le` dimension (ts_handler_top1_confidence_bucket{le="0.9"}), beside
+        """The served top-1 probabilities as a Prometheus histogram: TorchServe 0.12 has no
+        histogram metric, so the cumulative buckets are a counter with an `le` dimension beside
         ..._count and ..._sum, which histogram_quantile() and rate() read as one."""
         metrics = getattr(self.context, "metrics", None)
         if metrics is None or not probs:
             return
         top, _ = ranking.confidence(torch.cat(probs))
         for bound, count in ranking.confidence_buckets(top).items():
+            if not count:  # a counter that did not move needs no [METRICS] log line
+                continue
             metrics.add_counter("ts_handler_top1_confidence_bucket", count, None,
                                 [Dimension("le", bound)])
         metrics.add_counter("ts_handler_top1_confidence_count", len(top), None)
         metrics.add_counter("ts_handler_top1_confidence_sum", round(top.sum().item(), 6), None)
 
     def to_batch(self, images):
-        """Decoded uint8 images -> the normalised batch the forward takes (tests, bench)."""
+        """Decoded uint8 images -> the normalised batch (tests, bench)."""
         return predict.to_batch(images, self.transform, self.device)
 
     @timed
     def encode(self, rows, together=False):
-        """Each row's answer in its protocol's shape, or its error; set back through the
-        context (torchserve_adapter.respond). Returns the answers, one per row."""
+        """Each row's answer or error, set back through the context."""
         for row in rows:
             if row.error is not None:
                 continue
@@ -215,13 +190,11 @@ class Cifar10Handler(BaseHandler):
 
     @property
     def version(self):
-        """Which archive this is (X-Model-Version, v2 model_version): during a release
-        (release.py) several versions of the model answer at once."""
+        """The archive's version (X-Model-Version): during a release several answer."""
         manifest = getattr(self.context, "manifest", None) or {}
         return str(manifest.get("model", {}).get("modelVersion") or "")
 
     def describe_handle(self):
-        """The management API's customized describe: what this model answers and its limits."""
         return {"classes": self.classes, "runtime": self.runtime, "tta": self.settings.tta,
                 "tta_margin": self.settings.tta_margin, "topk": self.settings.topk,
                 "limits": self.limits, "budget": self.budget.figures()}
