@@ -27,7 +27,7 @@ from ts.version import __version__ as TORCHSERVE_VERSION
 from cifar10_serve import bodies, kserve, multipart, raw, v2
 from cifar10_serve.bodies import json_values, json_values_limit, looks_like_json, numbered, \
     read_json
-from cifar10_serve.errors import bad_request, failure_of
+from cifar10_serve.errors import bad_request, failure_of, shown
 
 logger = logging.getLogger(__name__)
 WRITTEN_FOR = "0.12."
@@ -156,6 +156,10 @@ def detect(request, headers, together, limits, spec):
         return KSERVE_INSTANCE, request
     fields = request if isinstance(request, dict) else {}
     route, encoding = on_protocol_route(headers), request_header(headers, "Content-Encoding")
+    if encoding not in (None, "", "identity"):  # whatever the body, it would be misread
+        raise bad_request(f"the body is compressed (Content-Encoding: {shown(encoding)}), which "
+                          f"TorchServe's frontend does not undo: send it uncompressed "
+                          f"(tritonclient: request_compression_algorithm=None, its default)")
     header_length = request_header(headers, v2.HEADER_LENGTH)
     single = next(iter(fields.values())) if len(fields) == 1 else None
     if header_length is not None:
@@ -230,6 +234,10 @@ def respond(rows, context, together, spec, retry_after, version=None):
             context.set_response_header(request, key, value)
         if version:
             context.set_response_header(request, "X-Model-Version", version)
+        # Every answer is JSON. But the handler's own 500s: the proxy tells them from the 500s
+        # TorchServe's frontend makes for a dropped batch (which it resends) by their having none.
+        if statuses.get(request, (200,))[0] != 500:
+            context.set_response_content_type(request, "application/json")
     for request, (code, message) in statuses.items():
         context.set_response_status(code, message, request)
     return [row.answer for row in rows]

@@ -58,12 +58,9 @@ def metadata(spec, version):
 
 def read(payload, limits, spec):
     """(images, Reply); ``payload``: (the body: parsed JSON, or bytes after a binary header; the
-    Inference-Header-Content-Length header or None; the Content-Encoding header or None)."""
-    body, header_length, encoding = payload
-    if encoding not in (None, "", "identity"):
-        raise bad_request(f"the body is compressed (Content-Encoding: {shown(encoding)}), which "
-                          f"TorchServe's frontend does not undo: send it uncompressed "
-                          f"(tritonclient: request_compression_algorithm=None, its default)")
+    Inference-Header-Content-Length header or None; the Content-Encoding header, which the
+    TorchServe adapter has checked)."""
+    body, header_length, _ = payload
     max_images = limits["max_images"]
     if header_length is not None and isinstance(body, (bytes, bytearray, str)):
         header, images = _read_binary(body, header_length, max_images, spec)

@@ -225,10 +225,7 @@ def test_a_broken_copy_of_a_block_fails(stack, page_name, containing, old, new):
 # 401, as described).
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_headers_conformance,response_schema_conformance,unsupported_method")
-# A known defect, reported and pinned by test_worker_answers_carry_a_content_type (an expected
-# failure): the worker's answers carry no Content-Type, which schemathesis reports as ST104 and
-# does not read their bodies then. Every other failure fails this test. Remove it once fixed.
-KNOWN = {"ST104 Missing Content-Type header"}
+KNOWN = set()  # failures tolerated (none: every one fails the test)
 
 
 @needs_nginx
@@ -254,9 +251,6 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_descriptio
 
 
 @needs_nginx
-@pytest.mark.xfail(strict=True, reason="the worker's answers (the handler's 200s and 4xx) reach "
-                   "the client without a Content-Type: TorchServe sends none unless the handler "
-                   "sets one (context.set_response_content_type), and it does not")
 @pytest.mark.parametrize("path", ["/predictions/cifar10", "/v2/models/cifar10/infer"])
 def test_worker_answers_carry_a_content_type(stack, path):
     body = (ROOT / "tests" / "fixtures" / "cat.jpg").read_bytes()

@@ -425,3 +425,11 @@ def test_a_gzip_body_is_refused_not_misread(handler):
     (answer,), [(status, phrase, _)] = run(handler, [
         ({"body": gzip.compress(row["body"])}, {**headers, "Content-Encoding": "gzip"})])
     assert status == 400 and "Content-Encoding: gzip" in phrase
+
+
+@pytest.mark.parametrize("body", [PHOTOS[0], b"--b\r\n", b'{"instances": []}'])
+def test_a_compressed_body_of_any_protocol_is_refused_not_misread(handler, body):
+    """Raw images, forms and KServe bodies too: a 400 naming the Content-Encoding."""
+    (answer,), [(status, phrase, _)] = run(handler, [
+        ({"body": gzip.compress(body)}, {"Content-Encoding": "gzip"})])
+    assert status == 400 and "Content-Encoding: gzip" in phrase, phrase
