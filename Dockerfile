@@ -12,9 +12,10 @@ ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 
 # nginx: deploy/k8s/ runs this image a second time in each pod as TorchServe's proxy (Debian's
-# nginx, the one `make serve-proxy` and tests/test_proxy.py run; README "Reverse proxy"). The
-# policy-rc.d stops its package from starting the system service during the build. apt-get clean:
-# a base from deploy/docker/make_base.sh keeps the downloaded packages (~140 MB in this layer).
+# nginx, the one `make serve-proxy` and tests/test_proxy.py run; docs/proxy-and-security.md).
+# The policy-rc.d stops its package from starting the system service during the build.
+# apt-get clean: a base from deploy/docker/make_base.sh keeps the downloaded packages (~140 MB
+# in this layer).
 RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d \
  && apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \

@@ -19,7 +19,7 @@ ONNX        ?= $(BUILD)/cifar10.onnx
 INT8        ?= $(BUILD)/cifar10.int8.onnx
 GOLDEN      ?= $(BUILD)/golden.npz
 # `make convert`: a model spec (JSON, cifar10_serve/spec.py) and a plain state_dict of weights
-# trained elsewhere -> WEIGHTS, a checkpoint `make archive` takes (README "Serve your own model")
+# trained elsewhere -> WEIGHTS, a checkpoint `make archive` takes (docs/own-model.md)
 SPEC        ?=
 STATE_DICT  ?=
 # Python files of your own the archive ships beside the handler (comma-separated): a spec's
@@ -73,7 +73,8 @@ K8S_CONF    ?= deploy/k8s/nginx.conf
 GPU_OUT     ?= $(RUN_DIR)/gpu-check
 GPU_CHECK_ARGS ?=
 DEMO_PORT   ?= 8090
-# make serve-proxy: nginx in front of TorchServe on 127.0.0.1 (deploy/nginx/; README "Reverse proxy")
+# make serve-proxy: nginx in front of TorchServe on 127.0.0.1 (deploy/nginx/;
+# docs/proxy-and-security.md)
 PROXY_PORT  ?= 8000
 PROXY_MANAGEMENT_PORT ?= 8001
 PROXY_DIR   ?= $(RUN_DIR)/proxy
@@ -263,7 +264,7 @@ docker-test: $(BIN)/torchserve ## build the image, serve from it, check answers 
 clean: ## remove build outputs (the archive, logs, run files)
 	rm -rf $(MAR) $(K8S_CONF) $(BUILD) logs $(RUN_DIR) .pytest_cache dist
 
-# ------------------------------------------------------------- releases (release.py, README
+# ---------------------------------------------- releases (release.py, docs/operations.md
 # "Releasing a new model"): make release WEIGHTS=path/to/new.pt beside make serve-proxy.
 # The gate's check set (an ImageFolder of real held-out images) and how far (a fraction) the new
 # version's accuracy on it may fall below the serving version's

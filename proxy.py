@@ -2,8 +2,8 @@
 
 The template's @NAME@ fields are filled from the TorchServe config (its addresses and
 max_request_size) and the model config (maxWorkers, responseTimeout); the model's Open Inference
-Protocol metadata is the model's own answer (the handler's, cifar10_serve/v2.py). README
-"Reverse proxy".
+Protocol metadata is the model's own answer (the handler's, cifar10_serve/v2.py).
+docs/proxy-and-security.md "Reverse proxy".
 
     python proxy.py start --run-dir .run/proxy
     python proxy.py stop --run-dir .run/proxy

@@ -1,5 +1,5 @@
 """Ship a new model version without dropping a request: archive, register, gate, canary, promote
-or roll back (README "Releasing a new model").
+or roll back (docs/operations.md "Releasing a new model").
 
     python release.py release weights/new.pt     # make release WEIGHTS=weights/new.pt
     python release.py rollback                   # make rollback: the previous version back

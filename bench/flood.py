@@ -1,5 +1,5 @@
 """Floods of legal but costly requests beside good traffic: do good requests still get their answer
-promptly, and does any worker restart? (issue 25's acceptance; README "Answers and errors").
+promptly, and does any worker restart? (issue 25's acceptance; docs/api.md "Errors").
 
 Two scenarios, each for --duration seconds against one TorchServe:
   explain  --explain-clients clients loop /explanations with --explain-images images each,

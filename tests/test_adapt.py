@@ -1,4 +1,4 @@
-"""README "Serve your own model", followed as written: a model spec, `make convert`, `make archive`,
+"""docs/own-model.md, followed as written: a model spec, `make convert`, `make archive`,
 served by a real TorchServe, with no edit under cifar10_serve/ or handler/.
 
 Two models unlike the CIFAR-10 net: (a) a torchvision ResNet-18 (224x224 RGB, ImageNet's mean and

@@ -233,7 +233,7 @@ def test_the_proxy_asks_for_room_within_the_open_file_limit(monkeypatch, hard, n
                                                            connections):
     """nginx gets room for 20,000 idle connections beside the good ones per worker process
     where the open-file limit it inherits allows (two processes on 2 cores), and never asks
-    for more than that limit (README "Reverse proxy": measured with 20,000)."""
+    for more than that limit (docs/proxy-and-security.md "Reverse proxy": measured with 20,000)."""
     monkeypatch.setattr(proxy.resource, "getrlimit", lambda kind: (1024, hard))
     assert proxy.open_files() == {"nofile": nofile, "worker_connections": connections}
 
