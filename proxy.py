@@ -27,6 +27,7 @@ import resource
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -151,8 +152,8 @@ def render(settings, daemon=True, as_root=None, temp_root=None, logs=None):
         # half responseTimeout: before TorchServe itself gives up on the worker.
         "RESEND_AFTER": f"{resend_after}s", "RESEND_SECONDS": resend_after,
         "LONG_HEADERS": "Authorization and Content-Type take at most 1024 characters each, "
-                        "Content-Encoding, Inference-Header-Content-Length and X-Min-Confidence "
-                        "250 together",
+                        "Host 255, Content-Encoding, Inference-Header-Content-Length and "
+                        "X-Min-Confidence 250 together",
         "CONTROL_REFUSED": "the path or a header value of this request holds a control character "
                            "(CR, LF or another below 0x20, or DEL; a TAB is allowed in a header "
                            "value), which the proxy never forwards",
@@ -227,6 +228,22 @@ def root_temp(run_dir):
     return Path(tempfile.gettempdir()) / name
 
 
+def own_folder(path):
+    """Create ``path`` (0755), or take it only where it is a folder of ours that no one else may
+    write to: the name under /tmp is predictable, and whoever owned the folder could swap the
+    proxy's temporary files and the canary's state for links to files of root's."""
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        found = os.lstat(path)
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() \
+                or found.st_mode & 0o022:
+            raise RuntimeError(f"{path} exists but is not a folder of this user that only it may "
+                               f"write to (owner uid {found.st_uid}, mode "
+                               f"{stat.filemode(found.st_mode)}): remove it and start again")
+    os.chmod(path, 0o755)
+
+
 def prepare(run_dir, settings, daemon=True):
     """Write run_dir/nginx.conf (and its temp folders) for ``settings`` and check it with
     `nginx -t`; returns the config's path. Started as root, nginx's workers run as nobody: their
@@ -235,8 +252,7 @@ def prepare(run_dir, settings, daemon=True):
     run_dir.mkdir(parents=True, exist_ok=True)
     temp_root = root_temp(run_dir)
     if temp_root is not None:
-        temp_root.mkdir(mode=0o755, exist_ok=True)
-        os.chmod(temp_root, 0o755)
+        own_folder(temp_root)
     else:
         (run_dir / "tmp").mkdir(exist_ok=True)
     # No canary when nginx starts: a release (release.py) sets its own while this nginx runs.
@@ -292,10 +308,12 @@ def set_canary(run_dir, version=None, share=0.0):
         raise ValueError(f"not a model version this proxy routes: {version!r}")
     conf = (Path(run_dir) / "nginx.conf").read_text()
     state = Path(re.search(r"js_var \$canary_state (\S+);", conf)[1])
-    fresh = state.with_name(state.name + ".new")
-    fresh.write_text(json.dumps({"version": version, "share": share if version else 0}))
-    os.chmod(fresh, 0o644)  # nginx's workers (nobody, started as root) read it
-    fresh.replace(state)
+    # A new file of its own (mkstemp: O_EXCL, a random name, nothing followed), then renamed over.
+    handle, fresh = tempfile.mkstemp(dir=state.parent, prefix=".canary-")
+    with os.fdopen(handle, "w") as out:
+        json.dump({"version": version, "share": share if version else 0}, out)
+        os.fchmod(out.fileno(), 0o644)  # nginx's workers (nobody, started as root) read it
+    os.replace(fresh, state)
 
 
 def private_log(path):

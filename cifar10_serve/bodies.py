@@ -31,6 +31,7 @@ class Row:
     answer: object = None
     headers: dict = field(default_factory=dict)
     min_confidence: float = None  # mark answers whose top-1 probability is below it
+    resent_at: float = None  # when the proxy sends this request again (time.time())
 
 
 def text(name):

@@ -24,9 +24,11 @@ batch may take); one that alone costs more than a batch may is its 413 naming wh
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 from cifar10_serve.deadline import work_clock
+from cifar10_serve.errors import Failure
 
 logger = logging.getLogger(__name__)
 # TorchServe's own responseTimeout (seconds) where model-config.yaml names none.
@@ -84,8 +86,12 @@ class Budget:
     alone up to ``most``. ``timed``: how the costs were timed (describe's figures)."""
 
     def __init__(self, costs, seconds, explain_share=0.5, limits=None, clock=None, most=None,
-                 timed=None):
+                 timed=None, wall=None):
         self.costs, self.seconds, self.explain_share = costs, seconds, explain_share
+        # Wall-clock seconds of a batch after which no more of it is decoded (None: no bound):
+        # on a CPU shared with other processes the wall clock outruns the worker's CPU time,
+        # and TorchServe kills a worker by the wall clock.
+        self.wall = wall
         self.most = max(seconds, most or seconds)
         self.limits, self.clock, self.timed = limits or {}, clock or work_clock(), timed
         self.images = self.looked = 0  # images predicted so far here, and how many took TTA
@@ -152,6 +158,7 @@ class Admission:
 
     def __init__(self, budget, rows, started, together=False):
         self.budget, self.started, self.together = budget, started, together
+        self.wall_started = time.monotonic()
         working = [row for row in rows if row.error is None and row.kind in ("predict", "explain")]
         self.admitted = []  # (row, its estimated cost), in the order admitted
         if together:
@@ -191,6 +198,19 @@ class Admission:
         self.admitted.append((row, cost))
         return True
 
+    def in_time(self, row):
+        """Whether the batch has run (wall clock) at most budget.wall, so that ``row`` may start
+        its decoding or its explanation; else the row's prompt 503 (with Retry-After), rather
+        than TorchServe killing the worker, and the whole batch, at responseTimeout."""
+        ran = time.monotonic() - self.wall_started
+        if self.budget.wall is None or ran <= self.budget.wall:
+            return True
+        row.error, row.images = Failure(
+            503, f"the server is busy: its CPU is shared, and this request's batch had run "
+                 f"{ran:.1f} s (wall clock) before its turn, past the {self.budget.wall:.1f} s "
+                 f"after which a batch starts no more work; retry", ""), []
+        return False
+
     def again(self, row):
         """Whether a rerun fits what is left, the failed group's time included; else 503."""
         if self.spent() + self.budget.cost(row) <= self.budget.seconds:
@@ -206,7 +226,7 @@ def for_worker(settings, response_timeout, calibration):
     costs = Costs(calibration.forward_ms, calibration.ig_ms, VIEWS[settings.tta])
     most = stretched(seconds, costs, limits, response_timeout, decode_ms)
     found = Budget(costs, seconds, settings.explain_share, limits, calibration.clock, most,
-                   calibration.figures())
+                   calibration.figures(), wall=headroom_cap(response_timeout, decode_ms))
     logger.info("batch budget %.2f s (responseTimeout %s s x budget_share %s), runtime %s: %s",
                 seconds, response_timeout, settings.budget_share, calibration.runtime,
                 json.dumps(found.figures()))

@@ -78,7 +78,7 @@ def run(rows, forwards, admission=None):
         if not group:
             continue
         try:
-            results, seen = _work([rows[i] for i in group], forwards)
+            results, seen = _work([rows[i] for i in group], forwards, admission)
         except Exception:  # noqa: BLE001  (ours: answered per row below)
             logger.exception("a %s batch of %d requests failed%s", kind, len(group),
                              "; retrying them one by one" if len(group) > 1 else "")
@@ -101,11 +101,14 @@ def run(rows, forwards, admission=None):
     return found, looked
 
 
-def _work(rows, forwards):
+def _work(rows, forwards, admission=None):
     probs, looked = probabilities(rows, forwards)
     if rows[0].kind != "explain":
         return [Found(p) for p in probs], looked
-    return [Found(p, explanations(row, top1(p), forwards)) for row, p in zip(rows, probs)], looked
+    # Each explanation starts only while the batch is in time (else that row's 503: None).
+    return [Found(p, explanations(row, top1(p), forwards))
+            if admission is None or admission.in_time(row) else None
+            for row, p in zip(rows, probs)], looked
 
 
 def _failed(row):

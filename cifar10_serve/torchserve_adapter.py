@@ -97,17 +97,15 @@ def request_header(headers, name):
                  and key.lower() == name), None)
 
 
-def given_up(headers, now=None):
-    """Had the proxy stopped waiting for this try of the request, and sent it once more, before
-    a worker took it off the queue (its X-Proxy-Sent plus X-Proxy-Resend-After passed)? That
-    copy answers the client; this one is not computed (a request still queued when it is sent
-    again runs once)."""
+def resent_at(headers):
+    """When (time.time()) the proxy stops waiting for this try of the request and sends it once
+    more: its X-Proxy-Sent plus X-Proxy-Resend-After; None where not sent by the proxy, or not a
+    first try. From then on that copy answers the client, and this one is not computed."""
     try:
-        sent = float(request_header(headers, "X-Proxy-Sent"))
-        after = float(request_header(headers, "X-Proxy-Resend-After"))
-    except (TypeError, ValueError):  # not sent by the proxy, or not a first try
-        return False
-    return (time.time() if now is None else now) > sent + after
+        return float(request_header(headers, "X-Proxy-Sent")) + \
+            float(request_header(headers, "X-Proxy-Resend-After"))
+    except (TypeError, ValueError):
+        return None
 
 
 def min_confidence(headers):

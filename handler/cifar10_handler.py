@@ -79,10 +79,21 @@ class Cifar10Handler(BaseHandler):
                 for index, request in enumerate(data)]
         admission = self.budget.admission(rows, started, together)
         for row in admission.order:
-            if admission.fits(row):  # else it has its 503 or 413
+            if admission.fits(row) and not self._given_up(row) and admission.in_time(row):
                 with self._own_error(row, f"decoding a {row.kind} request of the batch"):
                     row.images = decode_request(row.images, self.limits, self.spec)
         return rows, admission
+
+    def _given_up(self, row):
+        """Has the proxy sent this request again (taken off the queue, or its turn to decode
+        come, too late)? Its second try answers the client: this one is not computed."""
+        if row.resent_at is None or time.time() <= row.resent_at:
+            return False
+        self._add_counter("ts_handler_given_up", 1)
+        row.error, row.images = Failure(503, "the proxy stopped waiting for this try and sent "
+                                             "the request once more: its second try answers it",
+                                        ""), []
+        return True
 
     def _read(self, index, request, count, together):
         headers = torchserve_adapter.headers_of(self.context, index, together)
@@ -90,11 +101,9 @@ class Cifar10Handler(BaseHandler):
         if kind in ("describe", "metadata"):  # answered from the model, not from a body
             return Row(kind=kind, protocol=v2 if kind == "metadata" else raw)
         # The route's protocol writes the errors until the body names its own.
-        row = Row(kind=kind, protocol=torchserve_adapter.route_protocol(headers, together))
-        if torchserve_adapter.given_up(headers):  # its resend answers the client
-            self._add_counter("ts_handler_given_up", 1)
-            row.error = Failure(503, "the proxy stopped waiting for this try and sent the "
-                                     "request once more: its second try answers it", "")
+        row = Row(kind=kind, protocol=torchserve_adapter.route_protocol(headers, together),
+                  resent_at=torchserve_adapter.resent_at(headers))
+        if self._given_up(row):
             return row
         with self._own_error(row, f"reading request {index} of the batch"):
             limit = self.limits["max_explain_images" if kind == "explain" else "max_images"]

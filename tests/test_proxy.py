@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -339,7 +340,7 @@ def test_forwarded_headers_too_long_for_torchserve_get_a_431_naming_the_limits(f
     since = torchserve_access_log(served).stat().st_size
     body = solid_png(COLOURS[1])
     for extra in ({"Authorization": "Bearer " + "a" * 1100}, {"Content-Type": "image/" + "p" * 1100},
-                  {"X-Min-Confidence": "0." + "5" * 300},
+                  {"X-Min-Confidence": "0." + "5" * 300}, {"Host": "h" * 300},
                   {"Content-Encoding": "i" * 130, "X-Min-Confidence": "0." + "5" * 130}):
         answer = requests.post(f"{front.inference}/predictions/cifar10", data=body, timeout=30,
                                headers={**inference_headers(served), **extra})
@@ -1064,3 +1065,43 @@ def test_client_scale_sends_both_counts_and_again_after_a_500(monkeypatch, tmp_p
     assert calls == [{"min_worker": 3, "max_worker": 3, "synchronous": "true"}]
     assert client.scale(1).status_code == 200 and len(calls) == 3
     assert client.scale(1).status_code == 500 and len(calls) == 5
+
+
+def test_the_proxys_folder_under_tmp_is_taken_only_where_it_is_its_own(tmp_path):
+    """proxy.own_folder: created 0755, or refused where it is a link, writable by others or
+    (as root) another user's: its name under /tmp is predictable, and the canary's state and
+    nginx's temporary files are written there as root."""
+    made = tmp_path / "made"
+    proxy.own_folder(made)
+    assert made.is_dir() and stat.S_IMODE(made.stat().st_mode) == 0o755
+    proxy.own_folder(made)  # ours already: taken
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    refused = [tmp_path / "link", shared]
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o755)
+        os.chown(theirs, 65534, 65534)
+        refused.append(theirs)
+    for path in refused:
+        with pytest.raises(RuntimeError, match="remove it"):
+            proxy.own_folder(path)
+
+
+def test_the_canary_state_is_written_as_a_new_file_never_through_a_link(tmp_path):
+    """set_canary writes a fresh file and renames it over the state: a link planted where a
+    fixed temporary name would be is never followed."""
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "nginx.conf").write_text(proxy.canary_conf(tmp_path))
+    secret = tmp_path / "secret"
+    secret.write_text("root's")
+    secret.chmod(0o600)
+    (tmp_path / "tmp" / "canary.json.new").symlink_to(secret)
+    proxy.set_canary(tmp_path, "2.0", 10)
+    assert secret.read_text() == "root's" and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    state = tmp_path / "tmp" / "canary.json"
+    assert json.loads(state.read_text()) == {"version": "2.0", "share": 10}
+    assert stat.S_IMODE(state.stat().st_mode) == 0o644 and not state.is_symlink()

@@ -24,6 +24,9 @@ import requests
 from conftest import COLOURS, solid_png
 from ts.context import RequestProcessor
 
+import cifar10_handler as handler_module
+from cifar10_serve import budget
+
 from test_serving import torchserve
 from tests.harness import GoodTraffic, local_proxy
 
@@ -150,6 +153,51 @@ def test_a_try_the_proxy_sent_again_before_it_left_the_queue_is_not_computed(mak
     assert "sent the request once more" in outputs[0]["message"]
     assert all(max(answer, key=answer.get) == max(outputs[1], key=outputs[1].get)
                for answer in outputs[1:])
+
+
+def test_a_try_whose_resend_time_passes_while_its_batch_decodes_is_not_decoded(
+        make_handler, colour_checkpoint, monkeypatch):
+    """The check is made again when a row's turn to decode comes: a slow neighbour (here a
+    decode that takes 0.5 s) can carry a try past the proxy's resend time."""
+    handler = make_handler(colour_checkpoint)
+    decode = handler_module.decode_request
+    decoded = []
+
+    def slow(images, limits, spec):
+        decoded.append(len(images))
+        time.sleep(0.5)
+        return decode(images, limits, spec)
+    monkeypatch.setattr(handler_module, "decode_request", slow)
+    now = time.time()
+    headers = [{"X-Proxy-Sent": f"{now:.3f}", "X-Proxy-Resend-After": "0.3"}] * 2
+    handler.context.request_processor = [RequestProcessor(h) for h in headers]
+    handler.handle([{"body": solid_png(COLOURS[0])}] * 2, handler.context)
+    statuses = [p.get_response_status_code() for p in handler.context.request_processor]
+    assert statuses == [200, 503] and decoded == [1]
+
+
+def test_a_batch_past_its_wall_clock_bound_decodes_no_more(make_handler, colour_checkpoint,
+                                                           monkeypatch):
+    """On a CPU shared with other processes the wall clock outruns the worker's CPU time, which
+    the budget counts: once a batch has run budget.wall seconds, its other requests get a
+    prompt 503 (with Retry-After) instead of TorchServe killing the worker at responseTimeout."""
+    handler = make_handler(colour_checkpoint)
+    # Where decoding one more request at max_decode_ms could pass half of responseTimeout.
+    assert handler.budget.wall == budget.headroom_cap(budget.TORCHSERVE_RESPONSE_TIMEOUT,
+                                                      handler.limits["max_decode_ms"])
+    handler.budget.wall = 0.3
+    decode = handler_module.decode_request
+
+    def slow(images, limits, spec):
+        time.sleep(0.5)
+        return decode(images, limits, spec)
+    monkeypatch.setattr(handler_module, "decode_request", slow)
+    handler.context.request_processor = [RequestProcessor({}) for _ in range(3)]
+    outputs = handler.handle([{"body": solid_png(COLOURS[0])}] * 3, handler.context)
+    processors = handler.context.request_processor
+    assert [p.get_response_status_code() for p in processors] == [200, 503, 503]
+    assert "the server is busy" in outputs[1]["message"]
+    assert processors[1].get_response_headers().get("Retry-After")
 
 
 def test_requests_still_queued_when_the_proxy_sends_them_again_run_once(deployment):

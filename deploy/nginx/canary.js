@@ -9,14 +9,19 @@ var fs = require('fs');
 // "" (no canary running), or "<arm> <version>": arm 1 for the share of requests drawn for the
 // canary, 0 for the rest (they go to the default version and are the canary's comparison).
 function arm(r) {
-    var state;
+    var state, path = r.variables.canary_state;
     try {
-        state = JSON.parse(fs.readFileSync(r.variables.canary_state));
+        // A plain small file only: reading a FIFO would block the worker, a large one slow it.
+        var found = fs.statSync(path);
+        if (!found.isFile() || found.size > 4096) {
+            return '';
+        }
+        state = JSON.parse(fs.readFileSync(path));
     } catch (e) {
         return '';
     }
     if (typeof state.version != 'string' || !/^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$/.test(state.version)
-            || !(state.share > 0)) {
+            || typeof state.share != 'number' || !(state.share > 0)) {
         return '';
     }
     return (Math.random() * 100 < state.share ? '1 ' : '0 ') + state.version;
