@@ -382,13 +382,15 @@ def proxy_running(proxy_dir):
 
 
 def take_down(server, state, version, args, reason):
-    """No more traffic to ``version`` (the canary split removed), drained, unregistered."""
+    """No more traffic to ``version`` (the canary split removed), drained, unregistered (None:
+    the split only)."""
     if state.data.get("canary") and proxy_running(args.proxy_dir):
         proxy.set_canary(args.proxy_dir, None, 0)
         state.data["canary"] = None
         state.step("split", share=0)
-    drain(server, version)
-    unregister(server, state, version, reason)
+    if version is not None:
+        drain(server, version)
+        unregister(server, state, version, reason)
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -434,6 +436,7 @@ def release(args):
 
 def promote(server, state, new, old, args, step="promoted"):
     """``new`` the default, the split removed, ``old`` drained and unregistered."""
+    state.data["previous"] = old  # first: a run killed past set-default still knows it
     answer = server.manage("PUT", f"/models/{server.model}/{new}/set-default")
     if not answer.ok:
         raise RuntimeError(f"set-default {new} answered {answer.status_code}: {answer.text}")
@@ -442,7 +445,6 @@ def promote(server, state, new, old, args, step="promoted"):
         proxy.set_canary(args.proxy_dir, None, 0)
         state.data["canary"] = None
         state.step("split", share=0)
-    state.data["previous"] = old
     drain(server, old)
     unregister(server, state, old, reason=f"{new} serves")
     state.step(step, version=new, previous=old)
@@ -450,11 +452,21 @@ def promote(server, state, new, old, args, step="promoted"):
 
 def rollback(args):
     """The previous version registered again from its archive (warm), the default, the current
-    one drained and unregistered."""
+    one drained and unregistered. After a release stopped half-way (killed: another version
+    registered beside the default, or its canary split left on), that release is taken down
+    instead, and the default version goes on serving alone."""
     server = Server(args.ts_config, args.key_file, args.model, args.model_store)
     state = State(args.state)
     with state.locked():
         current, previous = server.default(), state.data.get("previous")
+        unfinished = sorted(v for v in server.versions() if v != current)
+        if unfinished or state.data.get("canary"):
+            for version in unfinished or [None]:
+                take_down(server, state, version, args, reason="an unfinished release")
+            state.step("recovered", serving=current, taken_down=unfinished)
+            print(f"took down an unfinished release ({', '.join(unfinished) or 'its split'}): "
+                  f"{current} serves alone; make rollback again goes back to {previous}")
+            return
         if previous is None or previous == current:
             raise RuntimeError(f"no previous version to roll back to (serving {current})")
         name = state.data["archives"][previous]

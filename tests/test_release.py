@@ -8,6 +8,7 @@ answers, so the serving version scores 100 % and the scrambled one ~0 %."""
 import json
 import os
 import random
+import signal
 import shutil
 import subprocess
 import time
@@ -222,6 +223,42 @@ def test_rollback_restores_the_previous_version_without_a_failed_request(stack):
     assert shown.returncode == 0, shown.stderr
     assert "default version 1.0" in shown.stdout and "rolled-back" in shown.stdout
     assert "previous version (make rollback): 2.0" in shown.stdout
+
+
+def test_rollback_after_a_release_killed_in_its_canary_takes_that_release_down(stack,
+                                                                                checkpoints,
+                                                                                check_dir):
+    """A release killed (SIGKILL) during its canary leaves its version registered and the split
+    on; make rollback then takes that release down (no failed request) and the default version
+    serves alone, with the previous version still the one a further rollback returns to."""
+    with Traffic(stack.inference, stack.token) as traffic:
+        since = time.time()
+        running = subprocess.Popen(
+            ["make", "--no-print-directory", "-C", str(ROOT), "release", *stack.make,
+             f"WEIGHTS={checkpoints['better']}", f"RELEASE_CHECK_DIR={check_dir}",
+             "RELEASE_MARGIN=0.1", "CANARY_SECONDS=120"], start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 300
+            while not [s for s in steps(stack) if s["step"] == "canary"
+                       and s["time"] > since]:
+                assert running.poll() is None and time.monotonic() < deadline, steps(stack)[-3:]
+                time.sleep(0.5)
+            time.sleep(2)  # the canary answers users
+        finally:
+            os.killpg(running.pid, signal.SIGKILL)  # make and release.py, which this test started
+            running.wait()
+        assert len(registered(stack)) == 2
+        done = make(stack, "rollback")
+        time.sleep(1)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert traffic.failed() == []
+    consistent(traffic.answers)
+    assert registered(stack) == ["1.0"]
+    assert last(stack, "recovered")["serving"] == "1.0"
+    assert {a[4] for a in traffic.between(last(stack, "recovered")["time"])} == {"1.0"}
+    state = json.loads(stack.state.read_text())
+    assert state["canary"] is None and state["previous"] == "2.0"
 
 
 def test_the_proxy_forwards_no_registration_nor_version_change(stack):
