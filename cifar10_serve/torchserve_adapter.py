@@ -234,7 +234,8 @@ def respond(rows, context, together, spec, retry_after, version=None):
             context.set_response_header(request, "X-Model-Version", version)
         # Every answer is JSON. But the handler's own 500s: the proxy tells them from the 500s
         # TorchServe's frontend makes for a dropped batch (which it resends) by their having none.
-        if statuses.get(request, (200,))[0] != 500:
+        if statuses.get(request, (200,))[0] != 500 \
+                and not context.get_response_content_type(request):  # v2 binary sets its own
             context.set_response_content_type(request, "application/json")
     for request, (code, message) in statuses.items():
         context.set_response_status(code, message, request)

@@ -286,9 +286,10 @@ def test_a_batch_mixing_binary_json_and_predictions_answers_each_its_own(handler
     assert first.get_response()["id"] == "a" and is_binary(first)
     assert statuses[0][2]["content-type"] == "application/octet-stream"
     assert_as_predictions(first, singles[:4])
-    assert answers[1] == pytest.approx(singles[0], abs=1e-6) and statuses[1][2] == {}
+    json_only = {"content-type": "application/json"}
+    assert answers[1] == pytest.approx(singles[0], abs=1e-6) and statuses[1][2] == json_only
     assert_as_predictions(result_of(answers[2], statuses[2][2]), singles[4:])
-    assert isinstance(answers[3], dict) and statuses[3][2] == {}
+    assert isinstance(answers[3], dict) and statuses[3][2] == json_only
     assert_as_predictions(result_of(answers[3], statuses[3][2]), singles[4:])
     assert "add up to 10" in answers[4]["error"] and HEADER not in statuses[4][2]
 
@@ -414,7 +415,7 @@ def test_the_v2_route_answers_only_v2_requests(handler):
     for answer in answers[:3]:
         assert "not a v2 inference request" in answer["error"]
     assert answers[4] == {"predictions": [pytest.approx(answers[3], abs=1e-6)]}
-    assert statuses[5][2] == {} and answers[5]["id"] == "r1"
+    assert statuses[5][2] == {"content-type": "application/json"} and answers[5]["id"] == "r1"
     assert [o["name"] for o in answers[5]["outputs"]] == ["label", "probabilities"]
     assert answers[5]["outputs"][0]["data"] == [next(iter(answers[3]))]
 
