@@ -381,16 +381,19 @@ def proxy_running(proxy_dir):
     return False
 
 
-def take_down(server, state, version, args, reason):
-    """No more traffic to ``version`` (the canary split removed), drained, unregistered (None:
-    the split only)."""
+def remove_split(state, args):
+    """The canary split off, where one is on."""
     if state.data.get("canary") and proxy_running(args.proxy_dir):
         proxy.set_canary(args.proxy_dir, None, 0)
         state.data["canary"] = None
         state.step("split", share=0)
-    if version is not None:
-        drain(server, version)
-        unregister(server, state, version, reason)
+
+
+def take_down(server, state, version, args, reason):
+    """No more traffic to ``version`` (the canary split removed), drained, unregistered."""
+    remove_split(state, args)
+    drain(server, version)
+    unregister(server, state, version, reason)
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -441,10 +444,7 @@ def promote(server, state, new, old, args, step="promoted"):
     if not answer.ok:
         raise RuntimeError(f"set-default {new} answered {answer.status_code}: {answer.text}")
     state.step("default", version=new)
-    if state.data.get("canary") and proxy_running(args.proxy_dir):
-        proxy.set_canary(args.proxy_dir, None, 0)
-        state.data["canary"] = None
-        state.step("split", share=0)
+    remove_split(state, args)
     drain(server, old)
     unregister(server, state, old, reason=f"{new} serves")
     state.step(step, version=new, previous=old)
@@ -461,7 +461,8 @@ def rollback(args):
         current, previous = server.default(), state.data.get("previous")
         unfinished = sorted(v for v in server.versions() if v != current)
         if unfinished or state.data.get("canary"):
-            for version in unfinished or [None]:
+            remove_split(state, args)
+            for version in unfinished:
                 take_down(server, state, version, args, reason="an unfinished release")
             state.step("recovered", serving=current, taken_down=unfinished)
             print(f"took down an unfinished release ({', '.join(unfinished) or 'its split'}): "

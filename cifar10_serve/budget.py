@@ -122,8 +122,8 @@ class Budget:
         """Whole seconds: the longest a batch takes."""
         return max(1, math.ceil(self.most))
 
-    def admission(self, rows, started, together=False):
-        return Admission(self, rows, started, together)
+    def admission(self, rows, started, together=False, wall_started=None):
+        return Admission(self, rows, started, together, wall_started)
 
     def refuse(self, row, code, images=None, cost=None):
         """The row's 503, or its 413 (``images`` could cost ``cost`` s), undecoded."""
@@ -156,9 +156,10 @@ class Admission:
     it is decoded), and after a failed group whether its rerun fits ``again``; a row that does not
     carries its 503 or 413. ``together``: one request's instances, admitted or refused as one."""
 
-    def __init__(self, budget, rows, started, together=False):
+    def __init__(self, budget, rows, started, together=False, wall_started=None):
         self.budget, self.started, self.together = budget, started, together
-        self.wall_started = time.monotonic()
+        # time.monotonic() when the batch began (its reading counts, as for ``started``)
+        self.wall_started = time.monotonic() if wall_started is None else wall_started
         working = [row for row in rows if row.error is None and row.kind in ("predict", "explain")]
         self.admitted = []  # (row, its estimated cost), in the order admitted
         if together:

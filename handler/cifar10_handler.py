@@ -74,10 +74,10 @@ class Cifar10Handler(BaseHandler):
     def decode(self, data, together=False):
         """TorchServe's rows -> (Rows, their budget.Admission): each read and counted against the
         limits; those the budget admits decoded, the others refused (503, or 413)."""
-        started = self.budget.clock()
+        started, wall_started = self.budget.clock(), time.monotonic()
         rows = [self._read(index, request, len(data), together)
                 for index, request in enumerate(data)]
-        admission = self.budget.admission(rows, started, together)
+        admission = self.budget.admission(rows, started, together, wall_started)
         for row in admission.order:
             if admission.fits(row) and not self._given_up(row) and admission.in_time(row):
                 with self._own_error(row, f"decoding a {row.kind} request of the batch"):
